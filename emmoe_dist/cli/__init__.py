@@ -1,0 +1,1 @@
+"""The `emmoe` command line: one module per subcommand, each with `register(subparsers)`."""

@@ -1,0 +1,22 @@
+"""Errors the user can act on: each names where the bad input is (file, line, field)."""
+
+from __future__ import annotations
+
+
+class EmmoeError(Exception):
+    """A problem with the user's input or environment, reported without a traceback by the CLI."""
+
+
+class InputError(EmmoeError):
+    """Bad input at a known place: `file:line: field: message`."""
+
+    def __init__(
+        self, message: str, *, file: str | None = None, line: int | None = None,
+        field: str | None = None,
+    ) -> None:
+        self.file, self.line, self.field, self.reason = file, line, field, message
+        where = ""
+        if file:
+            where = f"{file}:{line}: " if line else f"{file}: "
+        what = f"{field}: " if field else ""
+        super().__init__(f"{where}{what}{message}")

@@ -1,0 +1,1 @@
+"""Layer 2: everything that knows about several processes (torch.distributed, DeepSpeed)."""
