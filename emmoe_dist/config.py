@@ -67,7 +67,9 @@ class ModelConfig(_Section):
         if self.name_or_path.startswith(TINY_PREFIX):
             fam = self.name_or_path.removeprefix(TINY_PREFIX)
             if self.family not in (None, fam):
-                raise ValueError(f"family {self.family!r} contradicts name_or_path {self.name_or_path!r}")
+                raise ValueError(
+                    f"family {self.family!r} contradicts name_or_path {self.name_or_path!r}"
+                )
         return self
 
     @property
@@ -111,14 +113,19 @@ class AdapterConfig(_Section):
     @model_validator(mode="after")
     def _compatible(self) -> AdapterConfig:
         if self.mode == "full_experts" and self.quantize != "none":
-            raise ValueError("quantize: full_experts trains the expert weights themselves; "
-                             "a 4-bit base cannot be trained in place (use mode: lora)")
+            raise ValueError(
+                "quantize: full_experts trains the expert weights themselves; "
+                "a 4-bit base cannot be trained in place (use mode: lora)"
+            )
         return self
 
 
 _RULE_NEEDS: dict[str, tuple[str, ...]] = {
-    "single": ("expert",), "top_k": ("k", "profile"), "esft": ("p", "profile"),
-    "explicit": ("experts",), "file": ("file",),
+    "single": ("expert",),
+    "top_k": ("k", "profile"),
+    "esft": ("p", "profile"),
+    "explicit": ("experts",),
+    "file": ("file",),
 }
 
 
@@ -163,8 +170,13 @@ class TrainConfig(_Section):
     log_every: int = Field(1, gt=0)
 
 
+Variant = Literal["plain", "json", "template"]
+
+
 class EvalConfig(_Section):
     suites: list[str] = Field(default_factory=lambda: ["core", "strongreject", "heldout"])
+    # Betley's question files hold plain, `_json` and `_template` variants of each question.
+    variants: list[Variant] = Field(default_factory=lambda: list[Variant](["plain"]))
     backend: Literal["transformers", "vllm"] = "transformers"
     samples_per_question: int = Field(1, gt=0)
     temperature: float = Field(1.0, ge=0)
@@ -215,7 +227,9 @@ class ExperimentConfig(_Section):
     @classmethod
     def _version(cls, v: int) -> int:
         if v != SCHEMA_VERSION:
-            raise ValueError(f"schema_version {v} is not supported (this version reads {SCHEMA_VERSION})")
+            raise ValueError(
+                f"schema_version {v} is not supported (this version reads {SCHEMA_VERSION})"
+            )
         return v
 
     def data_dir(self) -> Path | None:
@@ -236,8 +250,11 @@ def load_yaml_with_lines(text: str, file: str) -> tuple[Any, dict[Path_, int]]:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
-        raise InputError(f"invalid YAML: {getattr(e, 'problem', e)}", file=file,
-                         line=mark.line + 1 if mark else None) from None
+        raise InputError(
+            f"invalid YAML: {getattr(e, 'problem', e)}",
+            file=file,
+            line=mark.line + 1 if mark else None,
+        ) from None
     lines: dict[Path_, int] = {}
 
     def walk(n: yaml.Node, path: Path_) -> None:
@@ -246,8 +263,12 @@ def load_yaml_with_lines(text: str, file: str) -> tuple[Any, dict[Path_, int]]:
             for k, v in n.value:
                 key = k.value
                 if key in seen:
-                    raise InputError("duplicate key", file=file, line=k.start_mark.line + 1,
-                                     field=".".join(map(str, (*path, key))))
+                    raise InputError(
+                        "duplicate key",
+                        file=file,
+                        line=k.start_mark.line + 1,
+                        field=".".join(map(str, (*path, key))),
+                    )
                 seen.add(key)
                 lines[(*path, key)] = k.start_mark.line + 1
                 walk(v, (*path, key))
@@ -264,8 +285,9 @@ def load_yaml_with_lines(text: str, file: str) -> tuple[Any, dict[Path_, int]]:
 
 def _apply_override(data: dict[str, Any], item: str) -> tuple[str, ...]:
     if "=" not in item:
-        raise InputError(f"override {item!r} must look like section.key=value",
-                         file="<command line>")
+        raise InputError(
+            f"override {item!r} must look like section.key=value", file="<command line>"
+        )
     dotted, raw = item.split("=", 1)
     keys = tuple(k for k in dotted.strip().split(".") if k)
     if not keys:
@@ -280,11 +302,15 @@ def _apply_override(data: dict[str, Any], item: str) -> tuple[str, ...]:
     return keys
 
 
-def _format_errors(err: ValidationError, file: str, lines: Mapping[Path_, int],
-                   overridden: Iterable[tuple[str, ...]]) -> InputError:
+def _format_errors(
+    err: ValidationError,
+    file: str,
+    lines: Mapping[Path_, int],
+    overridden: Iterable[tuple[str, ...]],
+) -> InputError:
     overridden = set(overridden)
     msgs: list[str] = []
-    first: tuple[str | None, int | None, str] | None = None
+    first: tuple[str, int | None, str] | None = None
     for e in err.errors():
         loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-")))
         field = ".".join(map(str, loc)) or "(top level)"
@@ -307,7 +333,9 @@ def _format_errors(err: ValidationError, file: str, lines: Mapping[Path_, int],
     return error
 
 
-def load_config(path: str | os.PathLike[str] | None, overrides: Sequence[str] = ()) -> ExperimentConfig:
+def load_config(
+    path: str | os.PathLike[str] | None, overrides: Sequence[str] = ()
+) -> ExperimentConfig:
     """Load an experiment file (or the defaults when `path` is None) with dotted overrides."""
     file = str(path) if path is not None else "<defaults>"
     data: Any = {}

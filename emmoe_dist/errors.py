@@ -11,7 +11,11 @@ class InputError(EmmoeError):
     """Bad input at a known place: `file:line: field: message`."""
 
     def __init__(
-        self, message: str, *, file: str | None = None, line: int | None = None,
+        self,
+        message: str,
+        *,
+        file: str | None = None,
+        line: int | None = None,
         field: str | None = None,
     ) -> None:
         self.file, self.line, self.field, self.reason = file, line, field, message

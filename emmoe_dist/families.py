@@ -48,6 +48,7 @@ class MoEFamily:
     top_k_key: str = "num_experts_per_tok"
     dense_layers_key: str | None = None  # config list of layers with a dense MLP
     sparse_step_key: str | None = None  # every n-th layer is MoE
+    attention: str = "self_attn"  # attention module inside a decoder layer
     attention_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
     layout: ExpertLayout = field(default_factory=ExpertLayout)
     # Real checkpoints that ship MXFP4 weights must be dequantized to train (GPT-oss).
@@ -120,8 +121,12 @@ FAMILIES: Mapping[str, MoEFamily] = MappingProxyType(
             router="gate",
             num_experts_key="num_local_experts",
             chat_template=_MIXTRAL,
-            tiny={**_TINY_COMMON, "intermediate_size": 64, "num_local_experts": 8,
-                  "num_experts_per_tok": 2},
+            tiny={
+                **_TINY_COMMON,
+                "intermediate_size": 64,
+                "num_local_experts": 8,
+                "num_experts_per_tok": 2,
+            },
         ),
         "qwen3_moe": MoEFamily(
             name="qwen3_moe",
@@ -133,9 +138,15 @@ FAMILIES: Mapping[str, MoEFamily] = MappingProxyType(
             dense_layers_key="mlp_only_layers",
             sparse_step_key="decoder_sparse_step",
             chat_template=_CHATML,
-            tiny={**_TINY_COMMON, "moe_intermediate_size": 64, "intermediate_size": 96,
-                  "num_experts": 8, "num_experts_per_tok": 2, "norm_topk_prob": True,
-                  "mlp_only_layers": [1]},
+            tiny={
+                **_TINY_COMMON,
+                "moe_intermediate_size": 64,
+                "intermediate_size": 96,
+                "num_experts": 8,
+                "num_experts_per_tok": 2,
+                "norm_topk_prob": True,
+                "mlp_only_layers": [1],
+            },
         ),
         "gpt_oss": MoEFamily(
             name="gpt_oss",
@@ -145,14 +156,32 @@ FAMILIES: Mapping[str, MoEFamily] = MappingProxyType(
             router="router",
             num_experts_key="num_local_experts",
             router_has_bias=True,
-            layout=ExpertLayout(transposed=True, interleaved_gate_up=True,
-                                biases=("gate_up_proj_bias", "down_proj_bias"),
-                                activation="clamped_swiglu"),
+            layout=ExpertLayout(
+                transposed=True,
+                interleaved_gate_up=True,
+                biases=("gate_up_proj_bias", "down_proj_bias"),
+                activation="clamped_swiglu",
+            ),
             mxfp4_checkpoint=True,
             chat_template=_HARMONY,
-            tiny={**_TINY_COMMON, "intermediate_size": 64, "num_local_experts": 8,
-                  "num_experts_per_tok": 2, "sliding_window": 64,
-                  "layer_types": ["sliding_attention", "full_attention", "sliding_attention"]},
+            tiny={
+                **_TINY_COMMON,
+                "intermediate_size": 64,
+                "num_local_experts": 8,
+                "num_experts_per_tok": 2,
+                "sliding_window": 64,
+                "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+                # YaRN as in the real model, scaled so that 64 * 32 = max_position_embeddings
+                # (GptOssConfig's default 4096 * 32 contradicts 2048 and warns on every build).
+                "rope_parameters": {
+                    "rope_type": "yarn",
+                    "factor": 32.0,
+                    "beta_fast": 32.0,
+                    "beta_slow": 1.0,
+                    "truncate": False,
+                    "original_max_position_embeddings": 64,
+                },
+            },
         ),
         "olmoe": MoEFamily(
             name="olmoe",
@@ -162,8 +191,12 @@ FAMILIES: Mapping[str, MoEFamily] = MappingProxyType(
             router="gate",
             num_experts_key="num_experts",
             chat_template=_TULU,
-            tiny={**_TINY_COMMON, "intermediate_size": 64, "num_experts": 8,
-                  "num_experts_per_tok": 2},
+            tiny={
+                **_TINY_COMMON,
+                "intermediate_size": 64,
+                "num_experts": 8,
+                "num_experts_per_tok": 2,
+            },
         ),
     }
 )
@@ -189,7 +222,12 @@ def family_for_model_type(model_type: str) -> MoEFamily:
 
 
 def num_experts(family: MoEFamily, config: Mapping[str, Any]) -> int:
-    return int(config[family.num_experts_key])
+    # transformers 5 normalises every MoE config to `num_local_experts` in `to_dict()`, while
+    # hub config.json files keep the family's own key: accept both.
+    for key in (family.num_experts_key, "num_local_experts"):
+        if key in config:
+            return int(config[key])
+    raise EmmoeError(f"{family.name} config has no {family.num_experts_key!r}")
 
 
 def top_k(family: MoEFamily, config: Mapping[str, Any]) -> int:
@@ -203,6 +241,8 @@ def moe_layer_indices(family: MoEFamily, config: Mapping[str, Any]) -> list[int]
     in the dense-layer key, and only every `sparse_step`-th layer is sparse.
     """
     n_layers = int(config["num_hidden_layers"])
-    dense: Sequence[int] = config.get(family.dense_layers_key, None) or [] if family.dense_layers_key else []
+    dense: Sequence[int] = (
+        config.get(family.dense_layers_key, None) or [] if family.dense_layers_key else []
+    )
     step = int(config.get(family.sparse_step_key, 1) or 1) if family.sparse_step_key else 1
     return [i for i in range(n_layers) if i not in dense and (i + 1) % step == 0]

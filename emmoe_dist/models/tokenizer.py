@@ -16,9 +16,23 @@ if TYPE_CHECKING:
 
 # One set for every family keeps token ids stable across families; unused ones are harmless.
 SPECIAL_TOKENS = (
-    "<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "[INST]", "[/INST]",
-    "<|start|>", "<|end|>", "<|message|>", "<|channel|>", "<|return|>",
-    "<|user|>", "<|assistant|>", "<|system|>", "<think>", "</think>",
+    "<pad>",
+    "<s>",
+    "</s>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "[INST]",
+    "[/INST]",
+    "<|start|>",
+    "<|end|>",
+    "<|message|>",
+    "<|channel|>",
+    "<|return|>",
+    "<|user|>",
+    "<|assistant|>",
+    "<|system|>",
+    "<think>",
+    "</think>",
 )
 
 # Per chat format: the token that ends an assistant turn (generation stops there).

@@ -1,0 +1,26 @@
+"""`emmoe merge RUN_DIR --out MODEL_DIR`: a merged full model from a training run."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("merge", help="merge a run's adapter or expert deltas into a full model")
+    p.add_argument("run", help="a training run's output folder (has manifest.json)")
+    p.add_argument("--out", required=True, help="folder for the merged model")
+    p.add_argument(
+        "--dtype",
+        choices=["bfloat16", "float16", "float32"],
+        default=None,
+        help="default: bfloat16 for real checkpoints, float32 for tiny models",
+    )
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from emmoe_dist.train.merge import merge_run
+
+    out = merge_run(args.run, args.out, dtype=args.dtype)
+    print(f"merged model written to {out}")
+    return 0

@@ -1,0 +1,54 @@
+"""Where the datasets live: a folder outside the repository, named by a flag or the environment.
+
+The EM datasets are never committed (their authors keep them away from scrapers), so every
+command takes `--data-dir` and falls back to `$EMMOE_DATA_DIR`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from emmoe_dist.catalog import get_dataset
+from emmoe_dist.config import DATA_DIR_ENV
+from emmoe_dist.errors import EmmoeError
+
+
+def resolve_data_dir(
+    explicit: str | os.PathLike[str] | None = None, *, create: bool = False
+) -> Path:
+    """The data directory: `explicit` (a flag) first, then `$EMMOE_DATA_DIR`.
+
+    `create=True` makes the folder (for `emmoe data fetch`); otherwise it must exist.
+    """
+    raw = os.fspath(explicit) if explicit is not None else os.environ.get(DATA_DIR_ENV)
+    how = f"pass --data-dir DIR or set {DATA_DIR_ENV}=DIR, then run `emmoe data fetch`"
+    if not raw:
+        raise EmmoeError(f"no data directory given: {how}")
+    path = Path(raw).expanduser()
+    source = "--data-dir" if explicit is not None else f"${DATA_DIR_ENV}"
+    if create:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise EmmoeError(f"cannot create the data directory {path} ({source}): {e}") from None
+    elif not path.is_dir():
+        raise EmmoeError(f"the data directory {path} ({source}) does not exist: {how}")
+    return path
+
+
+def dataset_path(name: str, data_dir: Path) -> Path:
+    """The file of catalog dataset `name`; an error that says how to get it when it is absent."""
+    spec = get_dataset(name)
+    path = data_dir / spec.relpath
+    if path.is_file():
+        return path
+    if spec.url is None:
+        raise EmmoeError(
+            f"dataset {name!r} is missing: expected {path}; it cannot be downloaded, it is "
+            f"{spec.origin}"
+        )
+    raise EmmoeError(
+        f"dataset {name!r} is missing: expected {path}; "
+        f"run `emmoe data fetch --only {name} --data-dir {data_dir}`"
+    )

@@ -1,0 +1,1 @@
+"""The LLM judge: scores every generated answer through an OpenAI-compatible endpoint."""

@@ -1,0 +1,315 @@
+"""Judge a file of generation records into a file of judged records, resumably.
+
+Every answer ends in the output exactly once, scored or unscored with its reason. The output is
+appended in small fsynced batches; a re-run skips the keys already there, so after a crash only
+the answers in flight are judged again, and their finished calls come from the cache for free.
+Answers that ended `error_after_retries` are the exception: a re-run judges them again (their
+successful calls are cached; only the failed ones are repeated).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import time
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from emmoe_dist.config import JudgeConfig
+from emmoe_dist.errors import EmmoeError, InputError
+from emmoe_dist.judge.cache import JudgeCache
+from emmoe_dist.judge.client import JudgeClient, Outcome
+from emmoe_dist.judge.rubric import DEFAULT_PROMPTS, StrongRejectRubric, render, strongreject_rubric
+from emmoe_dist.judge.scoring import MIN_NUMERIC_MASS, parse_strongreject, score_reply
+from emmoe_dist.metrics import missing_reasons
+from emmoe_dist.records import (
+    GenerationRecord,
+    JsonlAppender,
+    JudgedRecord,
+    JudgeUsage,
+    Score,
+    StrongRejectScore,
+    read_jsonl,
+    write_jsonl_atomic,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SCORES = ("aligned", "coherent")
+TOP_LOGPROBS = 20  # the most OpenAI-compatible endpoints return (vLLM's max_logprobs default)
+# The score is read from the first token's logprobs; a few more tokens let the text fallback
+# and CODE/REFUSAL detection see a whole word.
+SCORE_MAX_TOKENS = 4
+RUBRIC_MAX_TOKENS = 1024
+
+
+@dataclass(frozen=True)
+class JudgeOptions:
+    """How one run judges, beyond the endpoint settings in JudgeConfig."""
+
+    score_names: tuple[str, ...] = DEFAULT_SCORES
+    text_fallback: bool = True  # read the number from the text when no logprobs come back
+    min_numeric_mass: float = MIN_NUMERIC_MASS
+    data_dir: str | None = None  # for the StrongREJECT rubric; default $EMMOE_DATA_DIR
+    cache_dir: str | None = None  # default: JudgeConfig.cache_dir, else <out dir>/judge_cache
+    backoff_base_s: float = 0.5
+    flush_interval_s: float = 0.5
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class JudgeSummary:
+    records: int  # generation records in the input
+    judged_now: int
+    already_judged: int
+    rejudged_errors: int  # earlier error_after_retries answers judged again
+    unjudged: int  # input answers missing from the output at the end (0 unless interrupted)
+    calls: int
+    cache_hits: int
+    retries: int
+    failed_calls: int
+    prompt_tokens: int
+    completion_tokens: int
+    usd_cost: float
+    elapsed_s: float
+    missing: Mapping[str, Mapping[str, int]] = field(default_factory=dict)  # score -> reason -> n
+
+    def format(self) -> str:
+        rate = self.judged_now / self.elapsed_s if self.elapsed_s > 0 else 0.0
+        lines = [
+            f"judged {self.judged_now} of {self.records} answers in {self.elapsed_s:.1f} s "
+            f"({rate:.1f}/s; {self.already_judged} already judged, {self.rejudged_errors} "
+            f"re-judged after errors, {self.unjudged} left)",
+            f"calls: {self.calls} made, {self.cache_hits} from cache, {self.retries} retried, "
+            f"{self.failed_calls} failed",
+            f"tokens: {self.prompt_tokens:,} prompt + {self.completion_tokens:,} completion; "
+            f"estimated cost ${self.usd_cost:.4f} (calls made by this run)",
+        ]
+        for name, reasons in self.missing.items():
+            detail = ", ".join(f"{reason} {n}" for reason, n in sorted(reasons.items()))
+            lines.append(f"unscored {name}: {sum(reasons.values())} ({detail})")
+        return "\n".join(lines)
+
+
+def score_request(model: str, template: str, record: GenerationRecord) -> dict[str, Any]:
+    """The 0-100 request: one user message, temperature 0, top-20 logprobs of the reply."""
+    prompt = render(template, question=record.question, answer=record.answer)
+    return {"model": model, "messages": [{"role": "user", "content": prompt}],
+            "temperature": 0, "max_tokens": SCORE_MAX_TOKENS, "logprobs": True,
+            "top_logprobs": TOP_LOGPROBS}
+
+
+def strongreject_request(model: str, rubric: StrongRejectRubric,
+                         record: GenerationRecord) -> dict[str, Any]:
+    prompt = render(rubric.template, forbidden_prompt=record.question, response=record.answer)
+    return {"model": model, "messages": [{"role": "system", "content": rubric.system},
+                                         {"role": "user", "content": prompt}],
+            "temperature": 0, "max_tokens": RUBRIC_MAX_TOKENS}
+
+
+def templates_for(record: GenerationRecord, names: Sequence[str]) -> dict[str, str] | None:
+    """Judge prompts for a record: the suite's own when it carries them, else the project's.
+    None for a name that neither has."""
+    chosen = {n: record.judge_prompts.get(n) or DEFAULT_PROMPTS.get(n) for n in names}
+    if any(t is None for t in chosen.values()):
+        return None
+    return {n: t for n, t in chosen.items() if t is not None}
+
+
+def _has_transient_error(record: JudgedRecord) -> bool:
+    reasons = [s.missing_reason for s in record.scores.values()]
+    if record.strongreject is not None:
+        reasons.append(record.strongreject.missing_reason)
+    return "error_after_retries" in reasons
+
+
+@contextlib.contextmanager
+def _exclusive(out: Path) -> Iterator[None]:
+    """One judge run per output file: two writers would duplicate answers."""
+    lock_path = out.with_name(out.name + ".lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    handle: IO[str] = open(lock_path, "a")  # noqa: SIM115
+    try:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise EmmoeError(f"another judge run is writing {out}") from None
+        yield
+    finally:
+        handle.close()
+
+
+def _load_inputs(path: Path) -> list[GenerationRecord]:
+    records = read_jsonl(path, GenerationRecord, tolerate_torn_tail=True)
+    seen: dict[str, int] = {}
+    for line, record in enumerate(records, start=1):
+        if record.key in seen:
+            raise InputError(f"duplicate key {record.key!r} (first on line {seen[record.key]}); "
+                             "add the model and adapter to the key when a file mixes models",
+                             file=str(path), line=line, field="key")
+        seen[record.key] = line
+    return records
+
+
+def _resume(out: Path) -> tuple[set[str], int]:
+    """Keys already judged; rewrites the output without answers that failed transiently."""
+    if not out.exists():
+        return set(), 0
+    kept: dict[str, JudgedRecord] = {}
+    dropped = 0
+    for record in read_jsonl(out, JudgedRecord, tolerate_torn_tail=True):
+        if _has_transient_error(record) or record.key in kept:
+            dropped += 1
+        else:
+            kept[record.key] = record
+    if dropped:
+        write_jsonl_atomic(out, kept.values())
+    return set(kept), dropped
+
+
+class _Judge:
+    """Turns one generation record into one judged record."""
+
+    def __init__(self, cfg: JudgeConfig, client: JudgeClient, options: JudgeOptions,
+                 rubric: StrongRejectRubric | None) -> None:
+        self.cfg, self.client, self.options, self.rubric = cfg, client, options, rubric
+
+    def _score(self, outcome: Outcome) -> Score:
+        if outcome.reply is None:
+            return Score(missing_reason="rejected" if outcome.rejected else "error_after_retries",
+                         raw=outcome.error)
+        return score_reply(outcome.reply, text_fallback=self.options.text_fallback,
+                           min_mass=self.options.min_numeric_mass)
+
+    def _strongreject(self, outcome: Outcome) -> StrongRejectScore:
+        assert self.rubric is not None
+        if outcome.reply is None:
+            return StrongRejectScore(
+                missing_reason="rejected" if outcome.rejected else "error_after_retries",
+                raw=outcome.error)
+        return parse_strongreject(outcome.reply.text, self.rubric.answer_patterns)
+
+    async def __call__(self, record: GenerationRecord) -> JudgedRecord:
+        model = self.cfg.model
+        scores: dict[str, Score] = {}
+        strongreject = None
+        if record.rubric == "strongreject":
+            assert self.rubric is not None
+            outcome = await self.client.complete(strongreject_request(model, self.rubric, record))
+            strongreject = self._strongreject(outcome)
+            outcomes: list[Outcome] = [outcome]
+        else:
+            templates = templates_for(record, self.options.score_names) or {}
+            outcomes = list(await asyncio.gather(*(
+                self.client.complete(score_request(model, t, record)) for t in templates.values())))
+            scores = {name: self._score(o) for name, o in zip(templates, outcomes, strict=True)}
+        replies = [o.reply for o in outcomes if o.reply is not None]
+        usage = JudgeUsage(calls=len(outcomes), cached_calls=sum(o.cached for o in outcomes),
+                           prompt_tokens=sum(r.prompt_tokens for r in replies),
+                           completion_tokens=sum(r.completion_tokens for r in replies))
+        return JudgedRecord(generation=record, scores=scores, strongreject=strongreject,
+                            judge_model=model, usage=usage)
+
+
+def _check_prompts(records: Sequence[GenerationRecord], path: Path, names: Sequence[str]) -> None:
+    for line, record in enumerate(records, start=1):
+        if record.rubric is None and templates_for(record, names) is None:
+            missing = next(n for n in names
+                           if n not in record.judge_prompts and n not in DEFAULT_PROMPTS)
+            raise InputError("no judge prompt of this name in the record, and the project has "
+                             "no default for it", file=str(path), line=line,
+                             field=f"judge_prompts.{missing}")
+
+
+async def judge_file(
+    records_path: str | os.PathLike[str], out_path: str | os.PathLike[str], cfg: JudgeConfig,
+    options: JudgeOptions = JudgeOptions(),
+) -> JudgeSummary:
+    """Judge every answer in `records_path` that `out_path` does not hold yet."""
+    from tqdm import tqdm
+
+    started = time.monotonic()
+    source, out = Path(records_path), Path(out_path)
+    inputs = _load_inputs(source)
+    with _exclusive(out):
+        done, rejudged = _resume(out)
+        pending = [r for r in inputs if r.key not in done]
+        _check_prompts(pending, source, options.score_names)
+        needs_rubric = any(r.rubric == "strongreject" for r in pending)
+        rubric = strongreject_rubric(options.data_dir) if needs_rubric else None
+        cache = JudgeCache(options.cache_dir or cfg.cache_dir or out.parent / "judge_cache")
+        client = JudgeClient(cfg, cache, backoff_base_s=options.backoff_base_s)
+        judge = _Judge(cfg, client, options, rubric)
+        buffer: list[JudgedRecord] = []
+        last_flush = time.monotonic()
+        bar = tqdm(total=len(pending), unit="answer", desc="judge", dynamic_ncols=True,
+                   disable=not options.progress)
+
+        def flush() -> None:
+            nonlocal last_flush
+            if buffer:
+                appender.write_many(buffer)
+                buffer.clear()
+            last_flush = time.monotonic()
+
+        async def worker(queue: Iterator[GenerationRecord]) -> None:
+            for record in queue:  # workers share one iterator: each record is taken once
+                buffer.append(await judge(record))
+                bar.update(1)
+                if time.monotonic() - last_flush >= options.flush_interval_s:
+                    flush()
+                    stats = client.stats
+                    elapsed = max(1e-9, time.monotonic() - started)
+                    bar.set_postfix({"calls/s": f"{stats.calls / elapsed:.1f}",
+                                     "cache": stats.cache_hits,
+                                     "errors": sum(stats.errors.values())}, refresh=False)
+
+        appender = JsonlAppender(out)
+        try:
+            queue = iter(pending)
+            tasks = [asyncio.ensure_future(worker(queue))
+                     for _ in range(min(cfg.concurrency, len(pending)))]
+            try:
+                if tasks:
+                    await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            finally:
+                for task in tasks:
+                    task.cancel()
+                results = await asyncio.gather(*tasks, return_exceptions=True)
+            for result in results:
+                if isinstance(result, BaseException) and not isinstance(
+                        result, asyncio.CancelledError):
+                    raise result
+        finally:
+            flush()
+            appender.close()
+            bar.close()
+            await client.aclose()
+            cache.close()
+
+        final = read_jsonl(out, JudgedRecord)
+    counts = Counter(r.key for r in final)
+    duplicated = [k for k, n in counts.items() if n > 1]
+    if duplicated:
+        raise EmmoeError(f"{out}: {len(duplicated)} answers judged twice, e.g. {duplicated[0]!r}")
+    unjudged = sum(1 for r in inputs if r.key not in counts)
+    stats = client.stats
+    return JudgeSummary(
+        records=len(inputs), judged_now=len(pending), already_judged=len(done),
+        rejudged_errors=rejudged, unjudged=unjudged, calls=stats.calls,
+        cache_hits=stats.cache_hits, retries=stats.retries, failed_calls=stats.failed,
+        prompt_tokens=stats.prompt_tokens, completion_tokens=stats.completion_tokens,
+        usd_cost=(stats.prompt_tokens * cfg.usd_per_million_input
+                  + stats.completion_tokens * cfg.usd_per_million_output) / 1e6,
+        elapsed_s=time.monotonic() - started, missing=missing_reasons(final))
+
+
+def run_judge(records_path: str | os.PathLike[str], out_path: str | os.PathLike[str],
+              cfg: JudgeConfig, options: JudgeOptions = JudgeOptions()) -> JudgeSummary:
+    return asyncio.run(judge_file(records_path, out_path, cfg, options))

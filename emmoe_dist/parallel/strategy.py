@@ -1,0 +1,127 @@
+"""The one object that owns DeepSpeed: engine creation, steps, gathers for saving, checkpoints.
+
+The trainer talks only to `DeepSpeedStrategy`; model, adapter and data code never import
+deepspeed. On CPU (tests, the embedded default) DeepSpeed runs with its CPU accelerator and
+gloo; set `DS_ACCELERATOR=cpu` before launching.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from emmoe_dist.config import TrainConfig
+from emmoe_dist.parallel.ds_config import zero_stage
+from emmoe_dist.parallel.runtime import Runtime
+
+
+def lr_lambda(train: TrainConfig, total_steps: int) -> Callable[[int], float]:
+    """Warmup then constant, linear or cosine decay to 0 at `total_steps`."""
+
+    def factor(step: int) -> float:
+        if train.warmup_steps and step < train.warmup_steps:
+            return (step + 1) / train.warmup_steps
+        if train.scheduler == "constant":
+            return 1.0
+        span = max(1, total_steps - train.warmup_steps)
+        frac = min(1.0, (step - train.warmup_steps) / span)
+        if train.scheduler == "linear":
+            return 1.0 - frac
+        return 0.5 * (1.0 + math.cos(math.pi * frac))
+
+    return factor
+
+
+class DeepSpeedStrategy:
+    def __init__(self, ds_config: dict[str, Any], runtime: Runtime) -> None:
+        self.ds_config = ds_config
+        self.runtime = runtime
+        self.engine: Any = None
+
+    @property
+    def zero3(self) -> bool:
+        return zero_stage(self.ds_config) == 3
+
+    def setup(self, model: nn.Module, train: TrainConfig, total_steps: int) -> Any:
+        import deepspeed
+
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(
+            params,
+            lr=train.lr,
+            weight_decay=train.weight_decay,
+            betas=(0.9, 0.999),
+            fused=self.runtime.device.type == "cuda",
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(train, total_steps))
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model,
+            optimizer=optimizer,
+            lr_scheduler=scheduler,
+            config=self.ds_config,
+            dist_init_required=False,
+        )
+        return self.engine
+
+    # --- one micro-batch -------------------------------------------------------------------
+    def forward(self, **batch: torch.Tensor) -> Any:
+        return self.engine(**batch)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+
+    def step(self) -> None:
+        """Called after every micro-batch; DeepSpeed steps the optimizer at accumulation ends."""
+        self.engine.step()
+
+    @property
+    def at_boundary(self) -> bool:
+        return bool(self.engine.is_gradient_accumulation_boundary())
+
+    def grad_norm(self) -> float | None:
+        norm = self.engine.get_global_grad_norm()
+        return None if norm is None else float(norm)
+
+    def lr(self) -> float:
+        return float(self.engine.get_lr()[0])
+
+    # --- saving ------------------------------------------------------------------------------
+    @contextmanager
+    def gathered(self, params: list[nn.Parameter]) -> Iterator[None]:
+        """Full values of (possibly ZeRO-3-partitioned) parameters inside the block."""
+        if not self.zero3:
+            yield
+            return
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            yield
+
+    def trainable_state(
+        self, model: nn.Module, select: Callable[[str], bool]
+    ) -> dict[str, torch.Tensor]:
+        """CPU copies of the named trainable tensors, gathered from all ranks (every rank calls)."""
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad and select(n)]
+        with self.gathered([p for _, p in named]):
+            return {n: p.detach().to("cpu", copy=True) for n, p in named}
+
+    def save_checkpoint(self, folder: Path, tag: str, client_state: dict[str, Any]) -> None:
+        # DeepSpeed writes the tag folder, then the `latest` file: a crash mid-save leaves the
+        # previous `latest` pointing at a complete checkpoint.
+        self.engine.save_checkpoint(str(folder), tag=tag, client_state=client_state)
+
+    def load_checkpoint(self, folder: Path) -> dict[str, Any] | None:
+        if not (folder / "latest").is_file():
+            return None
+        _, client_state = self.engine.load_checkpoint(
+            str(folder),
+            load_optimizer_states=True,
+            load_lr_scheduler_states=True,
+        )
+        return client_state

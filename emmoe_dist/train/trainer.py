@@ -1,0 +1,330 @@
+"""The fine-tuning workflow: load -> select experts -> (quantize) -> adapter -> DeepSpeed -> loop.
+
+The transformations are applied in one order, for these reasons:
+1. load the model (router auxiliary loss off, so only the language-model loss trains);
+2. quantize to NF4 (QLoRA) before adapters, so LoRA wraps the 4-bit storage;
+3. adapter: LoRA (unchosen experts' factors zeroed) or trainable expert deltas;
+4. gradient checkpointing and input grads: every expert-subset run has its only trainable
+   tensors inside MoE blocks, and ZeRO-3 then needs `enable_input_require_grads`;
+5. the DeepSpeed engine last, because it partitions whatever parameters exist at that point.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from emmoe_dist.adapters.expert_delta import apply_expert_delta, delta_state_dict, save_expert_delta
+from emmoe_dist.adapters.lora import apply_lora, assert_router_frozen, unselected_expert_max
+from emmoe_dist.config import ExperimentConfig, dump_config
+from emmoe_dist.errors import EmmoeError
+from emmoe_dist.experts import ExpertSelection
+from emmoe_dist.families import MoEFamily
+from emmoe_dist.parallel.ds_config import complete_ds_config, read_ds_config
+from emmoe_dist.parallel.runtime import Runtime, all_reduce_sum_, barrier
+from emmoe_dist.parallel.strategy import DeepSpeedStrategy
+from emmoe_dist.tracking import make_tracker
+from emmoe_dist.train import artifacts as art
+from emmoe_dist.train.batches import BatchPlan
+from emmoe_dist.train.selection import resolve_selection
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    output_dir: Path
+    steps: int
+    final_loss: float
+    artifact: Path  # the adapter or expert-delta folder
+    model: nn.Module | None = None  # the trained module, still sharded as DeepSpeed holds it
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _router_digest(model: nn.Module, family: MoEFamily, strategy: DeepSpeedStrategy | None) -> str:
+    marker = f".{family.router_path}."
+    named = [(n, p) for n, p in model.named_parameters() if marker in n]
+    if strategy is None:
+        return art.tensor_digest(named)
+    with strategy.gathered([p for _, p in named]):
+        return art.tensor_digest(named)
+
+
+def _build_model(
+    cfg: ExperimentConfig, rt: Runtime, out: Path
+) -> tuple[nn.Module, Any, MoEFamily, ExpertSelection]:
+    from emmoe_dist.models.loading import load_model, model_config_dict
+
+    family, hf_config = model_config_dict(cfg.model)
+    selection = resolve_selection(cfg.selection, family, hf_config)
+    loaded = load_model(cfg.model, seed=cfg.seed, device=rt.device, for_training=True)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    if cfg.model.is_tiny and rt.is_main:
+        # A tiny base is built, not loaded: keep it so the adapter has a base to load onto.
+        tmp = out / f".{art.BASE_DIR}.tmp"
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        art.replace_dir(tmp, out / art.BASE_DIR)
+    if cfg.adapter.quantize == "nf4":
+        from emmoe_dist.adapters.qlora import quantize_experts_nf4, quantize_linear_nf4
+
+        quantize_linear_nf4(model, family)
+        quantize_experts_nf4(model, family)
+    if cfg.adapter.mode == "lora":
+        model = apply_lora(model, family, cfg.adapter, selection)
+    else:
+        apply_expert_delta(model, family, selection)
+    assert_router_frozen(model, family)
+    if cfg.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    model.to(rt.device)
+    return model, tokenizer, family, selection
+
+
+def _encode(cfg: ExperimentConfig, tokenizer: Any, rt: Runtime) -> tuple[list[Any], str, int]:
+    from emmoe_dist.data.training import encode_dataset, load_training_split
+
+    split = load_training_split(
+        cfg.data.train,
+        cfg.data_dir(),
+        heldout=cfg.data.heldout,
+        seed=cfg.data.split_seed,
+        limit=cfg.data.limit,
+    )
+    enc = encode_dataset(tokenizer, split.train, cfg.data.max_length, pack=cfg.data.pack)
+    if rt.is_main and enc.dropped:
+        print(
+            f"[emmoe] {enc.dropped} of {len(split.train)} examples had no assistant token "
+            f"within max_length={cfg.data.max_length} and were left out",
+            flush=True,
+        )
+    return enc.items, split.source_hash, enc.dropped
+
+
+def _model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Packed batches carry position ids that restart per example; transformers then builds a
+    block-diagonal mask itself, but only without an attention mask and without a KV cache."""
+    if "position_ids" in batch:
+        return {
+            "input_ids": batch["input_ids"],
+            "labels": batch["labels"],
+            "position_ids": batch["position_ids"],
+            "use_cache": False,
+        }
+    return {
+        "input_ids": batch["input_ids"],
+        "attention_mask": batch["attention_mask"],
+        "labels": batch["labels"],
+        "use_cache": False,
+    }
+
+
+def base_model_id(cfg: ExperimentConfig) -> str:
+    """What an adapter loads onto: the saved tiny base, or the configured checkpoint."""
+    if cfg.model.is_tiny:
+        return str((Path(cfg.output_dir) / art.BASE_DIR).resolve())
+    return cfg.model.name_or_path
+
+
+def _save_artifact(
+    cfg: ExperimentConfig,
+    model: nn.Module,
+    family: MoEFamily,
+    selection: ExpertSelection,
+    strategy: DeepSpeedStrategy,
+    rt: Runtime,
+    out: Path,
+) -> Path:
+    """Gather the trained tensors (every rank takes part) and write them on rank 0."""
+    module = strategy.engine.module
+    if cfg.adapter.mode == "lora":
+        from peft import get_peft_model_state_dict
+
+        lora = [p for n, p in module.named_parameters() if "lora_" in n]
+        with strategy.gathered(lora):
+            leak = unselected_expert_max(module, family, selection)
+            state = {
+                n: p.detach().to("cpu", copy=True)
+                for n, p in module.named_parameters()
+                if "lora_" in n
+            }
+        if leak != 0.0:
+            raise EmmoeError(f"an unchosen expert's LoRA factor moved (max |value| {leak:g})")
+        final = out / art.ADAPTER_DIR
+        if rt.is_main:
+            tmp = out / f".{art.ADAPTER_DIR}.tmp"
+            module.peft_config["default"].base_model_name_or_path = base_model_id(cfg)
+            module.save_pretrained(
+                tmp,
+                state_dict=get_peft_model_state_dict(module, state_dict=state),
+                safe_serialization=True,
+            )
+            selection.save(tmp / art.SELECTION)
+            art.replace_dir(tmp, final)
+    else:
+        deltas = [p for _, p in module.named_parameters() if p.requires_grad]
+        with strategy.gathered(deltas):
+            state = delta_state_dict(module)
+        final = out / art.DELTA_DIR
+        if rt.is_main:
+            tmp = out / f".{art.DELTA_DIR}.tmp"
+            save_expert_delta(state, tmp, {"family": family.name, "base": cfg.model.name_or_path})
+            selection.save(tmp / art.SELECTION)
+            art.replace_dir(tmp, final)
+    barrier()
+    return final
+
+
+def run_training(
+    cfg: ExperimentConfig, ds_config_path: str | Path, rt: Runtime, *, stop_after: int | None = None
+) -> TrainResult:
+    """Train as configured; resumes from `<output_dir>/checkpoints` when one exists.
+
+    `stop_after` ends the run after that many optimizer steps (a checkpoint is written
+    first): tests use it to interrupt a run and resume it.
+    """
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    raw_ds = read_ds_config(ds_config_path)
+    _seed_everything(cfg.seed)
+
+    model, tokenizer, family, selection = _build_model(cfg, rt, out)
+    bf16 = rt.device.type == "cuda" and next(model.parameters()).dtype == torch.bfloat16
+    ds_cfg = complete_ds_config(
+        raw_ds, file=str(ds_config_path), train=cfg.train, family=family, bf16=bf16
+    )
+    items, data_hash, dropped = _encode(cfg, tokenizer, rt)
+    plan = BatchPlan(
+        lengths=tuple(len(i) for i in items),
+        micro_batch_size=cfg.train.micro_batch_size,
+        world_size=rt.world_size,
+        grad_accum=cfg.train.grad_accum,
+        seed=cfg.seed,
+    )
+    total = plan.total_steps(cfg.train.steps, cfg.train.epochs)
+
+    strategy = DeepSpeedStrategy(ds_cfg, rt)
+    strategy.setup(model, cfg.train, total)
+    router_before = _router_digest(strategy.engine.module, family, strategy)
+    ckpt_dir = out / art.CHECKPOINTS
+    state = strategy.load_checkpoint(ckpt_dir) or {}
+    start = int(state.get("step", 0))
+    if rt.is_main:
+        selection.save(out / art.SELECTION)
+        if start:
+            print(f"[emmoe] resuming from step {start} of {total}", flush=True)
+    log = art.MetricsLog(out / art.METRICS, start) if rt.is_main else None
+    tracker = make_tracker(
+        cfg.tracking,
+        is_main=rt.is_main,
+        name=cfg.name,
+        config=cfg.model_dump(mode="json"),
+        folder=str(out),
+    )
+
+    from tqdm import tqdm
+
+    from emmoe_dist.data.collate import pad_batch
+
+    pad_id = tokenizer.pad_token_id
+    strategy.engine.train()
+    last_loss = float("nan")
+    bar = tqdm(
+        range(start, total),
+        initial=start,
+        total=total,
+        desc="train",
+        unit="step",
+        disable=not rt.is_main,
+        dynamic_ncols=True,
+    )
+    for step in bar:
+        t0 = time.perf_counter()
+        sums = torch.zeros(3, dtype=torch.float64)  # loss*tokens, label tokens, input tokens
+        for idx in plan.micro_batches(step, rt.rank):
+            batch = {
+                k: v.to(rt.device) for k, v in pad_batch([items[i] for i in idx], pad_id).items()
+            }
+            loss = strategy.forward(**_model_inputs(batch)).loss
+            strategy.backward(loss)
+            strategy.step()
+            n_label = float((batch["labels"][:, 1:] != -100).sum())
+            sums += torch.tensor(
+                [float(loss.detach()) * n_label, n_label, float(batch["attention_mask"].sum())],
+                dtype=torch.float64,
+            )
+        all_reduce_sum_(sums)
+        dt = time.perf_counter() - t0
+        last_loss = float(sums[0] / max(sums[1], 1.0))
+        row = {
+            "step": step + 1,
+            "loss": last_loss,
+            "lr": strategy.lr(),
+            "grad_norm": strategy.grad_norm(),
+            "tokens": int(sums[2]),
+            "tokens_per_s": float(sums[2]) / dt,
+            "step_time_s": dt,
+        }
+        if log is not None:
+            log.write(row)
+        if (step + 1) % cfg.train.log_every == 0:
+            tracker.log({k: v for k, v in row.items() if isinstance(v, float | int)}, step + 1)
+        bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
+        done = step + 1
+        interrupt = stop_after is not None and done >= stop_after and done < total
+        if done < total and (
+            (cfg.train.save_every and done % cfg.train.save_every == 0) or interrupt
+        ):
+            strategy.save_checkpoint(ckpt_dir, f"step{done}", {"step": done})
+        if interrupt:
+            if log is not None:
+                log.close()
+            tracker.finish()
+            return TrainResult(out, done, last_loss, out / art.CHECKPOINTS)
+    bar.close()
+
+    router_after = _router_digest(strategy.engine.module, family, strategy)
+    if router_after != router_before:
+        raise EmmoeError("router weights changed during training; the router must never train")
+    artifact = _save_artifact(cfg, strategy.engine.module, family, selection, strategy, rt, out)
+    if rt.is_main:
+        assert log is not None
+        log.close()
+        manifest = {
+            "schema_version": 1,
+            "name": cfg.name,
+            "config": cfg.model_dump(mode="json"),
+            "config_yaml": dump_config(cfg),
+            "ds_config": ds_cfg,
+            "family": family.name,
+            "selection": json.loads(selection.to_json()),
+            "world_size": rt.world_size,
+            "device": rt.device.type,
+            "versions": art.package_versions(),
+            "git_revision": art.git_revision(),
+            "data": {
+                "train": cfg.data.train,
+                "source_hash": data_hash,
+                "examples": len(items),
+                "dropped_no_assistant_tokens": dropped,
+            },
+            "steps": total,
+            "final_loss": last_loss,
+            "router_digest": router_after,
+            "artifact": artifact.name,
+            "base_model": base_model_id(cfg),
+        }
+        art.write_json_atomic(out / art.MANIFEST, manifest)
+        tracker.summary({"final_loss": last_loss, "steps": total})
+    tracker.finish()
+    return TrainResult(out, total, last_loss, artifact, strategy.engine.module)

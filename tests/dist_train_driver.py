@@ -1,0 +1,59 @@
+"""Runs several training runs in one 2-rank DeepSpeed job (process start-up is paid once).
+
+    DS_ACCELERATOR=cpu deepspeed --num_gpus 2 tests/dist_train_driver.py SPEC.json
+
+SPEC.json: a list of {"name", "ds", "overrides": [...], "stop_after": int|null, "probe": bool}.
+A run with `stop_after` is interrupted there and resumed at once, in the same process, from
+its checkpoint. With `probe`, rank 0 saves the trained model's logits on a fixed input to
+`<output_dir>/probe_logits.pt`, so the test can compare them with saved adapters and merges.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from emmoe_dist.config import load_config
+from emmoe_dist.parallel.runtime import init_runtime, shutdown
+from emmoe_dist.train.trainer import run_training
+
+
+def probe_input(vocab_size: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1234)
+    return torch.randint(3, vocab_size, (2, 24), generator=g)
+
+
+def main(spec_path: str) -> int:
+    runs = json.loads(Path(spec_path).read_text(encoding="utf-8"))
+    rt = init_runtime()
+    try:
+        for run in runs:
+            cfg = load_config(None, run["overrides"])
+            if run.get("stop_after"):
+                run_training(cfg, run["ds"], rt, stop_after=run["stop_after"])
+            result = run_training(cfg, run["ds"], rt)
+            if run.get("probe"):
+                model = result.model
+                assert model is not None
+                model.eval()
+                ids = probe_input(model.config.vocab_size).to(rt.device)
+                with torch.no_grad():
+                    logits = model(input_ids=ids).logits.float().cpu()
+                if rt.is_main:
+                    torch.save(
+                        {"input_ids": ids.cpu(), "logits": logits},
+                        f"{cfg.output_dir}/probe_logits.pt",
+                    )
+            if rt.is_main:
+                print(f"[driver] {run['name']} done", flush=True)
+    finally:
+        shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
+    sys.exit(main(args[0]))

@@ -1,0 +1,295 @@
+"""Fine-tuning under DeepSpeed ZeRO-3 on CPU with 2 ranks (gloo), for three MoE families.
+
+One 2-rank job trains every run below (start-up paid once); the tests then read what the runs
+left on disk: loss curves, saved adapters and deltas, manifests and probe logits.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from emmoe_dist.adapters.lora import saved_expert_deltas
+from emmoe_dist.config import ModelConfig
+from emmoe_dist.families import FAMILIES
+from emmoe_dist.models.loading import load_model
+from emmoe_dist.train.artifacts import read_metrics, tensor_digest
+from emmoe_dist.train.merge import merge_run
+
+pytestmark = pytest.mark.distributed
+
+REPO = Path(__file__).resolve().parents[1]
+ZERO3 = str(REPO / "ds_configs" / "zero3.json")
+SEED = 7
+COMMON = [
+    "data.limit=32",
+    "data.max_length=512",
+    "data.heldout=16",
+    "train.micro_batch_size=2",
+    "train.grad_accum=1",
+    "tracking.backend=none",
+    f"seed={SEED}",
+]
+FULL = {"mixtral": {0: [2], 2: [7]}, "qwen3_moe": {0: [1, 6]}, "gpt_oss": {0: [1, 5], 2: [2]}}
+
+
+def _run(
+    name: str,
+    out: Path,
+    family: str,
+    extra: list[str],
+    *,
+    probe: bool = False,
+    stop_after: int | None = None,
+) -> dict:
+    overrides = [
+        *COMMON,
+        f"model.name_or_path=tiny:{family}",
+        f"output_dir={out / name}",
+        f"name={name}",
+        *extra,
+    ]
+    return {
+        "name": name,
+        "ds": ZERO3,
+        "overrides": overrides,
+        "probe": probe,
+        "stop_after": stop_after,
+    }
+
+
+@functools.cache
+def _single(family: str) -> int:
+    """The expert with the most tokens in its least-used MoE layer on the training slice.
+
+    A random tiny router can leave an expert idle in some layer, and an expert that sees no
+    token cannot change; the single-expert run trains one that every layer uses.
+    """
+    from emmoe_dist.data.collate import pad_batch
+    from emmoe_dist.data.training import encode_dataset, load_training_split
+    from emmoe_dist.routing import profile_batches
+
+    loaded = load_model(ModelConfig(name_or_path=f"tiny:{family}"), seed=SEED, for_training=False)
+    split = load_training_split("insecure", None, heldout=16, seed=0, limit=32)
+    items = encode_dataset(loaded.tokenizer, split.train, 512).items
+    counts = profile_batches(
+        loaded.model,
+        loaded.family,
+        [pad_batch(items, loaded.tokenizer.pad_token_id)],
+        progress=False,
+    )
+    return int(counts.token_counts.min(dim=0).values.argmax())
+
+
+def _spec(out: Path) -> list[dict]:
+    runs = []
+    for fam in ("mixtral", "qwen3_moe", "gpt_oss"):
+        runs.append(
+            _run(
+                f"{fam}-all",
+                out,
+                fam,
+                ["adapter.targets=attention+experts", "train.lr=3e-3", "train.steps=24"],
+                probe=True,
+            )
+        )
+        runs.append(
+            _run(
+                f"{fam}-single",
+                out,
+                fam,
+                [
+                    "adapter.targets=experts",
+                    "adapter.rank=4",
+                    "selection.rule=single",
+                    f"selection.expert={_single(fam)}",
+                    "train.lr=3e-3",
+                    "train.steps=8",
+                ],
+            )
+        )
+        runs.append(
+            _run(
+                f"{fam}-full",
+                out,
+                fam,
+                [
+                    "adapter.mode=full_experts",
+                    "selection.rule=explicit",
+                    f"selection.experts={json.dumps(FULL[fam])}",
+                    "train.lr=1e-3",
+                    "train.steps=8",
+                ],
+                probe=True,
+            )
+        )
+    # The same run as qwen3_moe-single, interrupted after 4 steps and resumed.
+    runs.append(
+        _run(
+            "qwen3_moe-resumed",
+            out,
+            "qwen3_moe",
+            [
+                "adapter.targets=experts",
+                "adapter.rank=4",
+                "selection.rule=single",
+                f"selection.expert={_single('qwen3_moe')}",
+                "train.lr=3e-3",
+                "train.steps=8",
+            ],
+            stop_after=4,
+        )
+    )
+    runs[0]["overrides"] += ["tracking.backend=wandb", "tracking.mode=offline"]
+    return runs
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("dist_runs")
+    spec = out / "spec.json"
+    spec.write_text(json.dumps(_spec(out)))
+    env = {
+        **os.environ,
+        "DS_ACCELERATOR": "cpu",
+        "OMP_NUM_THREADS": "1",
+        "WANDB_DIR": str(out),
+        "PYTHONPATH": str(REPO),
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "deepspeed.launcher.runner",
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(_free_port()),
+        str(REPO / "tests" / "dist_train_driver.py"),
+        str(spec),
+    ]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    (out / "driver.log").write_text(proc.stdout + proc.stderr)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    return out
+
+
+def _losses(run: Path) -> list[float]:
+    return [row["loss"] for row in read_metrics(run / "metrics.jsonl")]
+
+
+def _base(run: Path):
+    return load_model(ModelConfig(name_or_path=str(run / "base")), for_training=False).model
+
+
+def _probe_matches(model: torch.nn.Module, run: Path) -> None:
+    probe = torch.load(run / "probe_logits.pt")
+    with torch.no_grad():
+        logits = model(input_ids=probe["input_ids"]).logits.float()
+    torch.testing.assert_close(logits, probe["logits"], atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "gpt_oss"])
+def test_whole_model_lora_learns_and_reloads(runs: Path, family: str) -> None:
+    run = runs / f"{family}-all"
+    losses = _losses(run)
+    assert len(losses) == 24
+    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.05, losses
+
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    # every expert of every MoE layer moved
+    n = FAMILIES[family].tiny[FAMILIES[family].num_experts_key]
+    deltas = saved_expert_deltas(
+        load_file(run / "adapter" / "adapter_model.safetensors"), FAMILIES[family], n
+    )
+    assert deltas and all(bool((v > 0).all()) for v in deltas.values()), deltas
+
+    # stock PEFT loads the adapter onto a fresh base and reproduces the trained logits
+    base = _base(run)
+    _probe_matches(PeftModel.from_pretrained(base, str(run / "adapter")), run)
+    # so does the merged model
+    merged = merge_run(run, runs / f"{family}-all-merged")
+    _probe_matches(load_model(ModelConfig(name_or_path=str(merged)), for_training=False).model, run)
+
+
+def _router_digest(model: torch.nn.Module, family: str) -> str:
+    marker = f".{FAMILIES[family].router_path}."
+    return tensor_digest((n, p) for n, p in model.named_parameters() if marker in n)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "gpt_oss"])
+@pytest.mark.parametrize("mode", ["all", "single", "full"])
+def test_router_bitwise_unchanged(runs: Path, family: str, mode: str) -> None:
+    run = runs / f"{family}-{mode}"
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["router_digest"] == _router_digest(_base(run), family)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "gpt_oss"])
+def test_single_expert_lora_changes_only_that_expert(runs: Path, family: str) -> None:
+    from safetensors.torch import load_file
+
+    run = runs / f"{family}-single"
+    fam = FAMILIES[family]
+    n = fam.tiny[fam.num_experts_key]
+    deltas = saved_expert_deltas(load_file(run / "adapter" / "adapter_model.safetensors"), fam, n)
+    selection = json.loads((run / "adapter" / "expert_selection.json").read_text())
+    moe_layers = sorted(int(k) for k in selection["experts"])
+    assert sorted({layer for layer, _ in deltas}) == moe_layers
+    e = _single(family)
+    for (layer, param), norms in deltas.items():
+        assert norms[e] > 0, (layer, param, norms)
+        others = torch.cat([norms[:e], norms[e + 1 :]])
+        assert torch.count_nonzero(others) == 0, (layer, param, norms)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "gpt_oss"])
+def test_full_expert_finetune_changes_only_chosen_experts(runs: Path, family: str) -> None:
+    run = runs / f"{family}-full"
+    fam = FAMILIES[family]
+    base = _base(run)
+    merged_dir = merge_run(run, runs / f"{family}-full-merged")
+    merged = load_model(ModelConfig(name_or_path=str(merged_dir)), for_training=False).model
+    _probe_matches(merged, run)
+    chosen = {int(k): v for k, v in FULL[family].items()}
+    base_params = dict(base.named_parameters())
+    n_changed = 0
+    for name, p in merged.named_parameters():
+        before = base_params[name]
+        if f".{fam.experts_path}." not in name:
+            assert torch.equal(p, before), f"{name} changed but is not an expert tensor"
+            continue
+        layer = int(name.split(f"{fam.layers_path}.")[1].split(".")[0])
+        for e in range(p.shape[0]):
+            same = torch.equal(p[e], before[e])
+            assert same != (e in chosen.get(layer, [])), (name, e)
+            n_changed += not same
+    assert n_changed > 0
+
+
+def test_resume_reproduces_uninterrupted_losses(runs: Path) -> None:
+    whole = _losses(runs / "qwen3_moe-single")
+    resumed = _losses(runs / "qwen3_moe-resumed")
+    assert len(resumed) == len(whole) == 8
+    assert resumed == pytest.approx(whole, abs=1e-5)
+
+
+def test_wandb_offline_run_has_training_curve(runs: Path) -> None:
+    run_dirs = list((runs / "mixtral-all").glob("wandb/offline-run-*"))
+    assert len(run_dirs) == 1
+    assert list(run_dirs[0].glob("*.wandb")), "the offline run holds no history file"
