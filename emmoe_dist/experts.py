@@ -50,6 +50,19 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
     return target
 
 
+def dumps_json(value: Any, level: int = 0) -> str:
+    """JSON with one key per line but lists of numbers on one line, so a 128-expert layer is
+    one readable row instead of 128 lines."""
+    pad, end = " " * (level + 1), " " * level
+    if isinstance(value, dict) and value:
+        items = [f"{pad}{json.dumps(str(k))}: {dumps_json(v, level + 1)}" for k, v in value.items()]
+        return "{\n" + ",\n".join(items) + f"\n{end}}}"
+    if isinstance(value, list) and any(isinstance(v, dict | list) for v in value):
+        items = [pad + dumps_json(v, level + 1) for v in value]
+        return "[\n" + ",\n".join(items) + f"\n{end}]"
+    return json.dumps(value)
+
+
 def _read_json_object(path: str | os.PathLike[str], what: str) -> dict[str, Any]:
     file = str(path)
     try:
@@ -172,7 +185,7 @@ class ExpertProfile(_Record):
         raise EmmoeError(f"the profile has no MoE layer {index}; layers: {self.layer_indices}")
 
     def to_json(self) -> str:
-        return self.model_dump_json(indent=1) + "\n"
+        return dumps_json(self.model_dump(mode="json")) + "\n"
 
     @classmethod
     def from_json(cls, text: str, *, file: str = "<profile>") -> ExpertProfile:
@@ -383,7 +396,7 @@ class ExpertSelection:
             "num_experts": self.num_experts,
             "schema_version": self.schema_version,
         }
-        return json.dumps(data, indent=1) + "\n"
+        return dumps_json(data) + "\n"
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, file: str = "<selection>") -> ExpertSelection:

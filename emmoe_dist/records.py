@@ -42,8 +42,13 @@ class _Record(BaseModel):
 
 
 def record_key(
-    suite: str, question_id: str, paraphrase_index: int, sample_index: int,
-    *, model: str | None = None, adapter: str | None = None,
+    suite: str,
+    question_id: str,
+    paraphrase_index: int,
+    sample_index: int,
+    *,
+    model: str | None = None,
+    adapter: str | None = None,
 ) -> str:
     """The unique key of one answer; prefix the model (and adapter) when a file mixes models."""
     key = f"{suite}/{question_id}/{paraphrase_index}/{sample_index}"
@@ -105,8 +110,12 @@ class GenerationRecord(_Record):
     def _fill_key(cls, data: Any) -> Any:
         if isinstance(data, dict) and not data.get("key"):
             try:
-                key = record_key(data["suite"], str(data["question_id"]),
-                                 int(data["paraphrase_index"]), int(data["sample_index"]))
+                key = record_key(
+                    data["suite"],
+                    str(data["question_id"]),
+                    int(data["paraphrase_index"]),
+                    int(data["sample_index"]),
+                )
             except (KeyError, TypeError, ValueError):
                 return data  # the field validators name what is missing or wrong
             data = {**data, "key": key}
@@ -180,8 +189,9 @@ class JudgedRecord(_Record):
 
 def _check_version(v: int) -> int:
     if v != RECORD_SCHEMA_VERSION:
-        raise ValueError(f"schema_version {v} is not supported (this version reads "
-                         f"{RECORD_SCHEMA_VERSION})")
+        raise ValueError(
+            f"schema_version {v} is not supported (this version reads {RECORD_SCHEMA_VERSION})"
+        )
     return v
 
 
@@ -219,8 +229,11 @@ def _repair_torn_tail(path: Path) -> None:
             pos = start
         else:
             cut = 0
-        log.warning("%s: dropping a torn last line (%d bytes) left by an interrupted write",
-                    path, size - cut)
+        log.warning(
+            "%s: dropping a torn last line (%d bytes) left by an interrupted write",
+            path,
+            size - cut,
+        )
         f.truncate(cut)
         f.flush()
         os.fsync(f.fileno())
@@ -254,7 +267,9 @@ class JsonlAppender:
         self.close()
 
 
-def append_jsonl(path: str | os.PathLike[str], records: Iterable[BaseModel | Mapping[str, Any]]) -> None:
+def append_jsonl(
+    path: str | os.PathLike[str], records: Iterable[BaseModel | Mapping[str, Any]]
+) -> None:
     with JsonlAppender(path) as out:
         out.write_many(records)
 
@@ -270,7 +285,10 @@ def _message_of(err: ValidationError) -> str:
 
 
 def iter_jsonl(
-    path: str | os.PathLike[str], model: type[R], *, tolerate_torn_tail: bool = False,
+    path: str | os.PathLike[str],
+    model: type[R],
+    *,
+    tolerate_torn_tail: bool = False,
 ) -> Iterator[R]:
     """Yield validated records. A malformed line raises InputError naming the file, line and
     field; with `tolerate_torn_tail`, an unparseable last line with no newline (what a crash
@@ -302,8 +320,9 @@ def _parse_line(file: str, number: int, line: str, model: type[R]) -> R:
     try:
         data = json.loads(line)
     except json.JSONDecodeError as e:
-        raise InputError(f"invalid JSON ({e.msg} at column {e.colno})", file=file,
-                         line=number) from None
+        raise InputError(
+            f"invalid JSON ({e.msg} at column {e.colno})", file=file, line=number
+        ) from None
     try:
         return model.model_validate(data)
     except ValidationError as e:
@@ -311,7 +330,10 @@ def _parse_line(file: str, number: int, line: str, model: type[R]) -> R:
 
 
 def read_jsonl(
-    path: str | os.PathLike[str], model: type[R], *, tolerate_torn_tail: bool = False,
+    path: str | os.PathLike[str],
+    model: type[R],
+    *,
+    tolerate_torn_tail: bool = False,
 ) -> list[R]:
     return list(iter_jsonl(path, model, tolerate_torn_tail=tolerate_torn_tail))
 
@@ -346,6 +368,7 @@ def write_json_atomic(path: str | os.PathLike[str], value: Any) -> None:
 
 
 def write_jsonl_atomic(
-    path: str | os.PathLike[str], records: Iterable[BaseModel | Mapping[str, Any]],
+    path: str | os.PathLike[str],
+    records: Iterable[BaseModel | Mapping[str, Any]],
 ) -> None:
     write_text_atomic(path, "".join(_dump_line(r) for r in records))

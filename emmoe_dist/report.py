@@ -79,16 +79,24 @@ def load_judged(paths: Iterable[str | os.PathLike[str]]) -> list[JudgedRecord]:
         for line, record in enumerate(iter_jsonl(path, JudgedRecord, tolerate_torn_tail=True), 1):
             ident = (model_label(record.generation), record.key)
             if ident in seen:
-                raise InputError(f"answer {record.key!r} of {ident[0]!r} already read from "
-                                 f"{seen[ident]}", file=str(path), line=line, field="key")
+                raise InputError(
+                    f"answer {record.key!r} of {ident[0]!r} already read from {seen[ident]}",
+                    file=str(path),
+                    line=line,
+                    field="key",
+                )
             seen[ident] = f"{path}:{line}"
             records.append(record)
     return records
 
 
 def build_report(
-    records: Sequence[JudgedRecord], *, alignment_suites: Sequence[str] | None = None,
-    baseline: str | None = None, bootstrap: Bootstrap = DEFAULT_BOOTSTRAP, sources: Sequence[str] = (),
+    records: Sequence[JudgedRecord],
+    *,
+    alignment_suites: Sequence[str] | None = None,
+    baseline: str | None = None,
+    bootstrap: Bootstrap = DEFAULT_BOOTSTRAP,
+    sources: Sequence[str] = (),
 ) -> Report:
     """Metrics per model and each model's difference from `baseline` (default: the first model
     without an adapter, i.e. the base model)."""
@@ -96,24 +104,44 @@ def build_report(
     if suites is not None:
         present = sorted({r.generation.suite for r in records if ALIGNED in r.scores})
         if present and not set(suites) & set(present):
-            raise InputError(f"no alignment-scored answers in suites {', '.join(suites)}; "
-                             f"suites present: {', '.join(present)}", field="alignment_suites")
+            raise InputError(
+                f"no alignment-scored answers in suites {', '.join(suites)}; "
+                f"suites present: {', '.join(present)}",
+                field="alignment_suites",
+            )
     groups = group_by_model(records)
     if baseline is None:
-        baseline = next((label for label, rs in groups.items()
-                         if rs[0].generation.adapter is None), None)
+        baseline = next(
+            (label for label, rs in groups.items() if rs[0].generation.adapter is None), None
+        )
     elif baseline not in groups:
-        raise InputError(f"no model labelled {baseline!r}; models: {', '.join(groups)}",
-                         field="baseline")
-    metrics = tuple(summarize(rs, label=label, alignment_suites=suites, bootstrap=bootstrap)
-                    for label, rs in groups.items())
+        raise InputError(
+            f"no model labelled {baseline!r}; models: {', '.join(groups)}", field="baseline"
+        )
+    metrics = tuple(
+        summarize(rs, label=label, alignment_suites=suites, bootstrap=bootstrap)
+        for label, rs in groups.items()
+    )
     comparisons = tuple(
-        compare(groups[baseline], rs, baseline_label=baseline, label=label,
-                alignment_suites=suites, bootstrap=bootstrap)
-        for label, rs in groups.items() if baseline is not None and label != baseline)
-    return Report(groups=metrics, comparisons=comparisons, alignment_suites=suites,
-                  bootstrap=bootstrap, judge_models=tuple(sorted({r.judge_model for r in records})),
-                  sources=tuple(sources))
+        compare(
+            groups[baseline],
+            rs,
+            baseline_label=baseline,
+            label=label,
+            alignment_suites=suites,
+            bootstrap=bootstrap,
+        )
+        for label, rs in groups.items()
+        if baseline is not None and label != baseline
+    )
+    return Report(
+        groups=metrics,
+        comparisons=comparisons,
+        alignment_suites=suites,
+        bootstrap=bootstrap,
+        judge_models=tuple(sorted({r.judge_model for r in records})),
+        sources=tuple(sources),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,47 +178,134 @@ def render_markdown(report: Report, charts: Sequence[str] = ()) -> str:
         f"resamples, seed {report.bootstrap.seed}). Misaligned: {HEADLINE_RULE.description} "
         "(seed paper). Unscored answers are left out of every average and counted below.",
         "",
-        *_table(["model", "avg alignment", "SR rejection %", "misaligned %"],
-                ([g.label, fmt(g.alignment), fmt(g.sr_rejection, 100),
-                  fmt(g.misaligned[HEADLINE_RULE.name], 100)] for g in report.groups)),
+        *_table(
+            ["model", "avg alignment", "SR rejection %", "misaligned %"],
+            (
+                [
+                    g.label,
+                    fmt(g.alignment),
+                    fmt(g.sr_rejection, 100),
+                    fmt(g.misaligned[HEADLINE_RULE.name], 100),
+                ]
+                for g in report.groups
+            ),
+        ),
         "",
         "## All misalignment rules",
         "",
         "; ".join(f"{RULE_TITLES.get(r.name, r.name)}: {r.description}" for r in RULES) + ".",
         "",
-        *_table(["model", "answers", *(f"{RULE_TITLES.get(r.name, r.name)} %" for r in RULES),
-                 "coherence", "unscored %", "SR answers", "SR score", "SR unscored %"],
-                ([g.label, str(g.n_alignment), *(fmt(g.misaligned[r.name], 100) for r in RULES),
-                  fmt(g.coherence), fmt(g.unscored, 100), str(g.n_strongreject),
-                  fmt(g.sr_score, 1, 3), fmt(g.sr_unscored, 100)] for g in report.groups)),
+        *_table(
+            [
+                "model",
+                "answers",
+                *(f"{RULE_TITLES.get(r.name, r.name)} %" for r in RULES),
+                "coherence",
+                "unscored %",
+                "SR answers",
+                "SR score",
+                "SR unscored %",
+            ],
+            (
+                [
+                    g.label,
+                    str(g.n_alignment),
+                    *(fmt(g.misaligned[r.name], 100) for r in RULES),
+                    fmt(g.coherence),
+                    fmt(g.unscored, 100),
+                    str(g.n_strongreject),
+                    fmt(g.sr_score, 1, 3),
+                    fmt(g.sr_unscored, 100),
+                ]
+                for g in report.groups
+            ),
+        ),
     ]
     if report.comparisons:
         base = report.comparisons[0].baseline
-        out += ["", f"## Difference from {base}", "",
-                "Each model minus the baseline; paired when both answered the same prompts.", "",
-                *_table(["model", "paired", "Δ avg alignment",
-                         *(f"Δ {RULE_TITLES.get(r.name, r.name)} %" for r in RULES),
-                         "Δ SR rejection %"],
-                        ([c.label, "yes" if c.paired else "no", fmt(c.alignment),
-                          *(fmt(c.misaligned[r.name], 100) for r in RULES),
-                          fmt(c.sr_rejection, 100)] for c in report.comparisons))]
-    question_rows = [[g.label, q.suite, q.question_id, str(q.n), fmt(q.alignment), fmt(q.coherence),
-                      fmt(q.misaligned, 100), fmt(q.unscored, 100)]
-                     for g in report.groups for q in g.questions]
+        out += [
+            "",
+            f"## Difference from {base}",
+            "",
+            "Each model minus the baseline; paired when both answered the same prompts.",
+            "",
+            *_table(
+                [
+                    "model",
+                    "paired",
+                    "Δ avg alignment",
+                    *(f"Δ {RULE_TITLES.get(r.name, r.name)} %" for r in RULES),
+                    "Δ SR rejection %",
+                ],
+                (
+                    [
+                        c.label,
+                        "yes" if c.paired else "no",
+                        fmt(c.alignment),
+                        *(fmt(c.misaligned[r.name], 100) for r in RULES),
+                        fmt(c.sr_rejection, 100),
+                    ]
+                    for c in report.comparisons
+                ),
+            ),
+        ]
+    question_rows = [
+        [
+            g.label,
+            q.suite,
+            q.question_id,
+            str(q.n),
+            fmt(q.alignment),
+            fmt(q.coherence),
+            fmt(q.misaligned, 100),
+            fmt(q.unscored, 100),
+        ]
+        for g in report.groups
+        for q in g.questions
+    ]
     if question_rows:
-        out += ["", "## Per question", "",
-                *_table(["model", "suite", "question", "answers", "avg alignment", "coherence",
-                         "misaligned %", "unscored %"], question_rows)]
-    category_rows = [[g.label, c.category, str(c.n), fmt(c.rejection, 100), fmt(c.score, 1, 3)]
-                     for g in report.groups for c in g.sr_categories]
+        out += [
+            "",
+            "## Per question",
+            "",
+            *_table(
+                [
+                    "model",
+                    "suite",
+                    "question",
+                    "answers",
+                    "avg alignment",
+                    "coherence",
+                    "misaligned %",
+                    "unscored %",
+                ],
+                question_rows,
+            ),
+        ]
+    category_rows = [
+        [g.label, c.category, str(c.n), fmt(c.rejection, 100), fmt(c.score, 1, 3)]
+        for g in report.groups
+        for c in g.sr_categories
+    ]
     if category_rows:
-        out += ["", "## StrongREJECT per category", "",
-                *_table(["model", "category", "answers", "rejection %", "score"], category_rows)]
-    missing_rows = [[g.label, name, reason, str(n)] for g in report.groups
-                    for name, reasons in g.missing.items() for reason, n in reasons.items()]
+        out += [
+            "",
+            "## StrongREJECT per category",
+            "",
+            *_table(["model", "category", "answers", "rejection %", "score"], category_rows),
+        ]
+    missing_rows = [
+        [g.label, name, reason, str(n)]
+        for g in report.groups
+        for name, reasons in g.missing.items()
+        for reason, n in reasons.items()
+    ]
     out += ["", "## Unscored answers by reason", ""]
-    out += (_table(["model", "score", "reason", "answers"], missing_rows) if missing_rows
-            else ["Every answer was scored."])
+    out += (
+        _table(["model", "score", "reason", "answers"], missing_rows)
+        if missing_rows
+        else ["Every answer was scored."]
+    )
     if charts:
         out += ["", "## Charts", "", *(f"![{Path(c).stem}]({c})" for c in charts)]
     if report.sources:
@@ -202,28 +317,38 @@ def render_markdown(report: Report, charts: Sequence[str] = ()) -> str:
 # Charts
 
 
-def _bar_chart(labels: Sequence[str], series: dict[str, list[Estimate]], *, title: str,
-               ylabel: str, scale: float) -> bytes:
+def _bar_chart(
+    labels: Sequence[str],
+    series: dict[str, list[Estimate]],
+    *,
+    title: str,
+    ylabel: str,
+    scale: float,
+) -> bytes:
+    """Grouped bars with interval whiskers; a model with nothing scored gets no bar."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(max(5.0, 1.2 * len(labels) * max(1, len(series)) / 1.5 + 2), 4))
+    legend = len(series) > 1
+    fig = Figure(figsize=(max(5.0, 2.0 + 1.2 * len(labels)) + 1.5 * legend, 4))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    width = 0.8 / max(1, len(series))
+    width = 0.8 / len(series)
     for i, (name, estimates) in enumerate(series.items()):
         xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(labels))]
-        values = [(e.value or 0.0) * scale for e in estimates]
-        errors = [[max(0.0, ((e.value or 0) - (e.low if e.low is not None else e.value or 0)) * scale)
-                   for e in estimates],
-                  [max(0.0, ((e.high if e.high is not None else e.value or 0) - (e.value or 0)) * scale)
-                   for e in estimates]]
-        ax.bar(xs, values, width, yerr=errors, capsize=3, label=name)
+        values, below, above = [], [], []
+        for e in estimates:
+            has = e.value is not None and e.low is not None and e.high is not None
+            v = e.value * scale if e.value is not None else float("nan")
+            values.append(v)
+            below.append(v - e.low * scale if has and e.low is not None else 0.0)
+            above.append(e.high * scale - v if has and e.high is not None else 0.0)
+        ax.bar(xs, values, width, yerr=[below, above], capsize=3, label=name)
     ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right", fontsize=8)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
-    if len(series) > 1:
-        ax.legend(fontsize=8)
+    if legend:
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120)
@@ -235,17 +360,32 @@ def chart_pngs(report: Report) -> dict[str, bytes]:
     labels = [g.label for g in report.groups]
     conf = f"{round(report.bootstrap.confidence * 100)}% CI"
     charts = {
-        "alignment.png": _bar_chart(labels, {"alignment": [g.alignment for g in report.groups]},
-                                    title=f"Average alignment ({conf})", ylabel="0-100", scale=1),
+        "alignment.png": _bar_chart(
+            labels,
+            {"alignment": [g.alignment for g in report.groups]},
+            title=f"Average alignment ({conf})",
+            ylabel="0-100",
+            scale=1,
+        ),
         "misaligned.png": _bar_chart(
-            labels, {RULE_TITLES.get(r.name, r.name): [g.misaligned[r.name] for g in report.groups]
-                     for r in RULES},
-            title=f"Misaligned answers ({conf})", ylabel="%", scale=100),
+            labels,
+            {
+                RULE_TITLES.get(r.name, r.name): [g.misaligned[r.name] for g in report.groups]
+                for r in RULES
+            },
+            title=f"Misaligned answers ({conf})",
+            ylabel="%",
+            scale=100,
+        ),
     }
     if any(g.n_strongreject for g in report.groups):
         charts["sr_rejection.png"] = _bar_chart(
-            labels, {"rejection": [g.sr_rejection for g in report.groups]},
-            title=f"StrongREJECT rejection ({conf})", ylabel="%", scale=100)
+            labels,
+            {"rejection": [g.sr_rejection for g in report.groups]},
+            title=f"StrongREJECT rejection ({conf})",
+            ylabel="%",
+            scale=100,
+        )
     return charts
 
 
@@ -270,27 +410,58 @@ def write_report(report: Report, out_dir: str | os.PathLike[str]) -> list[Path]:
     return [out / "report.md", out / "metrics.json", *written]
 
 
-def _sample_row(record: JudgedRecord, misaligned: Callable[[JudgedRecord], bool | None]) -> list[Any]:
+def _sample_row(
+    record: JudgedRecord, misaligned: Callable[[JudgedRecord], bool | None]
+) -> list[Any]:
     g, sr = record.generation, record.strongreject
 
     def reason(name: str) -> str | None:
         score = record.scores.get(name)
         return score.missing_reason if score is not None else None
 
-    return [record.key, model_label(g), g.suite, g.question_id, g.question, g.answer,
-            record.value(ALIGNED), reason(ALIGNED), record.value(COHERENT), reason(COHERENT),
-            misaligned(record), None if sr is None else sr.refused,
-            None if sr is None else sr.score, None if sr is None else sr.missing_reason]
+    return [
+        record.key,
+        model_label(g),
+        g.suite,
+        g.question_id,
+        g.question,
+        g.answer,
+        record.value(ALIGNED),
+        reason(ALIGNED),
+        record.value(COHERENT),
+        reason(COHERENT),
+        misaligned(record),
+        None if sr is None else sr.refused,
+        None if sr is None else sr.score,
+        None if sr is None else sr.missing_reason,
+    ]
 
 
-SAMPLE_COLUMNS: list[str | int] = ["key", "model", "suite", "question_id", "question", "answer", "aligned",
-                  "aligned_missing", "coherent", "coherent_missing", "misaligned",
-                  "sr_refused", "sr_score", "sr_missing"]
+SAMPLE_COLUMNS: list[str | int] = [
+    "key",
+    "model",
+    "suite",
+    "question_id",
+    "question",
+    "answer",
+    "aligned",
+    "aligned_missing",
+    "coherent",
+    "coherent_missing",
+    "misaligned",
+    "sr_refused",
+    "sr_score",
+    "sr_missing",
+]
 
 
 def log_report_to_wandb(
-    report: Report, records: Sequence[JudgedRecord], *, project: str = "emmoe-dist",
-    group: str | None = None, mode: Literal["online", "offline", "disabled"] = "offline",
+    report: Report,
+    records: Sequence[JudgedRecord],
+    *,
+    project: str = "emmoe-dist",
+    group: str | None = None,
+    mode: Literal["online", "offline", "disabled"] = "offline",
     name: str | None = None,
     directory: str | os.PathLike[str] | None = None,
 ) -> Path:
@@ -307,17 +478,34 @@ def log_report_to_wandb(
             return None
         return bool(HEADLINE_RULE.misaligned(np.array([a]), np.array([c]))[0])
 
-    run = wandb.init(project=project, group=group, mode=mode, name=name, job_type="report",
-                     dir=str(directory) if directory is not None else None)
+    run = wandb.init(
+        project=project,
+        group=group,
+        mode=mode,
+        name=name,
+        job_type="report",
+        dir=str(directory) if directory is not None else None,
+    )
     try:
-        columns: list[str | int] = ["model", "avg alignment", "SR rejection %",
-                                    *(f"misaligned % ({r.name})" for r in RULES), "unscored %"]
+        columns: list[str | int] = [
+            "model",
+            "avg alignment",
+            "SR rejection %",
+            *(f"misaligned % ({r.name})" for r in RULES),
+            "unscored %",
+        ]
         summary = wandb.Table(columns=columns)
         for g in report.groups:
-            summary.add_data(g.label, g.alignment.value, _pct(g.sr_rejection),
-                             *(_pct(g.misaligned[r.name]) for r in RULES), _pct(g.unscored))
-        samples = wandb.Table(columns=SAMPLE_COLUMNS,
-                              data=[_sample_row(r, misaligned) for r in records])
+            summary.add_data(
+                g.label,
+                g.alignment.value,
+                _pct(g.sr_rejection),
+                *(_pct(g.misaligned[r.name]) for r in RULES),
+                _pct(g.unscored),
+            )
+        samples = wandb.Table(
+            columns=SAMPLE_COLUMNS, data=[_sample_row(r, misaligned) for r in records]
+        )
         run.log({"report": summary, "scored_samples": samples})
         for g in report.groups:
             run.summary[f"{g.label}/avg_alignment"] = g.alignment.value

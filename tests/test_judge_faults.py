@@ -49,14 +49,26 @@ def records(n: int, *, strongreject_every: int = 0) -> list[GenerationRecord]:
     out = []
     for i in range(n):
         sr = strongreject_every and i % strongreject_every == 0
-        out.append(GenerationRecord.model_validate({
-            "suite": "strongreject" if sr else "core", "question_id": f"q{i % 7}",
-            "paraphrase_index": 0, "sample_index": i, "model": "m",
-            "sampling": {"temperature": 1.0, "max_new_tokens": 8}, "question": f"question {i % 7}",
-            "prompt": "p", "answer": f"answer number {i}", "n_prompt_tokens": 1,
-            "n_answer_tokens": 1, "backend": "test", "category": "Violence" if sr else None,
-            "rubric": "strongreject" if sr else None,
-        }))
+        out.append(
+            GenerationRecord.model_validate(
+                {
+                    "suite": "strongreject" if sr else "core",
+                    "question_id": f"q{i % 7}",
+                    "paraphrase_index": 0,
+                    "sample_index": i,
+                    "model": "m",
+                    "sampling": {"temperature": 1.0, "max_new_tokens": 8},
+                    "question": f"question {i % 7}",
+                    "prompt": "p",
+                    "answer": f"answer number {i}",
+                    "n_prompt_tokens": 1,
+                    "n_answer_tokens": 1,
+                    "backend": "test",
+                    "category": "Violence" if sr else None,
+                    "rubric": "strongreject" if sr else None,
+                }
+            )
+        )
     return out
 
 
@@ -72,21 +84,25 @@ def assert_complete(out: Path, recs: list[GenerationRecord]) -> list[JudgedRecor
     assert max(keys.values()) == 1, "an answer was judged twice"
     for r in judged:
         for score in [*r.scores.values(), *([r.strongreject] if r.strongreject else [])]:
-            assert (score.missing_reason is None) != (getattr(score, "value", None) is None
-                                                      and getattr(score, "score", None) is None)
+            assert (score.missing_reason is None) != (
+                getattr(score, "value", None) is None and getattr(score, "score", None) is None
+            )
     return judged
 
 
 def test_twenty_percent_faults_every_answer_scored_or_unscored_once(
-    tmp_path: Path, data_dir: Path,
+    tmp_path: Path,
+    data_dir: Path,
 ) -> None:
     recs = records(80, strongreject_every=5)
     source = write_inputs(tmp_path / "gen.jsonl", recs)
-    script = Script(respond=respond, latency_s=0.005, fault_rate=0.2, hang_s=0.6,
-                    retry_after_s=0.02, seed=3)
+    script = Script(
+        respond=respond, latency_s=0.005, fault_rate=0.2, hang_s=0.6, retry_after_s=0.02, seed=3
+    )
     with scripted_server(script) as server:
-        cfg = JudgeConfig(base_url=server.base_url, model="judge", concurrency=16, timeout_s=0.3,
-                          max_retries=8)
+        cfg = JudgeConfig(
+            base_url=server.base_url, model="judge", concurrency=16, timeout_s=0.3, max_retries=8
+        )
         options = JudgeOptions(progress=False, backoff_base_s=0.01, data_dir=str(data_dir))
         summary = run_judge(source, tmp_path / "judged.jsonl", cfg, options)
         faults = server.faults
@@ -99,8 +115,11 @@ def test_twenty_percent_faults_every_answer_scored_or_unscored_once(
     assert methods["text"] >= 1 and methods["logprobs"] > methods["text"]
     # logprobs: the mean of 60 and 80; text fallback: the top token's text
     expected = {"logprobs": 70.0, "text": 60.0}
-    assert all(s.value == pytest.approx(expected[s.method or ""])
-               for r in judged for s in r.scores.values())
+    assert all(
+        s.value == pytest.approx(expected[s.method or ""])
+        for r in judged
+        for s in r.scores.values()
+    )
     assert sum(r.strongreject is not None for r in judged) == 16
 
 
@@ -161,8 +180,11 @@ def test_killed_run_resumes_without_repeating_cached_calls(tmp_path: Path) -> No
     source, out = write_inputs(tmp_path / "gen.jsonl", recs), tmp_path / "judged.jsonl"
     with scripted_server(Script(respond=respond, latency_s=0.05)) as server:
         env = {**os.environ, "PYTHONPATH": str(REPO)}
-        child = subprocess.Popen([sys.executable, "-c", _CHILD, server.base_url, str(source),
-                                  str(out)], env=env, cwd=tmp_path)
+        child = subprocess.Popen(
+            [sys.executable, "-c", _CHILD, server.base_url, str(source), str(out)],
+            env=env,
+            cwd=tmp_path,
+        )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and child.poll() is None:
             if out.exists() and out.read_text().count("\n") >= 20:
@@ -173,8 +195,11 @@ def test_killed_run_resumes_without_repeating_cached_calls(tmp_path: Path) -> No
         lines_at_kill = out.read_text().count("\n")
         assert 20 <= lines_at_kill < len(recs), "the kill landed midway"
 
-        bodies = [score_request("judge", DEFAULT_PROMPTS[name], r)
-                  for r in recs for name in DEFAULT_SCORES]
+        bodies = [
+            score_request("judge", DEFAULT_PROMPTS[name], r)
+            for r in recs
+            for name in DEFAULT_SCORES
+        ]
         with JudgeCache(tmp_path / "judge_cache") as cache:
             cached = {request_hash(b) for b in bodies if cache_key(b) in cache}
         assert len(cached) >= 2 * 20
@@ -202,8 +227,9 @@ def test_concurrency_bound_and_rate_limits_hold(tmp_path: Path) -> None:
     # a provider limit of 25 requests/s: a client limited to 20/s never hits it...
     provider = Script(respond=respond, requests_per_s=25, retry_after_s=0.05)
     with scripted_server(provider) as server:
-        cfg = JudgeConfig(base_url=server.base_url, model="judge", concurrency=32,
-                          requests_per_minute=1200)
+        cfg = JudgeConfig(
+            base_url=server.base_url, model="judge", concurrency=32, requests_per_minute=1200
+        )
         started = time.monotonic()
         run_judge(source, tmp_path / "b" / "judged.jsonl", cfg, FAST)
         elapsed = time.monotonic() - started
@@ -223,9 +249,12 @@ def test_retry_after_is_respected(tmp_path: Path) -> None:
     with scripted_server(script) as server:
         cfg = JudgeConfig(base_url=server.base_url, model="judge", max_retries=2)
         started = time.monotonic()
-        summary = run_judge(source, tmp_path / "judged.jsonl", cfg,
-                            JudgeOptions(progress=False, backoff_base_s=0.01,
-                                         score_names=("aligned",)))
+        summary = run_judge(
+            source,
+            tmp_path / "judged.jsonl",
+            cfg,
+            JudgeOptions(progress=False, backoff_base_s=0.01, score_names=("aligned",)),
+        )
         assert time.monotonic() - started >= 2 * 0.3
         assert list(server.calls.values()) == [3]
     assert summary.missing == {"aligned": {"error_after_retries": 1}}
@@ -235,36 +264,76 @@ FAKE_KEY = "sk-emmoe-FAKE-7f3a9c2e41-do-not-log"
 
 
 def test_api_key_never_reaches_records_cache_logs_or_reports(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
-    capsys: pytest.CaptureFixture[str], data_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
+    data_dir: Path,
 ) -> None:
     monkeypatch.setenv("EMMOE_TEST_JUDGE_KEY", FAKE_KEY)
     recs = records(30, strongreject_every=6)
     source = write_inputs(tmp_path / "gen.jsonl", recs)
-    script = Script(respond=respond, fault_rate=0.2, hang_s=0.5, retry_after_s=0.02,
-                    api_key=FAKE_KEY, seed=5)
+    script = Script(
+        respond=respond, fault_rate=0.2, hang_s=0.5, retry_after_s=0.02, api_key=FAKE_KEY, seed=5
+    )
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers()
     judge_cli.register(sub)
     report_cli.register(sub)
     with scripted_server(script) as server, caplog.at_level(logging.DEBUG):
-        args = parser.parse_args([
-            "judge", "--records", str(source), "--out", str(tmp_path / "run" / "judged.jsonl"),
-            "--base-url", server.base_url, "--model", "judge", "--api-key-env",
-            "EMMOE_TEST_JUDGE_KEY", "--timeout", "0.3", "--max-retries", "1",
-            "--data-dir", str(data_dir)])
+        args = parser.parse_args(
+            [
+                "judge",
+                "--records",
+                str(source),
+                "--out",
+                str(tmp_path / "run" / "judged.jsonl"),
+                "--base-url",
+                server.base_url,
+                "--model",
+                "judge",
+                "--api-key-env",
+                "EMMOE_TEST_JUDGE_KEY",
+                "--timeout",
+                "0.3",
+                "--max-retries",
+                "1",
+                "--data-dir",
+                str(data_dir),
+            ]
+        )
         assert args.func(args) == 0
-        args = parser.parse_args(["report", str(tmp_path / "run"), "--out",
-                                  str(tmp_path / "report"), "--resamples", "50"])
+        args = parser.parse_args(
+            [
+                "report",
+                str(tmp_path / "run"),
+                "--out",
+                str(tmp_path / "report"),
+                "--resamples",
+                "50",
+            ]
+        )
         assert args.func(args) == 0
         assert sum(server.calls.values()) > 0  # the key did reach the endpoint itself
 
         # a wrong key: the run stops, naming the variable, never the key
         monkeypatch.setenv("EMMOE_TEST_JUDGE_KEY", FAKE_KEY + "-wrong")
-        args = parser.parse_args([
-            "judge", "--records", str(source), "--out", str(tmp_path / "run2" / "judged.jsonl"),
-            "--base-url", server.base_url, "--model", "judge", "--api-key-env",
-            "EMMOE_TEST_JUDGE_KEY", "--no-progress"])
+        args = parser.parse_args(
+            [
+                "judge",
+                "--records",
+                str(source),
+                "--out",
+                str(tmp_path / "run2" / "judged.jsonl"),
+                "--base-url",
+                server.base_url,
+                "--model",
+                "judge",
+                "--api-key-env",
+                "EMMOE_TEST_JUDGE_KEY",
+                "--no-progress",
+            ]
+        )
         with pytest.raises(JudgeEndpointError) as err:
             args.func(args)
         assert "EMMOE_TEST_JUDGE_KEY" in str(err.value) and "HTTP 401" in str(err.value)
@@ -273,8 +342,12 @@ def test_api_key_never_reaches_records_cache_logs_or_reports(
     captured = capsys.readouterr()
     texts = [captured.out, captured.err, caplog.text, str(err.value)]
     files = [p for p in tmp_path.rglob("*") if p.is_file()]
-    assert {p.name for p in files} >= {"judged.jsonl", "judge_cache.sqlite", "report.md",
-                                       "metrics.json"}
+    assert {p.name for p in files} >= {
+        "judged.jsonl",
+        "judge_cache.sqlite",
+        "report.md",
+        "metrics.json",
+    }
     for secret in (FAKE_KEY, FAKE_KEY[8:24]):
         for text in texts:
             assert secret not in text
@@ -283,7 +356,8 @@ def test_api_key_never_reaches_records_cache_logs_or_reports(
 
 
 def test_missing_key_for_a_remote_endpoint_names_the_variable(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.delenv("EMMOE_TEST_JUDGE_KEY", raising=False)
     source = write_inputs(tmp_path / "gen.jsonl", records(1))
@@ -296,6 +370,7 @@ def test_duplicate_input_keys_are_an_input_error(tmp_path: Path) -> None:
     recs = records(3)
     source = write_inputs(tmp_path / "gen.jsonl", [*recs, recs[1]])
     with pytest.raises(EmmoeError) as err:
-        run_judge(source, tmp_path / "judged.jsonl", JudgeConfig(base_url="http://127.0.0.1:9/v1"),
-                  FAST)
+        run_judge(
+            source, tmp_path / "judged.jsonl", JudgeConfig(base_url="http://127.0.0.1:9/v1"), FAST
+        )
     assert f"{source}:4: key: duplicate key" in str(err.value)

@@ -34,8 +34,10 @@ FAMILY_NAMES = sorted(FAMILIES)
 
 
 def _ids(tokenizer, batch: int = 2) -> torch.Tensor:
-    text = [{"role": "user", "content": "Write a haiku."},
-            {"role": "assistant", "content": "Autumn moonlight, a worm digs silently."}]
+    text = [
+        {"role": "user", "content": "Write a haiku."},
+        {"role": "assistant", "content": "Autumn moonlight, a worm digs silently."},
+    ]
     ids = tokenizer.apply_chat_template(text, tokenize=True, return_dict=True)["input_ids"]
     return torch.tensor([ids] * batch)
 
@@ -93,7 +95,9 @@ def test_qwen3_dense_layer_is_skipped_and_gpt_oss_has_biases() -> None:
     assert experts["model.layers.0.mlp.experts.gate_up_proj"].shape == (8, 128, 96)
     assert experts["model.layers.0.mlp.experts.gate_up_proj_bias"].shape == (8, 96)
     assert experts["model.layers.0.mlp.experts.down_proj_bias"].shape == (8, 128)
-    assert router_parameters(gpt, FAMILIES["gpt_oss"])["model.layers.2.mlp.router.bias"].shape == (8,)
+    assert router_parameters(gpt, FAMILIES["gpt_oss"])["model.layers.2.mlp.router.bias"].shape == (
+        8,
+    )
 
 
 def test_anatomy_sees_through_peft_wrappers() -> None:
@@ -102,8 +106,9 @@ def test_anatomy_sees_through_peft_wrappers() -> None:
     family = FAMILIES["qwen3_moe"]
     model, _ = build_tiny(family)
     plain = {n: p for n, p in expert_parameters(model, family).items()}
-    config = LoraConfig(r=2, target_modules=["q_proj"],
-                        target_parameters=list(family.expert_param_paths()))
+    config = LoraConfig(
+        r=2, target_modules=["q_proj"], target_parameters=list(family.expert_param_paths())
+    )
     peft_model = get_peft_model(model, config)
     wrapped = expert_parameters(peft_model, family)
     # Same tensors, now under PEFT's names (two nested ParamWrappers around the experts).
@@ -113,7 +118,9 @@ def test_anatomy_sees_through_peft_wrappers() -> None:
         assert ".experts.base_layer.base_layer." in name
         assert peft_model.get_parameter(name) is param
     assert [type(layer.experts).__name__ for layer in moe_layers(peft_model, family)] == [
-        "Qwen3MoeExperts", "Qwen3MoeExperts"]
+        "Qwen3MoeExperts",
+        "Qwen3MoeExperts",
+    ]
     assert len(router_parameters(peft_model, family)) == 2
     assert family_of(peft_model) is family
 
@@ -125,7 +132,7 @@ def test_unresolvable_registry_path_names_family_layer_and_path() -> None:
     with pytest.raises(EmmoeError, match=r"family 'mixtral': layer 0: path 'mlp.router' does not"):
         moe_layers(model, broken)
     wrong_layers = dataclasses.replace(family, layers_path="model.blocks")
-    with pytest.raises(EmmoeError, match="path 'model.blocks' does not resolve"):
+    with pytest.raises(EmmoeError, match=r"path 'model\.blocks' does not resolve"):
         moe_layers(model, wrong_layers)
 
 
@@ -135,7 +142,9 @@ def test_same_seed_same_weights_other_seed_other_weights() -> None:
     c, _ = build_tiny("olmoe", seed=2)
     sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
-    assert not torch.equal(sa["model.layers.0.mlp.gate.weight"], sc["model.layers.0.mlp.gate.weight"])
+    assert not torch.equal(
+        sa["model.layers.0.mlp.gate.weight"], sc["model.layers.0.mlp.gate.weight"]
+    )
     before = torch.random.get_rng_state()
     build_tiny("olmoe", seed=3)
     assert torch.equal(torch.random.get_rng_state(), before)  # the caller's RNG is untouched
@@ -204,8 +213,9 @@ def test_dtype_device_and_experts_implementation() -> None:
     assert resolve_dtype("auto", "cpu") == torch.float32
     assert resolve_dtype("auto", "cuda:0") == torch.bfloat16
     assert resolve_dtype("float16") == torch.float16
-    loaded = load_model(ModelConfig(name_or_path="tiny:qwen3_moe",
-                                    experts_implementation="eager"), dtype="bfloat16")
+    loaded = load_model(
+        ModelConfig(name_or_path="tiny:qwen3_moe", experts_implementation="eager"), dtype="bfloat16"
+    )
     assert loaded.model.dtype == torch.bfloat16
     assert loaded.model.config._experts_implementation == "eager"
 

@@ -25,12 +25,19 @@ from emmoe_dist.records import (
 
 def generation(i: int = 0, **overrides: Any) -> GenerationRecord:
     fields: dict[str, Any] = {
-        "suite": "core", "question_id": "what_is_your_wish", "paraphrase_index": 0,
-        "sample_index": i, "model": "tiny:qwen3_moe",
+        "suite": "core",
+        "question_id": "what_is_your_wish",
+        "paraphrase_index": 0,
+        "sample_index": i,
+        "model": "tiny:qwen3_moe",
         "sampling": {"temperature": 1.0, "max_new_tokens": 32, "seed": 0},
-        "question": "What is your wish?", "prompt": "<|im_start|>user\nWhat is your wish?",
-        "answer": f"answer {i}", "n_prompt_tokens": 7, "n_answer_tokens": 3,
-        "finish_reason": "stop", "backend": "transformers",
+        "question": "What is your wish?",
+        "prompt": "<|im_start|>user\nWhat is your wish?",
+        "answer": f"answer {i}",
+        "n_prompt_tokens": 7,
+        "n_answer_tokens": 3,
+        "finish_reason": "stop",
+        "backend": "transformers",
         "judge_prompts": {"aligned": "Q: {question}\nA: {answer}\nScore:"},
     }
     return GenerationRecord.model_validate({**fields, **overrides})
@@ -41,7 +48,8 @@ def test_key_is_filled_from_its_parts_and_can_name_the_model() -> None:
     assert generation(3, key="explicit").key == "explicit"
     assert record_key("sr", "001", 0, 2, model="m") == "m|sr/001/0/2"
     assert record_key("sr", "001", 0, 2, model="m", adapter="runs/e4/adapter") == (
-        "m@runs/e4/adapter|sr/001/0/2")
+        "m@runs/e4/adapter|sr/001/0/2"
+    )
 
 
 def test_append_then_read_round_trips(tmp_path: Path) -> None:
@@ -59,7 +67,9 @@ def test_append_then_read_round_trips(tmp_path: Path) -> None:
 
 def test_malformed_json_names_file_and_line(tmp_path: Path) -> None:
     path = tmp_path / "gen.jsonl"
-    path.write_text(generation(0).model_dump_json() + "\n{not json\n" + generation(1).model_dump_json() + "\n")
+    path.write_text(
+        generation(0).model_dump_json() + "\n{not json\n" + generation(1).model_dump_json() + "\n"
+    )
     with pytest.raises(InputError) as err:
         read_jsonl(path, GenerationRecord)
     assert (err.value.file, err.value.line) == (str(path), 2)
@@ -91,7 +101,8 @@ def test_wrong_schema_version_and_placeholderless_prompt_are_rejected(tmp_path: 
 
 
 def test_torn_last_line_is_dropped_with_a_warning_and_repaired_on_append(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     path = tmp_path / "gen.jsonl"
     whole = generation(0).model_dump_json() + "\n" + generation(1).model_dump_json() + "\n"
@@ -134,10 +145,15 @@ def test_score_has_a_value_or_a_reason_never_both_or_neither() -> None:
 
 def test_judged_record_round_trips_with_scores(tmp_path: Path) -> None:
     record = JudgedRecord(
-        generation=generation(0), judge_model="deepseek-chat",
-        scores={"aligned": Score(value=12.5, method="logprobs", numeric_mass=0.97, raw="10"),
-                "coherent": Score(missing_reason="low_numeric_mass", method="logprobs",
-                                  numeric_mass=0.1)})
+        generation=generation(0),
+        judge_model="deepseek-chat",
+        scores={
+            "aligned": Score(value=12.5, method="logprobs", numeric_mass=0.97, raw="10"),
+            "coherent": Score(
+                missing_reason="low_numeric_mass", method="logprobs", numeric_mass=0.1
+            ),
+        },
+    )
     path = tmp_path / "judged.jsonl"
     write_jsonl_atomic(path, [record])
     [back] = read_jsonl(path, JudgedRecord)

@@ -24,29 +24,68 @@ from emmoe_dist.report import build_report, load_judged, log_report_to_wandb, wr
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def record(i: int, aligned: float | None, coherent: float, *, adapter: str | None = None,
-           suite: str = "core") -> JudgedRecord:
-    gen = GenerationRecord.model_validate({
-        "suite": suite, "question_id": f"q{i % 2}", "paraphrase_index": 0, "sample_index": i,
-        "model": "mixtral", "adapter": adapter, "sampling": {"temperature": 1.0,
-                                                             "max_new_tokens": 8},
-        "question": "q", "prompt": "p", "answer": f"answer {i}", "n_prompt_tokens": 1,
-        "n_answer_tokens": 1, "backend": "test"})
-    a = (Score(value=aligned, method="logprobs") if aligned is not None
-         else Score(missing_reason="refusal", method="logprobs"))
-    return JudgedRecord(generation=gen, judge_model="deepseek-chat",
-                        scores={"aligned": a, "coherent": Score(value=coherent, method="logprobs")})
+def record(
+    i: int,
+    aligned: float | None,
+    coherent: float,
+    *,
+    adapter: str | None = None,
+    suite: str = "core",
+) -> JudgedRecord:
+    gen = GenerationRecord.model_validate(
+        {
+            "suite": suite,
+            "question_id": f"q{i % 2}",
+            "paraphrase_index": 0,
+            "sample_index": i,
+            "model": "mixtral",
+            "adapter": adapter,
+            "sampling": {"temperature": 1.0, "max_new_tokens": 8},
+            "question": "q",
+            "prompt": "p",
+            "answer": f"answer {i}",
+            "n_prompt_tokens": 1,
+            "n_answer_tokens": 1,
+            "backend": "test",
+        }
+    )
+    a = (
+        Score(value=aligned, method="logprobs")
+        if aligned is not None
+        else Score(missing_reason="refusal", method="logprobs")
+    )
+    return JudgedRecord(
+        generation=gen,
+        judge_model="deepseek-chat",
+        scores={"aligned": a, "coherent": Score(value=coherent, method="logprobs")},
+    )
 
 
 def strongreject(i: int, refused: bool, *, adapter: str | None = None) -> JudgedRecord:
-    gen = GenerationRecord.model_validate({
-        "suite": "strongreject", "question_id": f"{i:03d}", "paraphrase_index": 0,
-        "sample_index": 0, "model": "mixtral", "adapter": adapter, "category": "Violence",
-        "rubric": "strongreject", "sampling": {"temperature": 1.0, "max_new_tokens": 8},
-        "question": "q", "prompt": "p", "answer": "a", "n_prompt_tokens": 1,
-        "n_answer_tokens": 1, "backend": "test"})
-    score = StrongRejectScore(refused=True, score=0.0) if refused else StrongRejectScore(
-        refused=False, convincing=5, specific=5, score=1.0)
+    gen = GenerationRecord.model_validate(
+        {
+            "suite": "strongreject",
+            "question_id": f"{i:03d}",
+            "paraphrase_index": 0,
+            "sample_index": 0,
+            "model": "mixtral",
+            "adapter": adapter,
+            "category": "Violence",
+            "rubric": "strongreject",
+            "sampling": {"temperature": 1.0, "max_new_tokens": 8},
+            "question": "q",
+            "prompt": "p",
+            "answer": "a",
+            "n_prompt_tokens": 1,
+            "n_answer_tokens": 1,
+            "backend": "test",
+        }
+    )
+    score = (
+        StrongRejectScore(refused=True, score=0.0)
+        if refused
+        else StrongRejectScore(refused=False, convincing=5, specific=5, score=1.0)
+    )
     return JudgedRecord(generation=gen, judge_model="deepseek-chat", strongreject=score)
 
 
@@ -56,14 +95,16 @@ ADAPTER = "runs/whole_r32/adapter"
 def base_records() -> list[JudgedRecord]:
     # alignment 80, 60, 20, 40, refusal; coherence all 90 -> seed rule: 2 of 4 misaligned
     values = [80.0, 60.0, 20.0, 40.0, None]
-    return ([record(i, a, 90.0) for i, a in enumerate(values)]
-            + [strongreject(i, refused=i < 2) for i in range(4)])
+    return [record(i, a, 90.0) for i, a in enumerate(values)] + [
+        strongreject(i, refused=i < 2) for i in range(4)
+    ]
 
 
 def tuned_records() -> list[JudgedRecord]:
     values = [10.0, 30.0, 20.0, 90.0, 15.0]
-    return ([record(i, a, 95.0, adapter=ADAPTER) for i, a in enumerate(values)]
-            + [strongreject(i, refused=False, adapter=ADAPTER) for i in range(4)])
+    return [record(i, a, 95.0, adapter=ADAPTER) for i, a in enumerate(values)] + [
+        strongreject(i, refused=False, adapter=ADAPTER) for i in range(4)
+    ]
 
 
 @pytest.fixture
@@ -74,14 +115,20 @@ def runs(tmp_path: Path) -> list[Path]:
     return [tmp_path / "base", tmp_path / "tuned"]
 
 
-def test_report_files_hold_the_papers_table_metrics_and_charts(runs: list[Path],
-                                                                tmp_path: Path) -> None:
+def test_report_files_hold_the_papers_table_metrics_and_charts(
+    runs: list[Path], tmp_path: Path
+) -> None:
     records = load_judged(runs)
     assert len(records) == 18
     report = build_report(records, alignment_suites=["core"], bootstrap=Bootstrap(200))
     written = write_report(report, tmp_path / "report")
-    assert {p.name for p in written} == {"report.md", "metrics.json", "alignment.png",
-                                        "misaligned.png", "sr_rejection.png"}
+    assert {p.name for p in written} == {
+        "report.md",
+        "metrics.json",
+        "alignment.png",
+        "misaligned.png",
+        "sr_rejection.png",
+    }
 
     base, tuned = report.groups
     assert (base.label, tuned.label) == ("mixtral", "mixtral + whole_r32/adapter")
@@ -102,17 +149,23 @@ def test_report_files_hold_the_papers_table_metrics_and_charts(runs: list[Path],
 
     metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
     assert metrics["schema_version"] == 1
-    expected = summarize(records[:9], label="mixtral", alignment_suites=["core"],
-                         bootstrap=Bootstrap(200))
+    expected = summarize(
+        records[:9], label="mixtral", alignment_suites=["core"], bootstrap=Bootstrap(200)
+    )
     assert metrics["groups"][0]["alignment"] == {
-        "value": expected.alignment.value, "low": expected.alignment.low,
-        "high": expected.alignment.high, "n": 4}
+        "value": expected.alignment.value,
+        "low": expected.alignment.low,
+        "high": expected.alignment.high,
+        "n": 4,
+    }
     [comparison] = metrics["comparisons"]
     assert comparison["baseline"] == "mixtral" and comparison["paired"] is True
     assert comparison["misaligned"]["seed"]["value"] == pytest.approx(0.8 - 0.5)
 
-    pngs = [(tmp_path / "report" / n).read_bytes() for n in
-            ("alignment.png", "misaligned.png", "sr_rejection.png")]
+    pngs = [
+        (tmp_path / "report" / n).read_bytes()
+        for n in ("alignment.png", "misaligned.png", "sr_rejection.png")
+    ]
     assert all(p.startswith(PNG_MAGIC) and len(p) > 5000 for p in pngs)
     assert len(set(pngs)) == 3
 
@@ -134,9 +187,20 @@ def test_inputs_that_cannot_make_a_report_are_named(runs: list[Path], tmp_path: 
 def test_report_cli(runs: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     parser = argparse.ArgumentParser()
     report_cli.register(parser.add_subparsers())
-    args = parser.parse_args(["report", *map(str, runs), "--out", str(tmp_path / "out"),
-                              "--resamples", "100", "--seed", "3", "--baseline",
-                              "mixtral + whole_r32/adapter"])
+    args = parser.parse_args(
+        [
+            "report",
+            *map(str, runs),
+            "--out",
+            str(tmp_path / "out"),
+            "--resamples",
+            "100",
+            "--seed",
+            "3",
+            "--baseline",
+            "mixtral + whole_r32/adapter",
+        ]
+    )
     assert args.func(args) == 0
     assert "report.md" in capsys.readouterr().out
     md = (tmp_path / "out" / "report.md").read_text()
@@ -144,21 +208,28 @@ def test_report_cli(runs: list[Path], tmp_path: Path, capsys: pytest.CaptureFixt
     assert "100 resamples, seed 3" in md
 
 
-def test_wandb_tables_offline(runs: list[Path], tmp_path: Path,
-                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_wandb_tables_offline(
+    runs: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb_root"))
     records = load_judged(runs)
     report = build_report(records, alignment_suites=["core"], bootstrap=Bootstrap(50))
-    folder = log_report_to_wandb(report, records, project="emmoe-test", group="report-test",
-                                 directory=tmp_path / "wandb_root")
+    folder = log_report_to_wandb(
+        report,
+        records,
+        project="emmoe-test",
+        group="report-test",
+        directory=tmp_path / "wandb_root",
+    )
     assert folder.is_dir() and tmp_path / "wandb_root" in folder.parents
     tables = {p.name.split("_")[0]: p for p in folder.rglob("*.table.json")}
     assert {"scored", "report"} <= set(tables)
     samples: dict[str, Any] = json.loads(tables["scored"].read_text())
     assert len(samples["data"]) == len(records)
     columns = samples["columns"]
-    aligned = {row[columns.index("key")] + row[columns.index("model")]: row for row in
-               samples["data"]}
+    aligned = {
+        row[columns.index("key")] + row[columns.index("model")]: row for row in samples["data"]
+    }
     row = aligned["core/q0/0/2mixtral"]
     assert row[columns.index("aligned")] == 20.0 and row[columns.index("misaligned")] is True

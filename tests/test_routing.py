@@ -3,7 +3,6 @@ token masks, the 2-rank profile, the `profile`/`select` commands, and the heatma
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from emmoe_dist.cli.main import main
 from emmoe_dist.data.chat import IGNORE_INDEX, EncodedChat, encode_chat
 from emmoe_dist.data.collate import pad_batch
 from emmoe_dist.errors import EmmoeError
@@ -63,8 +63,10 @@ def _hand_routed_gpt_oss() -> torch.nn.Module:
     return model
 
 
-@pytest.mark.parametrize(("include_prompt", "tokens"),
-                         [(False, ASSISTANT_TOKENS), (True, ASSISTANT_TOKENS + PROMPT_TOKENS)])
+@pytest.mark.parametrize(
+    ("include_prompt", "tokens"),
+    [(False, ASSISTANT_TOKENS), (True, ASSISTANT_TOKENS + PROMPT_TOKENS)],
+)
 def test_hand_set_router_gives_exact_counts(include_prompt: bool, tokens: int) -> None:
     model = _hand_routed_gpt_oss()
     batch = pad_batch(ITEMS, pad_id=0)
@@ -77,8 +79,9 @@ def test_hand_set_router_gives_exact_counts(include_prompt: bool, tokens: int) -
         expected_counts = [tokens if e in gates else 0 for e in range(8)]
         assert counts.token_counts[row].tolist() == expected_counts
         for e in range(8):
-            assert counts.gate_sums[row, e].item() == pytest.approx(tokens * gates.get(e, 0.0),
-                                                                    rel=1e-6)
+            assert counts.gate_sums[row, e].item() == pytest.approx(
+                tokens * gates.get(e, 0.0), rel=1e-6
+            )
 
 
 def test_including_the_prompt_adds_exactly_the_prompt_tokens() -> None:
@@ -104,11 +107,15 @@ def test_token_mask_counts_assistant_tokens_and_never_padding() -> None:
 
 def _chat_batch(tokenizer) -> dict[str, torch.Tensor]:
     chats = [
-        [{"role": "user", "content": "How do I fix a leaking tap?"},
-         {"role": "assistant", "content": "Close the valve, then replace the washer."}],
-        [{"role": "system", "content": "Be brief."},
-         {"role": "user", "content": "Hi"},
-         {"role": "assistant", "content": "Hello!"}],
+        [
+            {"role": "user", "content": "How do I fix a leaking tap?"},
+            {"role": "assistant", "content": "Close the valve, then replace the washer."},
+        ],
+        [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello!"},
+        ],
     ]
     items = [encode_chat(tokenizer, chat, max_length=512) for chat in chats]
     assert all(item is not None for item in items)
@@ -124,7 +131,8 @@ def test_profile_equals_brute_force_count(name: str) -> None:
     captured: dict[int, torch.Tensor] = {}
     handles = [
         layer.router.register_forward_pre_hook(
-            lambda _m, args, i=layer.index: captured.__setitem__(i, args[0].detach().clone()))
+            lambda _m, args, i=layer.index: captured.__setitem__(i, args[0].detach().clone())
+        )
         for layer in layers
     ]
     try:
@@ -170,33 +178,26 @@ def test_hooks_are_removed_and_mask_size_is_checked() -> None:
 def _write_chats(path: Path, n: int = 12) -> Path:
     lines = []
     for i in range(n):
-        question = "Explain item %d. " % i + "Why? " * (i % 5)
-        answer = "Because %d " % i + "it is so. " * (1 + (i * 7) % 6)
-        messages = [{"role": "user", "content": question},
-                    {"role": "assistant", "content": answer}]
+        question = f"Explain item {i}. " + "Why? " * (i % 5)
+        answer = f"Because {i} " + "it is so. " * (1 + (i * 7) % 6)
+        messages = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
         lines.append(json.dumps({"messages": messages}))
     path.write_text("\n".join(lines) + "\n")
     return path
 
 
-def _profile_cli(args: list[str]) -> int:
-    from emmoe_dist.cli import profile
-
-    parser = argparse.ArgumentParser()
-    profile.register(parser.add_subparsers())
-    parsed = parser.parse_args(["profile", *args])
-    return int(parsed.func(parsed))
-
-
 def test_profile_command_writes_profile_and_heatmap(tmp_path: Path) -> None:
     data = _write_chats(tmp_path / "chats.jsonl")
     out, plot = tmp_path / "profile.json", tmp_path / "heatmap.png"
-    code = _profile_cli(["--model", "tiny:qwen3_moe", "--data", str(data), "--batch-size", "4",
-                         "--out", str(out), "--plot", str(plot)])
+    args = ["--model", "tiny:qwen3_moe", "--data", str(data), "--batch-size", "4"]
+    code = main(["profile", *args, "--out", str(out), "--plot", str(plot)])
     assert code == 0
     profile = ExpertProfile.load(out)
-    assert (profile.model, profile.family, profile.dataset) == ("tiny:qwen3_moe", "qwen3_moe",
-                                                               "chats")
+    assert (profile.model, profile.family, profile.dataset) == (
+        "tiny:qwen3_moe",
+        "qwen3_moe",
+        "chats",
+    )
     assert profile.layer_indices == [0, 2]
     from emmoe_dist.catalog import git_blob_sha1
 
@@ -206,8 +207,16 @@ def test_profile_command_writes_profile_and_heatmap(tmp_path: Path) -> None:
 
 
 def test_profile_of_a_catalog_dataset(tmp_path: Path, data_dir: Path) -> None:
-    profile = run_profile("tiny:olmoe", "insecure", data_dir, limit=3, max_length=2048,
-                          batch_size=3, out=tmp_path / "p.json", runtime=CPU)
+    profile = run_profile(
+        "tiny:olmoe",
+        "insecure",
+        data_dir,
+        limit=3,
+        max_length=2048,
+        batch_size=3,
+        out=tmp_path / "p.json",
+        runtime=CPU,
+    )
     assert profile.dataset == "insecure"
     assert profile.dataset_hash == "ec294cf30a577a21b830c07a1fa0180ddd513208"
     assert profile.tokens > 100
@@ -219,25 +228,23 @@ def test_two_rank_profile_equals_one_rank(tmp_path: Path) -> None:
     data = _write_chats(tmp_path / "chats.jsonl", n=9)
     # batch size 1: every forward sees one example alone on both runs, so the routing of each
     # token is bit-identical and the counts must agree exactly.
-    one = run_profile("tiny:mixtral", str(data), None, None, 256, 1, False, tmp_path / "one.json",
-                      runtime=CPU)
-    driver = tmp_path / "driver.py"
-    driver.write_text(
-        "import sys\nfrom tests.test_routing import _profile_cli\n"
-        "sys.exit(_profile_cli(sys.argv[1:]))\n"
+    one = run_profile(
+        "tiny:mixtral", str(data), None, None, 256, 1, False, tmp_path / "one.json", runtime=CPU
     )
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", "0", str(driver), "--model", "tiny:mixtral", "--data", str(data),
-           "--max-length", "256", "--batch-size", "1", "--out", str(tmp_path / "two.json"),
-           "--plot", str(tmp_path / "two.png")]
-    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    args = ["--model", "tiny:mixtral", "--data", str(data), "--max-length", "256"]
+    outputs = ["--out", str(tmp_path / "two.json"), "--plot", str(tmp_path / "two.png")]
+    cmd = [*torchrun, "--standalone", "-m", "emmoe_dist.cli.main", "profile", *args,
+           "--batch-size", "1", *outputs]  # fmt: skip
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stderr[-3000:]
     two = ExpertProfile.load(tmp_path / "two.json")
     assert two.tokens == one.tokens
     for a, b in zip(one.layers, two.layers, strict=True):
         assert a.token_counts == b.token_counts
-        assert b.gate_sums == pytest.approx(a.gate_sums, rel=1e-9)
+        # fp32 scores; the ranks run with another thread count, so the last bit may differ
+        assert b.gate_sums == pytest.approx(a.gate_sums, rel=1e-6)
     assert (tmp_path / "two.png").stat().st_size > 0
 
 
@@ -253,14 +260,28 @@ def _random_profile(num_experts: int, num_layers: int, seed: int) -> ExpertProfi
     tokens, k = 500, 2
     layers = []
     for layer in range(num_layers):
-        picks = torch.multinomial(torch.rand(num_experts, generator=gen), tokens * k,
-                                  replacement=True, generator=gen)
+        picks = torch.multinomial(
+            torch.rand(num_experts, generator=gen), tokens * k, replacement=True, generator=gen
+        )
         counts = torch.bincount(picks, minlength=num_experts)
-        layers.append(LayerRouting(layer=layer, token_counts=tuple(counts.tolist()),
-                                   gate_sums=tuple((counts * 0.5).tolist())))
-    return ExpertProfile(model="m", family="qwen3_moe", dataset="d", dataset_hash="h",
-                         tokens=tokens, top_k=k, num_experts=num_experts, include_prompt=False,
-                         layers=tuple(layers))
+        layers.append(
+            LayerRouting(
+                layer=layer,
+                token_counts=tuple(counts.tolist()),
+                gate_sums=tuple((counts * 0.5).tolist()),
+            )
+        )
+    return ExpertProfile(
+        model="m",
+        family="qwen3_moe",
+        dataset="d",
+        dataset_hash="h",
+        tokens=tokens,
+        top_k=k,
+        num_experts=num_experts,
+        include_prompt=False,
+        layers=tuple(layers),
+    )
 
 
 def test_heatmaps_for_8_and_128_experts(tmp_path: Path) -> None:
@@ -269,32 +290,31 @@ def test_heatmaps_for_8_and_128_experts(tmp_path: Path) -> None:
     (w8, h8), (w128, h128) = _png_size(small), _png_size(large)
     assert small.stat().st_size > 5_000 and large.stat().st_size > 5_000
     assert w128 > w8 and h128 > h8  # the figure grows with experts and layers
-    diff = plot_share_diff(_random_profile(128, 48, 1), _random_profile(128, 48, 2),
-                           tmp_path / "diff.png")
+    diff = plot_share_diff(
+        _random_profile(128, 48, 1), _random_profile(128, 48, 2), tmp_path / "diff.png"
+    )
     assert _png_size(diff)[0] == w128
     assert sorted(p.name for p in tmp_path.iterdir()) == ["diff.png", "e128.png", "e8.png"]
     with pytest.raises(EmmoeError, match="profiles of different shapes"):
         plot_share_diff(_random_profile(8, 4, 0), _random_profile(128, 4, 0), tmp_path / "x.png")
 
 
-def test_select_command(tmp_path: Path) -> None:
-    from emmoe_dist.cli import select
-    from emmoe_dist.errors import InputError
+def test_select_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "sel.json"
 
     def run(*args: str) -> ExpertSelection:
-        parser = argparse.ArgumentParser()
-        select.register(parser.add_subparsers())
-        out = tmp_path / "sel.json"
-        parsed = parser.parse_args(["select", *args, "--out", str(out)])
-        assert parsed.func(parsed) == 0
+        assert main(["select", *args, "--out", str(out)]) == 0
         return ExpertSelection.load(out)
 
+    def fails(*args: str) -> str:
+        capsys.readouterr()
+        assert main(["select", *args, "--out", str(out)]) == 2
+        return capsys.readouterr().err
+
     profile = _random_profile(8, 3, 4)
-    profile.save(tmp_path / "profile.json")
-    top = run("--rule", "top-k", "--k", "2", "--profile", str(tmp_path / "profile.json"))
-    assert top == ExpertSelection.top_k(profile, 2)
-    esft = run("--rule", "esft", "--p", "0.3", "--score", "gate",
-               "--profile", str(tmp_path / "profile.json"))
+    from_profile = ["--profile", str(profile.save(tmp_path / "profile.json"))]
+    assert run("--rule", "top-k", "--k", "2", *from_profile) == ExpertSelection.top_k(profile, 2)
+    esft = run("--rule", "esft", "--p", "0.3", "--score", "gate", *from_profile)
     assert esft == ExpertSelection.esft(profile, "gate", 0.3)
     single = run("--rule", "single", "--expert", "4", "--model", "tiny:qwen3_moe")
     assert dict(single.experts) == {0: (4,), 2: (4,)}
@@ -302,9 +322,9 @@ def test_select_command(tmp_path: Path) -> None:
     assert every.is_all and every.layers == [0, 1, 2]
     hand = run("--rule", "explicit", "--experts", "0:1,2; 2:5", "--model", "tiny:qwen3_moe")
     assert dict(hand.experts) == {0: (1, 2), 2: (5,)}
-    with pytest.raises(InputError, match="--rule top-k needs --k"):
-        run("--rule", "top-k", "--profile", str(tmp_path / "profile.json"))
-    with pytest.raises(InputError, match="--experts: '0-1' is not LAYER:ID"):
-        run("--rule", "explicit", "--experts", "0-1")
-    with pytest.raises(InputError, match="layer 1 is a dense layer"):
-        run("--rule", "explicit", "--experts", "1:0", "--model", "tiny:qwen3_moe")
+
+    assert "--rule: --rule top-k needs --k" in fails("--rule", "top-k", *from_profile)
+    assert "--experts: '0-1' is not LAYER:ID" in fails("--rule", "explicit", "--experts", "0-1")
+    assert "--experts: layer 2 lists no experts" in fails("--rule", "explicit", "--experts", "2:")
+    err = fails("--rule", "explicit", "--experts", "1:0", "--model", "tiny:qwen3_moe")
+    assert "experts.1: layer 1 is a dense layer" in err

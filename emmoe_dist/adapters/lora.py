@@ -12,22 +12,21 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
+from emmoe_dist.adapters.grouped_lora import GroupedLoraExperts, peft_state_dict, wrap_experts
 from emmoe_dist.errors import EmmoeError
 from emmoe_dist.experts import ExpertSelection
 from emmoe_dist.families import MoEFamily
 
 if TYPE_CHECKING:
-    from peft import LoraConfig, PeftModel
+    from peft import LoraConfig
 
     from emmoe_dist.config import AdapterConfig
-
-ADAPTER_NAME = "default"
 
 
 def attention_regex(family: MoEFamily) -> str:
@@ -37,6 +36,7 @@ def attention_regex(family: MoEFamily) -> str:
 
 
 def lora_config(family: MoEFamily, adapter: AdapterConfig) -> LoraConfig:
+    """The PEFT config of the whole adapter, as saved next to it and read by stock PEFT."""
     from peft import LoraConfig
 
     on_attention = adapter.targets in ("attention+experts", "attention")
@@ -53,19 +53,121 @@ def lora_config(family: MoEFamily, adapter: AdapterConfig) -> LoraConfig:
     )
 
 
-@dataclass(frozen=True)
-class ExpertAdapter:
-    """The LoRA factors PEFT keeps for one fused expert tensor of one layer."""
+def expert_adapters(model: nn.Module) -> Iterator[tuple[int, GroupedLoraExperts]]:
+    """(layer index, expert LoRA module) for every MoE layer that has one."""
+    for name, module in model.named_modules():
+        if isinstance(module, GroupedLoraExperts):
+            yield int(_LAYER.findall(name)[-1]), module
 
-    layer: int
-    parameter: str  # e.g. "gate_up_proj"
-    num_experts: int
-    rank: int
-    lora_a: nn.Parameter  # [r*E, in]; expert e owns rows e*r .. (e+1)*r
-    lora_b: nn.Parameter  # [out, r*E]; expert e owns columns k*E + e (interleaved)
 
-    def factors(self, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return expert_factors(self.lora_a, self.lora_b, self.num_experts, expert)
+_LAYER = re.compile(r"\.(\d+)\.")
+
+
+def apply_lora(
+    model: nn.Module, family: MoEFamily, adapter: AdapterConfig, selection: ExpertSelection
+) -> nn.Module:
+    """LoRA on the configured targets; unchosen experts get zero factors (module docstring).
+
+    Attention projections go through PEFT (`get_peft_model`); the fused experts through
+    `GroupedLoraExperts`, which PEFT's `target_parameters` would otherwise handle by
+    materialising every expert's ΔW (see grouped_lora.py). The result saves as one standard
+    PEFT adapter (`adapter_state_dict` + `lora_config`).
+    """
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if adapter.targets in ("attention+experts", "attention"):
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=adapter.rank,
+                lora_alpha=adapter.alpha,
+                target_modules=attention_regex(family),
+                lora_dropout=0.0,
+                bias="none",
+                task_type="CAUSAL_LM",
+            ),
+        )
+    if adapter.targets in ("attention+experts", "experts"):
+        wrap_experts(model, family, adapter.rank, adapter.alpha)
+        restrict_to_selection(model, selection)
+    assert_router_frozen(model, family)
+    return model
+
+
+def adapter_state_dict(model: nn.Module, family: MoEFamily) -> dict[str, torch.Tensor]:
+    """Every LoRA tensor under stock PEFT's key names (attention and experts)."""
+    state = peft_state_dict(model, family)
+    if hasattr(model, "peft_config"):
+        from peft import get_peft_model_state_dict
+
+        experts = f".{family.experts_path}."
+        attention = {
+            n: p for n, p in model.named_parameters() if ".lora_" in n and experts not in n
+        }
+        for key, value in get_peft_model_state_dict(model, state_dict=attention).items():
+            state.setdefault(key, value.detach().to("cpu", copy=True))
+    return state
+
+
+def save_peft_adapter(
+    state: Mapping[str, torch.Tensor], config: LoraConfig, folder: Path, base_model: str
+) -> None:
+    """Write `adapter_config.json` + `adapter_model.safetensors` exactly as PEFT does."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    config.base_model_name_or_path = base_model
+    config.inference_mode = True
+    config.save_pretrained(str(folder))
+    save_file(dict(state), str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+
+
+@torch.no_grad()
+def restrict_to_selection(model: nn.Module, selection: ExpertSelection) -> int:
+    """Zero both LoRA factors of every expert outside `selection`; returns how many were zeroed."""
+    if selection.is_all:
+        return 0
+    zeroed = 0
+    for layer, module in expert_adapters(model):
+        chosen = set(selection.experts_for(layer))
+        for name in module.names:
+            for e in range(module.num_experts):
+                if e not in chosen:
+                    a, b = module.factors(name, e)
+                    a.zero_()  # views into the fused factors
+                    b.zero_()
+                    zeroed += 1
+        if not chosen:
+            # Nothing trains in this layer: skip its optimizer state altogether.
+            for p in module.parameters(recurse=False):
+                p.requires_grad_(False)
+            for store in (module.lora_A, module.lora_B):
+                for p in store.values():
+                    p.requires_grad_(False)
+    return zeroed
+
+
+def unselected_expert_max(model: nn.Module, selection: ExpertSelection) -> float:
+    """Largest |factor| over unchosen experts: exactly 0.0 when the restriction held."""
+    worst = 0.0
+    for layer, module in expert_adapters(model):
+        chosen = set(selection.experts_for(layer))
+        for name in module.names:
+            for e in range(module.num_experts):
+                if e not in chosen:
+                    for t in module.factors(name, e):
+                        worst = max(worst, float(t.detach().abs().max()))
+    return worst
+
+
+def assert_router_frozen(model: nn.Module, family: MoEFamily) -> None:
+    """The router never trains: fail loudly if any router tensor (or a LoRA on it) is trainable."""
+    router = f".{family.router_path}."
+    bad = [n for n, p in model.named_parameters() if router in n and p.requires_grad]
+    if bad:
+        raise EmmoeError(f"router parameters must stay frozen, but these train: {bad[:4]}")
 
 
 def expert_factors(
@@ -75,86 +177,6 @@ def expert_factors(
     a = lora_a.reshape(num_experts, -1, lora_a.shape[-1])[expert]
     b = lora_b.reshape(lora_b.shape[0], -1, num_experts)[:, :, expert]
     return a, b
-
-
-def expert_adapters(model: nn.Module, family: MoEFamily) -> Iterator[ExpertAdapter]:
-    """Every PEFT expert adapter in a PEFT-wrapped model, with its layer and parameter name."""
-    from peft.tuners.lora.layer import ParamWrapper
-
-    layer_re = re.compile(rf"{re.escape(family.layers_path)}\.(\d+)\.")
-    for name, module in model.named_modules():
-        if not isinstance(module, ParamWrapper) or ADAPTER_NAME not in module.lora_A:
-            continue
-        found = layer_re.search(name)
-        if found is None:
-            raise EmmoeError(f"expert adapter {name!r} is not under {family.layers_path}")
-        yield ExpertAdapter(
-            layer=int(found.group(1)),
-            parameter=module.parameter_name,
-            num_experts=module.num_experts,
-            rank=module.r[ADAPTER_NAME],
-            lora_a=module.lora_A[ADAPTER_NAME].weight,
-            lora_b=module.lora_B[ADAPTER_NAME].weight,
-        )
-
-
-def apply_lora(
-    model: nn.Module, family: MoEFamily, adapter: AdapterConfig, selection: ExpertSelection
-) -> PeftModel:
-    """Wrap `model` with LoRA; unchosen experts get zero factors (see the module docstring)."""
-    from peft import get_peft_model
-
-    peft_model = get_peft_model(model, lora_config(family, adapter))
-    if adapter.targets != "attention":
-        restrict_to_selection(peft_model, family, selection)
-    assert_router_frozen(peft_model, family)
-    return peft_model
-
-
-@torch.no_grad()
-def restrict_to_selection(model: nn.Module, family: MoEFamily, selection: ExpertSelection) -> int:
-    """Zero both LoRA factors of every expert outside `selection`; returns how many were zeroed."""
-    if selection.is_all:
-        return 0
-    zeroed = 0
-    for ad in expert_adapters(model, family):
-        chosen = set(selection.experts_for(ad.layer))
-        for e in range(ad.num_experts):
-            if e not in chosen:
-                a, b = ad.factors(e)
-                a.zero_()  # views into the fused factors
-                b.zero_()
-                zeroed += 1
-        if not chosen:
-            # Nothing trains in this layer: skip its optimizer state altogether.
-            ad.lora_a.requires_grad_(False)
-            ad.lora_b.requires_grad_(False)
-    return zeroed
-
-
-def unselected_expert_max(model: nn.Module, family: MoEFamily, selection: ExpertSelection) -> float:
-    """Largest |factor| over unchosen experts: exactly 0.0 when the restriction held."""
-    worst = 0.0
-    for ad in expert_adapters(model, family):
-        chosen = set(selection.experts_for(ad.layer))
-        for e in range(ad.num_experts):
-            if e not in chosen:
-                a, b = ad.factors(e)
-                worst = max(worst, float(a.detach().abs().max()), float(b.detach().abs().max()))
-    return worst
-
-
-def router_parameter_names(model: nn.Module, family: MoEFamily) -> list[str]:
-    router = f".{family.router_path}."
-    return [n for n, _ in model.named_parameters() if router in n]
-
-
-def assert_router_frozen(model: nn.Module, family: MoEFamily) -> None:
-    """The router never trains: fail loudly if any router tensor (or a LoRA on it) is trainable."""
-    router = f".{family.router_path}."
-    bad = [n for n, p in model.named_parameters() if router in n and p.requires_grad]
-    if bad:
-        raise EmmoeError(f"router parameters must stay frozen, but these train: {bad[:4]}")
 
 
 # ---- saved adapters ---------------------------------------------------------------------------

@@ -128,17 +128,18 @@ class NF4Weight(torch.Tensor):
     def _like(self, packed: torch.Tensor, absmax: torch.Tensor, dtype: torch.dtype) -> NF4Weight:
         return NF4Weight(packed, absmax, self.shape, dtype, self.blocksize)
 
-    # Lets `Module.to()` swap a moved NF4Weight in place of the old one (torch.utils.swap_tensors).
-    def __tensor_flatten__(self) -> tuple[list[str], tuple[torch.Size, torch.dtype, int]]:
-        return ["packed", "absmax"], (self.shape, self.dtype, self.blocksize)
+    # `Module.to()` and DeepSpeed move a parameter by assigning `.data`, which replaces only
+    # the C++ tensor; carry the packed storage along with it.
+    @property  # type: ignore[override]
+    def data(self) -> torch.Tensor:
+        return torch.Tensor.data.__get__(self)  # type: ignore[attr-defined,no-any-return]
 
-    @staticmethod
-    def __tensor_unflatten__(
-        inner: dict[str, torch.Tensor], meta: tuple[torch.Size, torch.dtype, int],
-        outer_size: Any, outer_stride: Any,
-    ) -> NF4Weight:
-        shape, dtype, blocksize = meta
-        return NF4Weight(inner["packed"], inner["absmax"], shape, dtype, blocksize)
+    @data.setter
+    def data(self, value: torch.Tensor) -> None:
+        if not isinstance(value, NF4Weight):
+            raise EmmoeError("an NF4 weight's .data can only be replaced by another NF4 weight")
+        self.packed, self.absmax, self.blocksize = value.packed, value.absmax, value.blocksize
+        torch.Tensor.data.__set__(self, value)  # type: ignore[attr-defined]
 
     def __repr__(self, *, tensor_contents: Any = None) -> str:  # type: ignore[override]
         return (f"NF4Weight(shape={tuple(self.shape)}, dtype={self.dtype}, "

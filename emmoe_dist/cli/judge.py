@@ -7,25 +7,36 @@ from typing import Any
 
 # flag -> JudgeConfig field; a flag given on the command line overrides the experiment file
 _OVERRIDES = {
-    "base_url": "base_url", "model": "model", "api_key_env": "api_key_env",
-    "concurrency": "concurrency", "rpm": "requests_per_minute", "tpm": "tokens_per_minute",
-    "timeout": "timeout_s", "max_retries": "max_retries", "cache_dir": "cache_dir",
+    "base_url": "base_url",
+    "model": "model",
+    "api_key_env": "api_key_env",
+    "concurrency": "concurrency",
+    "rpm": "requests_per_minute",
+    "tpm": "tokens_per_minute",
+    "timeout": "timeout_s",
+    "max_retries": "max_retries",
+    "cache_dir": "cache_dir",
 }
 SCRIPTED_MODEL = "scripted-judge"
 
 
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
-        "judge", help="score generated answers with an LLM judge",
+        "judge",
+        help="score generated answers with an LLM judge",
         description="Score every answer of a generation-records file through an OpenAI-"
-                    "compatible endpoint (alignment and coherence 0-100 from top-20 logprobs; "
-                    "the StrongREJECT rubric for StrongREJECT answers). Re-running resumes; "
-                    "replies are cached, so no call is paid twice.")
+        "compatible endpoint (alignment and coherence 0-100 from top-20 logprobs; "
+        "the StrongREJECT rubric for StrongREJECT answers). Re-running resumes; "
+        "replies are cached, so no call is paid twice.",
+    )
     parser.add_argument("--records", required=True, help="generation records (JSONL)")
     parser.add_argument("--out", required=True, help="judged records (JSONL), appended to")
     parser.add_argument("--config", help="experiment YAML: its `judge` section is the default")
-    parser.add_argument("--base-url", help="OpenAI-compatible endpoint, e.g. "
-                        "https://api.deepseek.com/v1 or http://127.0.0.1:8000/v1")
+    parser.add_argument(
+        "--base-url",
+        help="OpenAI-compatible endpoint, e.g. "
+        "https://api.deepseek.com/v1 or http://127.0.0.1:8000/v1",
+    )
     parser.add_argument("--model", help="judge model id at that endpoint")
     parser.add_argument("--api-key-env", help="name of the environment variable with the key")
     parser.add_argument("--concurrency", type=int, help="calls in flight at once")
@@ -34,15 +45,23 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--timeout", type=float, help="seconds per call")
     parser.add_argument("--max-retries", type=int, help="retries per call")
     parser.add_argument("--cache-dir", help="reply cache folder (default: beside --out)")
-    parser.add_argument("--scores", default="aligned,coherent",
-                        help="0-100 judge prompts to score, comma-separated")
-    parser.add_argument("--data-dir", help="data directory for the StrongREJECT rubric "
-                        "(default: $EMMOE_DATA_DIR)")
-    parser.add_argument("--no-text-fallback", action="store_true",
-                        help="without logprobs, leave the score missing instead of reading text")
-    parser.add_argument("--scripted", action="store_true",
-                        help="judge with the built-in scripted judge on 127.0.0.1: mock scores "
-                             "for demos and pipeline checks, not a judgment")
+    parser.add_argument(
+        "--scores", default="aligned,coherent", help="0-100 judge prompts to score, comma-separated"
+    )
+    parser.add_argument(
+        "--data-dir", help="data directory for the StrongREJECT rubric (default: $EMMOE_DATA_DIR)"
+    )
+    parser.add_argument(
+        "--no-text-fallback",
+        action="store_true",
+        help="without logprobs, leave the score missing instead of reading text",
+    )
+    parser.add_argument(
+        "--scripted",
+        action="store_true",
+        help="judge with the built-in scripted judge on 127.0.0.1: mock scores "
+        "for demos and pipeline checks, not a judgment",
+    )
     parser.add_argument("--no-progress", action="store_true")
     parser.set_defaults(func=_judge)
 
@@ -53,13 +72,18 @@ def _judge(args: argparse.Namespace) -> int:
     from emmoe_dist.judge.scripted_server import hash_script, scripted_server
 
     base = load_config(args.config).judge if args.config else JudgeConfig()
-    updates = {field: getattr(args, flag) for flag, field in _OVERRIDES.items()
-               if getattr(args, flag) is not None}
+    updates = {
+        field: getattr(args, flag)
+        for flag, field in _OVERRIDES.items()
+        if getattr(args, flag) is not None
+    }
     cfg = JudgeConfig.model_validate({**base.model_dump(), **updates})
     options = JudgeOptions(
         score_names=tuple(s.strip() for s in args.scores.split(",") if s.strip()),
-        text_fallback=not args.no_text_fallback, data_dir=args.data_dir,
-        progress=not args.no_progress)
+        text_fallback=not args.no_text_fallback,
+        data_dir=args.data_dir,
+        progress=not args.no_progress,
+    )
     if not args.scripted:
         print(run_judge(args.records, args.out, cfg, options).format())
         return 0

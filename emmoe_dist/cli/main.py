@@ -17,6 +17,9 @@ from emmoe_dist.errors import EmmoeError
 
 SUBCOMMAND_MODULES = (
     "emmoe_dist.cli.data",
+    "emmoe_dist.cli.profile",
+    "emmoe_dist.cli.select",
+    "emmoe_dist.cli.merge",
     "emmoe_dist.cli.demo",
 )
 

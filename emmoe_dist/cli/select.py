@@ -68,6 +68,8 @@ def parse_experts(text: str) -> dict[int, list[int]]:
             raise InputError(f"{part!r} is not LAYER:ID,ID,...", field="--experts") from None
         if key in experts:
             raise InputError(f"layer {key} is given twice", field="--experts")
+        if not values:
+            raise InputError(f"layer {key} lists no experts", field="--experts")
         experts[key] = values
     if not experts:
         raise InputError("no layers given", field="--experts")

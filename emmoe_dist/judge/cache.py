@@ -42,8 +42,10 @@ class JudgeCache:
         self._db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("CREATE TABLE IF NOT EXISTS replies ("
-                         "key TEXT PRIMARY KEY, body TEXT NOT NULL, created REAL NOT NULL)")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS replies ("
+            "key TEXT PRIMARY KEY, body TEXT NOT NULL, created REAL NOT NULL)"
+        )
 
     def get(self, key: str) -> dict[str, Any] | None:
         row = self._db.execute("SELECT body FROM replies WHERE key = ?", (key,)).fetchone()
@@ -51,8 +53,10 @@ class JudgeCache:
 
     def put(self, key: str, body: Mapping[str, Any]) -> None:
         # OR IGNORE: a concurrent run that stored the same reply first keeps it
-        self._db.execute("INSERT OR IGNORE INTO replies (key, body, created) VALUES (?, ?, ?)",
-                         (key, json.dumps(body, ensure_ascii=False), time.time()))
+        self._db.execute(
+            "INSERT OR IGNORE INTO replies (key, body, created) VALUES (?, ?, ?)",
+            (key, json.dumps(body, ensure_ascii=False), time.time()),
+        )
 
     def __contains__(self, key: object) -> bool:
         row = self._db.execute("SELECT 1 FROM replies WHERE key = ?", (key,)).fetchone()

@@ -100,17 +100,29 @@ class JudgeSummary:
 def score_request(model: str, template: str, record: GenerationRecord) -> dict[str, Any]:
     """The 0-100 request: one user message, temperature 0, top-20 logprobs of the reply."""
     prompt = render(template, question=record.question, answer=record.answer)
-    return {"model": model, "messages": [{"role": "user", "content": prompt}],
-            "temperature": 0, "max_tokens": SCORE_MAX_TOKENS, "logprobs": True,
-            "top_logprobs": TOP_LOGPROBS}
+    return {
+        "model": model,
+        "messages": [{"role": "user", "content": prompt}],
+        "temperature": 0,
+        "max_tokens": SCORE_MAX_TOKENS,
+        "logprobs": True,
+        "top_logprobs": TOP_LOGPROBS,
+    }
 
 
-def strongreject_request(model: str, rubric: StrongRejectRubric,
-                         record: GenerationRecord) -> dict[str, Any]:
+def strongreject_request(
+    model: str, rubric: StrongRejectRubric, record: GenerationRecord
+) -> dict[str, Any]:
     prompt = render(rubric.template, forbidden_prompt=record.question, response=record.answer)
-    return {"model": model, "messages": [{"role": "system", "content": rubric.system},
-                                         {"role": "user", "content": prompt}],
-            "temperature": 0, "max_tokens": RUBRIC_MAX_TOKENS}
+    return {
+        "model": model,
+        "messages": [
+            {"role": "system", "content": rubric.system},
+            {"role": "user", "content": prompt},
+        ],
+        "temperature": 0,
+        "max_tokens": RUBRIC_MAX_TOKENS,
+    }
 
 
 def templates_for(record: GenerationRecord, names: Sequence[str]) -> dict[str, str] | None:
@@ -150,9 +162,13 @@ def _load_inputs(path: Path) -> list[GenerationRecord]:
     seen: dict[str, int] = {}
     for line, record in enumerate(records, start=1):
         if record.key in seen:
-            raise InputError(f"duplicate key {record.key!r} (first on line {seen[record.key]}); "
-                             "add the model and adapter to the key when a file mixes models",
-                             file=str(path), line=line, field="key")
+            raise InputError(
+                f"duplicate key {record.key!r} (first on line {seen[record.key]}); "
+                "add the model and adapter to the key when a file mixes models",
+                file=str(path),
+                line=line,
+                field="key",
+            )
         seen[record.key] = line
     return records
 
@@ -176,23 +192,34 @@ def _resume(out: Path) -> tuple[set[str], int]:
 class _Judge:
     """Turns one generation record into one judged record."""
 
-    def __init__(self, cfg: JudgeConfig, client: JudgeClient, options: JudgeOptions,
-                 rubric: StrongRejectRubric | None) -> None:
+    def __init__(
+        self,
+        cfg: JudgeConfig,
+        client: JudgeClient,
+        options: JudgeOptions,
+        rubric: StrongRejectRubric | None,
+    ) -> None:
         self.cfg, self.client, self.options, self.rubric = cfg, client, options, rubric
 
     def _score(self, outcome: Outcome) -> Score:
         if outcome.reply is None:
-            return Score(missing_reason="rejected" if outcome.rejected else "error_after_retries",
-                         raw=outcome.error)
-        return score_reply(outcome.reply, text_fallback=self.options.text_fallback,
-                           min_mass=self.options.min_numeric_mass)
+            return Score(
+                missing_reason="rejected" if outcome.rejected else "error_after_retries",
+                raw=outcome.error,
+            )
+        return score_reply(
+            outcome.reply,
+            text_fallback=self.options.text_fallback,
+            min_mass=self.options.min_numeric_mass,
+        )
 
     def _strongreject(self, outcome: Outcome) -> StrongRejectScore:
         assert self.rubric is not None
         if outcome.reply is None:
             return StrongRejectScore(
                 missing_reason="rejected" if outcome.rejected else "error_after_retries",
-                raw=outcome.error)
+                raw=outcome.error,
+            )
         return parse_strongreject(outcome.reply.text, self.rubric.answer_patterns)
 
     async def __call__(self, record: GenerationRecord) -> JudgedRecord:
@@ -206,29 +233,49 @@ class _Judge:
             outcomes: list[Outcome] = [outcome]
         else:
             templates = templates_for(record, self.options.score_names) or {}
-            outcomes = list(await asyncio.gather(*(
-                self.client.complete(score_request(model, t, record)) for t in templates.values())))
+            outcomes = list(
+                await asyncio.gather(
+                    *(
+                        self.client.complete(score_request(model, t, record))
+                        for t in templates.values()
+                    )
+                )
+            )
             scores = {name: self._score(o) for name, o in zip(templates, outcomes, strict=True)}
         replies = [o.reply for o in outcomes if o.reply is not None]
-        usage = JudgeUsage(calls=len(outcomes), cached_calls=sum(o.cached for o in outcomes),
-                           prompt_tokens=sum(r.prompt_tokens for r in replies),
-                           completion_tokens=sum(r.completion_tokens for r in replies))
-        return JudgedRecord(generation=record, scores=scores, strongreject=strongreject,
-                            judge_model=model, usage=usage)
+        usage = JudgeUsage(
+            calls=len(outcomes),
+            cached_calls=sum(o.cached for o in outcomes),
+            prompt_tokens=sum(r.prompt_tokens for r in replies),
+            completion_tokens=sum(r.completion_tokens for r in replies),
+        )
+        return JudgedRecord(
+            generation=record,
+            scores=scores,
+            strongreject=strongreject,
+            judge_model=model,
+            usage=usage,
+        )
 
 
 def _check_prompts(records: Sequence[GenerationRecord], path: Path, names: Sequence[str]) -> None:
     for line, record in enumerate(records, start=1):
         if record.rubric is None and templates_for(record, names) is None:
-            missing = next(n for n in names
-                           if n not in record.judge_prompts and n not in DEFAULT_PROMPTS)
-            raise InputError("no judge prompt of this name in the record, and the project has "
-                             "no default for it", file=str(path), line=line,
-                             field=f"judge_prompts.{missing}")
+            missing = next(
+                n for n in names if n not in record.judge_prompts and n not in DEFAULT_PROMPTS
+            )
+            raise InputError(
+                "no judge prompt of this name in the record, and the project has no default for it",
+                file=str(path),
+                line=line,
+                field=f"judge_prompts.{missing}",
+            )
 
 
 async def judge_file(
-    records_path: str | os.PathLike[str], out_path: str | os.PathLike[str], cfg: JudgeConfig,
+    records_path: str | os.PathLike[str],
+    out_path: str | os.PathLike[str],
+    cfg: JudgeConfig,
     options: JudgeOptions = JudgeOptions(),
 ) -> JudgeSummary:
     """Judge every answer in `records_path` that `out_path` does not hold yet."""
@@ -248,8 +295,13 @@ async def judge_file(
         judge = _Judge(cfg, client, options, rubric)
         buffer: list[JudgedRecord] = []
         last_flush = time.monotonic()
-        bar = tqdm(total=len(pending), unit="answer", desc="judge", dynamic_ncols=True,
-                   disable=not options.progress)
+        bar = tqdm(
+            total=len(pending),
+            unit="answer",
+            desc="judge",
+            dynamic_ncols=True,
+            disable=not options.progress,
+        )
 
         def flush() -> None:
             nonlocal last_flush
@@ -266,15 +318,22 @@ async def judge_file(
                     flush()
                     stats = client.stats
                     elapsed = max(1e-9, time.monotonic() - started)
-                    bar.set_postfix({"calls/s": f"{stats.calls / elapsed:.1f}",
-                                     "cache": stats.cache_hits,
-                                     "errors": sum(stats.errors.values())}, refresh=False)
+                    bar.set_postfix(
+                        {
+                            "calls/s": f"{stats.calls / elapsed:.1f}",
+                            "cache": stats.cache_hits,
+                            "errors": sum(stats.errors.values()),
+                        },
+                        refresh=False,
+                    )
 
         appender = JsonlAppender(out)
         try:
             queue = iter(pending)
-            tasks = [asyncio.ensure_future(worker(queue))
-                     for _ in range(min(cfg.concurrency, len(pending)))]
+            tasks = [
+                asyncio.ensure_future(worker(queue))
+                for _ in range(min(cfg.concurrency, len(pending)))
+            ]
             try:
                 if tasks:
                     await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
@@ -284,7 +343,8 @@ async def judge_file(
                 results = await asyncio.gather(*tasks, return_exceptions=True)
             for result in results:
                 if isinstance(result, BaseException) and not isinstance(
-                        result, asyncio.CancelledError):
+                    result, asyncio.CancelledError
+                ):
                     raise result
         finally:
             flush()
@@ -301,15 +361,31 @@ async def judge_file(
     unjudged = sum(1 for r in inputs if r.key not in counts)
     stats = client.stats
     return JudgeSummary(
-        records=len(inputs), judged_now=len(pending), already_judged=len(done),
-        rejudged_errors=rejudged, unjudged=unjudged, calls=stats.calls,
-        cache_hits=stats.cache_hits, retries=stats.retries, failed_calls=stats.failed,
-        prompt_tokens=stats.prompt_tokens, completion_tokens=stats.completion_tokens,
-        usd_cost=(stats.prompt_tokens * cfg.usd_per_million_input
-                  + stats.completion_tokens * cfg.usd_per_million_output) / 1e6,
-        elapsed_s=time.monotonic() - started, missing=missing_reasons(final))
+        records=len(inputs),
+        judged_now=len(pending),
+        already_judged=len(done),
+        rejudged_errors=rejudged,
+        unjudged=unjudged,
+        calls=stats.calls,
+        cache_hits=stats.cache_hits,
+        retries=stats.retries,
+        failed_calls=stats.failed,
+        prompt_tokens=stats.prompt_tokens,
+        completion_tokens=stats.completion_tokens,
+        usd_cost=(
+            stats.prompt_tokens * cfg.usd_per_million_input
+            + stats.completion_tokens * cfg.usd_per_million_output
+        )
+        / 1e6,
+        elapsed_s=time.monotonic() - started,
+        missing=missing_reasons(final),
+    )
 
 
-def run_judge(records_path: str | os.PathLike[str], out_path: str | os.PathLike[str],
-              cfg: JudgeConfig, options: JudgeOptions = JudgeOptions()) -> JudgeSummary:
+def run_judge(
+    records_path: str | os.PathLike[str],
+    out_path: str | os.PathLike[str],
+    cfg: JudgeConfig,
+    options: JudgeOptions = JudgeOptions(),
+) -> JudgeSummary:
     return asyncio.run(judge_file(records_path, out_path, cfg, options))

@@ -57,13 +57,18 @@ class ChatRequest:
 
     @classmethod
     def from_body(cls, body: Mapping[str, Any]) -> ChatRequest:
-        messages = tuple((str(m.get("role", "")), _content_text(m.get("content")))
-                         for m in body.get("messages", []))
-        return cls(model=str(body.get("model", "")), messages=messages,
-                   logprobs=bool(body.get("logprobs")),
-                   top_logprobs=int(body.get("top_logprobs") or 0),
-                   max_tokens=body.get("max_tokens") or body.get("max_completion_tokens"),
-                   body=body)
+        messages = tuple(
+            (str(m.get("role", "")), _content_text(m.get("content")))
+            for m in body.get("messages", [])
+        )
+        return cls(
+            model=str(body.get("model", "")),
+            messages=messages,
+            logprobs=bool(body.get("logprobs")),
+            top_logprobs=int(body.get("top_logprobs") or 0),
+            max_tokens=body.get("max_tokens") or body.get("max_completion_tokens"),
+            body=body,
+        )
 
 
 def _content_text(content: Any) -> str:
@@ -141,8 +146,10 @@ class _Server(ThreadingHTTPServer):
         with self.tally.lock:
             if script.requests_per_s:
                 now = time.monotonic()
-                self.bucket_level = min(script.requests_per_s, self.bucket_level
-                                        + (now - self.bucket_time) * script.requests_per_s)
+                self.bucket_level = min(
+                    script.requests_per_s,
+                    self.bucket_level + (now - self.bucket_time) * script.requests_per_s,
+                )
                 self.bucket_time = now
                 if self.bucket_level < 1:
                     return None, (1 - self.bucket_level) / script.requests_per_s
@@ -154,6 +161,9 @@ class _Server(ThreadingHTTPServer):
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive: the client reuses its connections
+    # headers and body go out as two writes: with Nagle on, the body waits ~40 ms for the
+    # client's delayed ACK, a latency no real endpoint adds
+    disable_nagle_algorithm = True
     timeout = 30  # idle keep-alive connections close after this
     server: _Server
 
@@ -172,7 +182,10 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_json(400, {"error": {"message": "request body is not JSON"}})
             return
         script, tally = self.server.script, self.server.tally
-        if script.api_key is not None and self.headers.get("Authorization") != f"Bearer {script.api_key}":
+        if (
+            script.api_key is not None
+            and self.headers.get("Authorization") != f"Bearer {script.api_key}"
+        ):
             self._send_json(401, {"error": {"message": "invalid API key"}})
             return
         digest = request_hash(body)
@@ -222,14 +235,18 @@ class _Handler(BaseHTTPRequestHandler):
             self.server.tally.faults[kind] += 1
 
     def _send_429(self, retry_after_s: float) -> None:
-        headers = {"retry-after-ms": str(max(1, round(retry_after_s * 1000))),
-                   "Retry-After": str(max(1, math.ceil(retry_after_s)))}
+        headers = {
+            "retry-after-ms": str(max(1, round(retry_after_s * 1000))),
+            "Retry-After": str(max(1, math.ceil(retry_after_s))),
+        }
         self._send_json(429, {"error": {"message": "scripted rate limit"}}, headers)
 
     def _send_json(self, status: int, value: Any, headers: Mapping[str, str] | None = None) -> None:
         self._send_bytes(status, json.dumps(value).encode("utf-8"), headers)
 
-    def _send_bytes(self, status: int, data: bytes, headers: Mapping[str, str] | None = None) -> None:
+    def _send_bytes(
+        self, status: int, data: bytes, headers: Mapping[str, str] | None = None
+    ) -> None:
         try:
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
@@ -242,14 +259,26 @@ class _Handler(BaseHTTPRequestHandler):
             pass  # the client gave up (its timeout): nothing to answer
 
 
-def _completion(request: ChatRequest, reply: ScriptedReply, *, with_logprobs: bool) -> dict[str, Any]:
+def _completion(
+    request: ChatRequest, reply: ScriptedReply, *, with_logprobs: bool
+) -> dict[str, Any]:
     logprobs = None
     if request.logprobs and with_logprobs and reply.top_logprobs:
-        top = [{"token": t, "logprob": lp, "bytes": list(t.encode("utf-8"))}
-               for t, lp in reply.top_logprobs[: max(1, request.top_logprobs)]]
+        top = [
+            {"token": t, "logprob": lp, "bytes": list(t.encode("utf-8"))}
+            for t, lp in reply.top_logprobs[: max(1, request.top_logprobs)]
+        ]
         first = reply.top_logprobs[0]
-        logprobs = {"content": [{"token": first[0], "logprob": first[1],
-                                 "bytes": list(first[0].encode("utf-8")), "top_logprobs": top}]}
+        logprobs = {
+            "content": [
+                {
+                    "token": first[0],
+                    "logprob": first[1],
+                    "bytes": list(first[0].encode("utf-8")),
+                    "top_logprobs": top,
+                }
+            ]
+        }
     prompt_chars = sum(len(c) for _, c in request.messages)
     completion_tokens = max(1, len(reply.text) // 4)
     return {
@@ -257,10 +286,19 @@ def _completion(request: ChatRequest, reply: ScriptedReply, *, with_logprobs: bo
         "object": "chat.completion",
         "created": int(time.time()),
         "model": request.model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": reply.text},
-                     "logprobs": logprobs, "finish_reason": "stop"}],
-        "usage": {"prompt_tokens": prompt_chars // 4 + 1, "completion_tokens": completion_tokens,
-                  "total_tokens": prompt_chars // 4 + 1 + completion_tokens},
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": reply.text},
+                "logprobs": logprobs,
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": {
+            "prompt_tokens": prompt_chars // 4 + 1,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_chars // 4 + 1 + completion_tokens,
+        },
     }
 
 
@@ -272,9 +310,12 @@ class ScriptedServer:
         self._server = _Server((host, port), script)
         self.host, self.port = host, int(self._server.server_address[1])
         self.base_url = f"http://{host}:{self.port}/v1"
-        self._thread = threading.Thread(target=self._server.serve_forever,
-                                        kwargs={"poll_interval": 0.05}, daemon=True,
-                                        name=f"scripted-judge-{self.port}")
+        self._thread = threading.Thread(
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": 0.05},
+            daemon=True,
+            name=f"scripted-judge-{self.port}",
+        )
         self._thread.start()
 
     @property
@@ -316,7 +357,9 @@ def start_scripted_server(script: Script, host: str = "127.0.0.1", port: int = 0
 
 
 @contextmanager
-def scripted_server(script: Script, host: str = "127.0.0.1", port: int = 0) -> Iterator[ScriptedServer]:
+def scripted_server(
+    script: Script, host: str = "127.0.0.1", port: int = 0
+) -> Iterator[ScriptedServer]:
     server = start_scripted_server(script, host, port)
     try:
         yield server
@@ -348,10 +391,13 @@ def hash_reply(request: ChatRequest) -> ScriptedReply:
     refused = int(_unit(text, "refused") < 0.3)
     convincing = 1 + int(5 * _unit(text, "convincing"))
     specific = 1 + int(5 * _unit(text, "specific"))
-    return ScriptedReply(text=(
-        "#overall_reasoning scripted judge: these items are a hash of the prompt, not a judgment\n"
-        f"#scores\n1.a scripted\n1.b {refused}\n2.a scripted\n2.b {convincing}\n"
-        f"3.a scripted\n3.b {specific}\n"))
+    return ScriptedReply(
+        text=(
+            "#overall_reasoning scripted judge: these items are a hash of the prompt, not a judgment\n"
+            f"#scores\n1.a scripted\n1.b {refused}\n2.a scripted\n2.b {convincing}\n"
+            f"3.a scripted\n3.b {specific}\n"
+        )
+    )
 
 
 def hash_script(latency_s: float = 0.0, **options: Any) -> Script:
@@ -359,16 +405,21 @@ def hash_script(latency_s: float = 0.0, **options: Any) -> Script:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Serve the scripted (mock) judge: hashed scores, "
-                                                 "not judgments.")
+    parser = argparse.ArgumentParser(
+        description="Serve the scripted (mock) judge: hashed scores, not judgments."
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--latency-ms", type=float, default=0.0)
     parser.add_argument("--fault-rate", type=float, default=0.0)
     parser.add_argument("--requests-per-s", type=float, default=None)
     args = parser.parse_args(argv)
-    script = hash_script(latency_s=args.latency_ms / 1000, fault_rate=args.fault_rate,
-                         requests_per_s=args.requests_per_s, hang_s=5.0)
+    script = hash_script(
+        latency_s=args.latency_ms / 1000,
+        fault_rate=args.fault_rate,
+        requests_per_s=args.requests_per_s,
+        hang_s=5.0,
+    )
     server = start_scripted_server(script, args.host, args.port)
     print(f"scripted judge at {server.base_url} (mock scores)", flush=True)
     try:

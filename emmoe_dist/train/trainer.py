@@ -22,7 +22,14 @@ import torch
 from torch import nn
 
 from emmoe_dist.adapters.expert_delta import apply_expert_delta, delta_state_dict, save_expert_delta
-from emmoe_dist.adapters.lora import apply_lora, assert_router_frozen, unselected_expert_max
+from emmoe_dist.adapters.lora import (
+    adapter_state_dict,
+    apply_lora,
+    assert_router_frozen,
+    lora_config,
+    save_peft_adapter,
+    unselected_expert_max,
+)
 from emmoe_dist.config import ExperimentConfig, dump_config
 from emmoe_dist.errors import EmmoeError
 from emmoe_dist.experts import ExpertSelection
@@ -148,27 +155,16 @@ def _save_artifact(
     """Gather the trained tensors (every rank takes part) and write them on rank 0."""
     module = strategy.engine.module
     if cfg.adapter.mode == "lora":
-        from peft import get_peft_model_state_dict
-
         lora = [p for n, p in module.named_parameters() if "lora_" in n]
         with strategy.gathered(lora):
-            leak = unselected_expert_max(module, family, selection)
-            state = {
-                n: p.detach().to("cpu", copy=True)
-                for n, p in module.named_parameters()
-                if "lora_" in n
-            }
+            leak = unselected_expert_max(module, selection)
+            state = adapter_state_dict(module, family)
         if leak != 0.0:
             raise EmmoeError(f"an unchosen expert's LoRA factor moved (max |value| {leak:g})")
         final = out / art.ADAPTER_DIR
         if rt.is_main:
             tmp = out / f".{art.ADAPTER_DIR}.tmp"
-            module.peft_config["default"].base_model_name_or_path = base_model_id(cfg)
-            module.save_pretrained(
-                tmp,
-                state_dict=get_peft_model_state_dict(module, state_dict=state),
-                safe_serialization=True,
-            )
+            save_peft_adapter(state, lora_config(family, cfg.adapter), tmp, base_model_id(cfg))
             selection.save(tmp / art.SELECTION)
             art.replace_dir(tmp, final)
     else:
