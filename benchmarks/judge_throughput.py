@@ -97,7 +97,7 @@ def judge_level(
     judged = read_jsonl(out, JudgedRecord)
     keys = Counter(r.key for r in judged)
     lost = len({r.key for r in inputs} - set(keys)) + sum(n - 1 for n in keys.values())
-    return n / elapsed, judged, lost + summary.unjudged
+    return n / elapsed, judged, lost + summary.unjudged, summary.retries
 
 
 def main() -> None:
@@ -116,8 +116,8 @@ def main() -> None:
         f"scripted judge: latency {args.latency_ms:.0f} ms, limit {args.limit:.0f} requests/s, "
         f"{CALLS_PER_ANSWER} calls per answer, {os.cpu_count()} CPUs"
     )
-    print("| concurrency | answers | ideal answers/s | measured answers/s | % of ideal |")
-    print("|---:|---:|---:|---:|---:|")
+    print("| concurrency | answers | ideal answers/s | measured answers/s | % of ideal | retries |")
+    print("|---:|---:|---:|---:|---:|---:|")
     with tempfile.TemporaryDirectory() as tmp:
         server, base_url = start_server(args.latency_ms, args.limit, 0.0)
         try:
@@ -125,10 +125,11 @@ def main() -> None:
             for c in (int(x) for x in args.levels.split(",")):
                 ideal = min(c / latency, args.limit) / CALLS_PER_ANSWER
                 n = max(10, math.ceil(ideal * args.seconds))
-                rate, _, lost = judge_level(base_url, Path(tmp), c, n, args.limit, 30.0)
+                rate, _, lost, retries = judge_level(base_url, Path(tmp), c, n, args.limit, 30.0)
                 assert lost == 0, f"{lost} answers lost or duplicated at concurrency {c}"
                 print(
-                    f"| {c} | {n} | {ideal:.1f} | {rate:.1f} | {100 * rate / ideal:.0f}% |",
+                    f"| {c} | {n} | {ideal:.1f} | {rate:.1f} | {100 * rate / ideal:.0f}% "
+                    f"| {retries} |",
                     flush=True,
                 )
         finally:
@@ -138,7 +139,7 @@ def main() -> None:
         server, base_url = start_server(args.latency_ms, args.limit, 0.2)
         try:
             fault_dir = Path(tmp) / "faults"
-            rate, judged, lost = judge_level(
+            rate, judged, lost, retries = judge_level(
                 base_url, fault_dir, args.fault_concurrency, args.fault_answers, args.limit, 2.0
             )
         finally:
@@ -150,7 +151,8 @@ def main() -> None:
         print(
             f"\n20% faults (429/500/hang past a 2 s timeout/malformed/no logprobs), concurrency "
             f"{args.fault_concurrency}: {args.fault_answers} answers, {len(judged)} judged, "
-            f"{lost} lost or duplicated, {rate:.1f} answers/s; scores: {dict(reasons)}"
+            f"{lost} lost or duplicated, {retries} calls retried, {rate:.1f} answers/s; "
+            f"scores: {dict(reasons)}"
         )
 
 

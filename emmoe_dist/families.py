@@ -123,7 +123,7 @@ FAMILIES: Mapping[str, MoEFamily] = MappingProxyType(
             chat_template=_MIXTRAL,
             tiny={
                 **_TINY_COMMON,
-                "intermediate_size": 64,
+                "intermediate_size": 48,
                 "num_local_experts": 8,
                 "num_experts_per_tok": 2,
             },
@@ -140,7 +140,7 @@ FAMILIES: Mapping[str, MoEFamily] = MappingProxyType(
             chat_template=_CHATML,
             tiny={
                 **_TINY_COMMON,
-                "moe_intermediate_size": 64,
+                "moe_intermediate_size": 48,
                 "intermediate_size": 96,
                 "num_experts": 8,
                 "num_experts_per_tok": 2,
@@ -166,7 +166,7 @@ FAMILIES: Mapping[str, MoEFamily] = MappingProxyType(
             chat_template=_HARMONY,
             tiny={
                 **_TINY_COMMON,
-                "intermediate_size": 64,
+                "intermediate_size": 48,
                 "num_local_experts": 8,
                 "num_experts_per_tok": 2,
                 "sliding_window": 64,
@@ -193,7 +193,7 @@ FAMILIES: Mapping[str, MoEFamily] = MappingProxyType(
             chat_template=_TULU,
             tiny={
                 **_TINY_COMMON,
-                "intermediate_size": 64,
+                "intermediate_size": 48,
                 "num_experts": 8,
                 "num_experts_per_tok": 2,
             },

@@ -57,7 +57,7 @@ def _save_atomic(fig: Figure, path: str | os.PathLike[str]) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
     os.close(fd)
     try:
-        fig.savefig(tmp, format=fmt, dpi=120)
+        fig.savefig(tmp, format=fmt, dpi=120, bbox_inches="tight")
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

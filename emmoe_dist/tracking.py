@@ -17,12 +17,16 @@ from emmoe_dist.config import TrackingConfig
 
 class Tracker(Protocol):
     def log(self, metrics: Mapping[str, float], step: int) -> None: ...
+    def images(self, paths: Mapping[str, str]) -> None: ...
     def summary(self, values: Mapping[str, Any]) -> None: ...
     def finish(self) -> None: ...
 
 
 class NullTracker:
     def log(self, metrics: Mapping[str, float], step: int) -> None:
+        pass
+
+    def images(self, paths: Mapping[str, str]) -> None:
         pass
 
     def summary(self, values: Mapping[str, Any]) -> None:
@@ -58,6 +62,11 @@ class WandbTracker:
 
     def log(self, metrics: Mapping[str, float], step: int) -> None:
         self.run.log(dict(metrics), step=step)
+
+    def images(self, paths: Mapping[str, str]) -> None:
+        import wandb
+
+        self.run.log({name: wandb.Image(path) for name, path in paths.items()})
 
     def summary(self, values: Mapping[str, Any]) -> None:
         self.run.summary.update(dict(values))

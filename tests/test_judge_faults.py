@@ -237,7 +237,7 @@ def test_concurrency_bound_and_rate_limits_hold(tmp_path: Path) -> None:
         assert elapsed >= (40 - 20) / 20 * 0.9  # 40 calls, a one-second burst, then 20/s
     # ...an unlimited one does, and its 429s are retried to completion
     with scripted_server(provider) as server:
-        cfg = JudgeConfig(base_url=server.base_url, model="judge", concurrency=32)
+        cfg = JudgeConfig(base_url=server.base_url, model="judge", concurrency=32, max_retries=30)
         summary = run_judge(source, tmp_path / "c" / "judged.jsonl", cfg, FAST)
         assert server.faults["rate_limited"] > 0 and summary.missing == {}
     assert_complete(tmp_path / "c" / "judged.jsonl", recs)
@@ -374,3 +374,16 @@ def test_duplicate_input_keys_are_an_input_error(tmp_path: Path) -> None:
             source, tmp_path / "judged.jsonl", JudgeConfig(base_url="http://127.0.0.1:9/v1"), FAST
         )
     assert f"{source}:4: key: duplicate key" in str(err.value)
+
+
+def test_a_score_without_a_prompt_is_an_input_error(tmp_path: Path) -> None:
+    source = write_inputs(tmp_path / "gen.jsonl", records(3))
+    options = JudgeOptions(progress=False, score_names=("aligned", "medical"))
+    with pytest.raises(EmmoeError) as err:
+        run_judge(
+            source,
+            tmp_path / "judged.jsonl",
+            JudgeConfig(base_url="http://127.0.0.1:9/v1"),
+            options,
+        )
+    assert f"{source}:1: judge_prompts.medical:" in str(err.value)

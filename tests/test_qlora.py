@@ -34,8 +34,9 @@ IMPLEMENTATIONS = ("eager", "grouped_mm", "batched_mm")
 VOCAB = 300
 
 
-def tiny(name: str, *, dtype: torch.dtype = torch.float32,
-         experts: str = "grouped_mm") -> tuple[MoEFamily, nn.Module]:
+def tiny(
+    name: str, *, dtype: torch.dtype = torch.float32, experts: str = "grouped_mm"
+) -> tuple[MoEFamily, nn.Module]:
     family = FAMILIES[name]
     config = getattr(transformers, family.config_class)(vocab_size=VOCAB, **family.tiny)
     torch.manual_seed(0)
@@ -54,21 +55,30 @@ def batch() -> torch.Tensor:
 
 
 def lora(family: MoEFamily, **kw: object) -> LoraConfig:
-    return LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
-                      target_modules=list(family.attention_modules),
-                      target_parameters=list(family.expert_param_paths()), **kw)
+    return LoraConfig(
+        r=4,
+        lora_alpha=8,
+        lora_dropout=0.0,
+        target_modules=list(family.attention_modules),
+        target_parameters=list(family.expert_param_paths()),
+        **kw,
+    )
 
 
 def expert_weights(model: nn.Module, family: MoEFamily) -> dict[tuple[int, str], torch.Tensor]:
-    return {(layer.index, name): getattr(layer.experts, name)
-            for layer in moe_layers(model, family)
-            for name in (family.layout.gate_up, family.layout.down)}
+    return {
+        (layer.index, name): getattr(layer.experts, name)
+        for layer in moe_layers(model, family)
+        for name in (family.layout.gate_up, family.layout.down)
+    }
 
 
 def attention_linears(model: nn.Module, family: MoEFamily) -> dict[tuple[int, str], nn.Module]:
-    return {(i, name): layer.get_submodule(f"{family.attention}.{name}")
-            for i, layer in enumerate(decoder_layers(model, family))
-            for name in family.attention_modules}
+    return {
+        (i, name): layer.get_submodule(f"{family.attention}.{name}")
+        for i, layer in enumerate(decoder_layers(model, family))
+        for name in family.attention_modules
+    }
 
 
 def dequantized_linear(module: nn.Module) -> torch.Tensor:
@@ -77,6 +87,18 @@ def dequantized_linear(module: nn.Module) -> torch.Tensor:
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0))
+
+
+def count_calls(monkeypatch: pytest.MonkeyPatch, method: str) -> list[None]:
+    calls: list[None] = []
+    real = getattr(NF4Weight, method)
+
+    def counted(self: NF4Weight, *args: int) -> torch.Tensor:
+        calls.append(None)
+        return real(self, *args)
+
+    monkeypatch.setattr(NF4Weight, method, counted)
+    return calls
 
 
 def logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -91,8 +113,11 @@ def logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 def test_experts_and_attention_are_stored_4bit(name: str) -> None:
     family, model = tiny(name)
     dense_before = {k: v.detach().clone() for k, v in expert_weights(model, family).items()}
-    biases = {(layer.index, b): getattr(layer.experts, b).detach().clone()
-              for layer in moe_layers(model, family) for b in family.layout.biases}
+    biases = {
+        (layer.index, b): getattr(layer.experts, b).detach().clone()
+        for layer in moe_layers(model, family)
+        for b in family.layout.biases
+    }
     quantize(model, family)
 
     experts = expert_weights(model, family)
@@ -121,8 +146,10 @@ def test_experts_and_attention_are_stored_4bit(name: str) -> None:
     moe = set(moe_layer_indices(family, model.config.to_dict()))
     for i, layer in enumerate(decoder_layers(model, family)):
         if i not in moe:
-            assert all(p.dtype == torch.float32 for p in layer.get_submodule(family.moe_block)
-                       .parameters())
+            mlp = layer.get_submodule(family.moe_block)
+            assert not any(
+                isinstance(p, NF4Weight) or p.dtype == torch.uint8 for p in mlp.parameters()
+            )
 
     # Idempotent: a second pass (e.g. after loading with bnb_config) keeps every tensor.
     quantize(model, family)
@@ -145,24 +172,16 @@ def test_quantized_logits_equal_dequantized_reference(
     for key, module in attention_linears(model, family).items():
         attention_linears(reference, family)[key].weight.data = dequantized_linear(module)
 
-    calls = {"layer": 0, "expert": 0}
-    for what, method in (("layer", "dequantize"), ("expert", "expert")):
-        real = getattr(NF4Weight, method)
-
-        def counted(self: NF4Weight, *args: int, _real=real, _what=what) -> torch.Tensor:
-            calls[_what] += 1
-            return _real(self, *args)
-
-        monkeypatch.setattr(NF4Weight, method, counted)
-
+    whole_layer = count_calls(monkeypatch, "dequantize")
+    one_expert = count_calls(monkeypatch, "expert")
     ids = batch()
     quantized = logits(model, ids)
     assert torch.allclose(quantized, logits(reference, ids), rtol=1e-5, atol=1e-5)
     # The eager loop reads one expert at a time and dequantizes only that expert.
     if experts == "eager":
-        assert calls["expert"] > 0 and calls["layer"] == 0
+        assert one_expert and not whole_layer
     else:
-        assert calls["layer"] > 0 and calls["expert"] == 0
+        assert whole_layer and not one_expert
 
     exact = logits(original, ids)
     similarity = cosine(quantized, exact)
@@ -171,22 +190,27 @@ def test_quantized_logits_equal_dequantized_reference(
     assert similarity > 0.95
 
 
-@pytest.mark.parametrize(("name", "experts", "checkpointing"), [
-    ("mixtral", "grouped_mm", False),
-    ("qwen3_moe", "grouped_mm", False),
-    ("gpt_oss", "grouped_mm", False),
-    ("gpt_oss", "eager", True),
-])
+@pytest.mark.parametrize(
+    ("name", "experts", "checkpointing"),
+    [
+        ("mixtral", "grouped_mm", False),
+        ("qwen3_moe", "grouped_mm", False),
+        ("gpt_oss", "grouped_mm", False),
+        ("gpt_oss", "eager", True),
+    ],
+)
 def test_qlora_trains_and_the_4bit_base_stays_frozen(
     name: str, experts: str, checkpointing: bool
 ) -> None:
     family, model = tiny(name, experts=experts)
     quantize(model, family)
-    packed = {k: (w.packed.clone(), w.absmax.clone())
-              for k, w in expert_weights(model, family).items()}
+    packed = {
+        k: (w.packed.clone(), w.absmax.clone()) for k, w in expert_weights(model, family).items()
+    }
     linear = {k: m.weight.data.clone() for k, m in attention_linears(model, family).items()}
-    router = {n: p.detach().clone() for n, p in model.named_parameters()
-              if f".{family.router_path}." in n}
+    router = {
+        n: p.detach().clone() for n, p in model.named_parameters() if f".{family.router_path}." in n
+    }
 
     peft_model = get_peft_model(model, lora(family))
     if checkpointing:
@@ -207,7 +231,7 @@ def test_qlora_trains_and_the_4bit_base_stays_frozen(
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-        losses.append(float(loss))
+        losses.append(loss.item())
     print(f"{name}/{experts}: loss {losses[0]:.3f} -> {losses[-1]:.3f}")
     assert losses[-1] < 0.9 * losses[0]
 
@@ -239,7 +263,8 @@ def test_qlora_adapter_has_the_bf16_layout_and_loads_onto_a_fresh_base() -> None
     plain = get_peft_model(base, lora(family))
     adapter = get_peft_model_state_dict(qlora)
     assert {k: v.shape for k, v in adapter.items()} == {
-        k: v.shape for k, v in get_peft_model_state_dict(plain).items()}
+        k: v.shape for k, v in get_peft_model_state_dict(plain).items()
+    }
 
     ids = batch()
     before = logits(plain, ids)
@@ -251,15 +276,18 @@ def test_qlora_adapter_has_the_bf16_layout_and_loads_onto_a_fresh_base() -> None
     assert cosine(after, logits(qlora, ids)) > 0.95  # and does what it did over NF4
 
 
-@pytest.mark.parametrize(("name", "bound"), [("mixtral", 0.40), ("qwen3_moe", 0.45),
-                                             ("gpt_oss", 0.40)])
+@pytest.mark.parametrize(
+    ("name", "bound"), [("mixtral", 0.40), ("qwen3_moe", 0.45), ("gpt_oss", 0.40)]
+)
 def test_weight_memory_against_bf16(name: str, bound: float) -> None:
     family, model = tiny(name, dtype=torch.bfloat16)
     tensors = [*model.parameters(), *model.buffers()]
     elements = sum(t.numel() for t in tensors)
     dense_bytes = sum(t.numel() * t.element_size() for t in tensors)
-    to_quantize = [*expert_weights(model, family).values(),
-                   *(m.weight for m in attention_linears(model, family).values())]
+    to_quantize = [
+        *expert_weights(model, family).values(),
+        *(m.weight for m in attention_linears(model, family).values()),
+    ]
     quantize(model, family)
 
     memory = weight_memory(model)
@@ -280,13 +308,13 @@ def test_nf4_weight_is_a_frozen_parameter() -> None:
     w = nn.Parameter(NF4Weight.quantize(dense), requires_grad=False)
     full = w.dequantize()
     assert all(torch.equal(w[e], full[e]) for e in range(4))  # per-expert slices
-    odd = NF4Weight.quantize(torch.randn(3, 5, 7))  # experts not aligned to 64-blocks
-    assert torch.equal(odd[2], odd.dequantize()[2])
+    unaligned = torch.randn(3, 6, 10)  # an expert's 60 values do not fill whole 64-blocks
+    error = (NF4Weight.quantize(unaligned)[2] - unaligned[2]).norm() / unaligned[2].norm()
+    assert float(error) < 0.15
     assert NF4Weight.quantize(dense, dtype=torch.bfloat16).dequantize().dtype == torch.bfloat16
 
-    with pytest.raises(EmmoeError, match="frozen"):
-        with torch.no_grad():
-            w.add_(1.0)
+    with pytest.raises(EmmoeError, match="frozen"), torch.no_grad():
+        w.add_(1.0)
     with pytest.raises(EmmoeError, match="NF4"):
         w.data = torch.zeros(0)  # what ZeRO-3 partitioning does
 

@@ -10,17 +10,19 @@ grouped_mm and batched_mm.
 Why a tensor subclass and not a `torch.nn.utils.parametrize` parametrization (which is what
 `bitsandbytes.nn.parametrize.replace_parameter_4bit` registers): PEFT 0.21's `ParamWrapper`,
 the LoRA on `target_parameters`, registers its own parametrization for each forward. On a
-tensor that is already parametrized (a) it never removes its single-adapter proxy again, so
-the second forward fails, (b) the inner of the two nested wrappers reads its weight under the
-outer wrapper's parametrization cache, so LoRA on that tensor silently never applies, and (c)
-it nests the wrappers in name order instead of parameter order, so the adapter's keys differ
-from a bf16 run's. To PEFT an `NF4Weight` is an ordinary parameter: the LoRA delta adds onto
-the dequantized weight, and the adapter is laid out exactly as in bf16.
+tensor that is already parametrized, (a) short names such as `mlp.experts.gate_up_proj` match
+nothing (a warning, no expert LoRA), (b) it never removes its single-adapter proxy again, so
+the second forward fails, (c) the inner of the two nested wrappers reads its weight under the
+outer wrapper's parametrization cache, so its LoRA silently never applies, and (d) the
+wrappers nest in name order, not parameter order, so adapter keys differ from a bf16 run's.
+To PEFT an `NF4Weight` is an ordinary parameter: the LoRA delta adds onto the dequantized
+weight, and the adapter is laid out exactly as in bf16.
 
 Order, as the trainer applies it: `quantize_linear_nf4` (or `bnb_config()` at `from_pretrained`)
 and `quantize_experts_nf4`, then LoRA, so PEFT wraps `Linear4bit` with its 4-bit LoRA layer.
 Gradient checkpointing keeps one layer dequantized at a time; without it every layer's
-dequantized experts stay alive until backward.
+dequantized experts stay alive until backward. Every rank holds the whole NF4 model, so QLoRA
+trains with ZeRO-0/1/2 (ZeRO-3 would partition the weights by replacing their storage).
 
 Persisting: the NF4 base is never saved (only adapters are; a run re-quantizes its base on
 load), and no `dequantize_for_merge` exists on purpose: `emmoe merge` folds a QLoRA adapter
@@ -52,14 +54,21 @@ NF4_BLOCKSIZE = 64  # elements per absmax scale: bitsandbytes' and QLoRA's defau
 
 
 def _dequantize(
-    packed: torch.Tensor, absmax: torch.Tensor, shape: Sequence[int], dtype: torch.dtype,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    shape: Sequence[int],
+    dtype: torch.dtype,
     blocksize: int,
 ) -> torch.Tensor:
     from bitsandbytes.functional import QuantState, dequantize_4bit
 
-    state = QuantState(absmax=absmax.float(), shape=torch.Size(shape), dtype=dtype,
-                       blocksize=blocksize, quant_type="nf4")
-    return dequantize_4bit(packed, state)
+    # Flat, then reshaped: bitsandbytes 0.50's CPU kernel misplaces the scales when a block
+    # spans two rows (last dim not a multiple of the blocksize), e.g. 0.4 error for [64, 32].
+    flat = torch.Size([math.prod(shape)])
+    state = QuantState(
+        absmax=absmax.float(), shape=flat, dtype=dtype, blocksize=blocksize, quant_type="nf4"
+    )
+    return dequantize_4bit(packed, state).view(shape)
 
 
 class NF4Weight(torch.Tensor):
@@ -77,33 +86,45 @@ class NF4Weight(torch.Tensor):
 
     # Ops must reach __torch_dispatch__ as plain aten calls; the default __torch_function__
     # would re-wrap their dense results as NF4Weight.
-    __torch_function__ = torch._C._disabled_torch_function_impl
+    __torch_function__ = torch._C._disabled_torch_function_impl  # type: ignore[assignment]
 
     @staticmethod
     def __new__(
-        cls, packed: torch.Tensor, absmax: torch.Tensor, shape: Sequence[int],
-        dtype: torch.dtype, blocksize: int,
+        cls,
+        packed: torch.Tensor,
+        absmax: torch.Tensor,
+        shape: Sequence[int],
+        dtype: torch.dtype,
+        blocksize: int,
     ) -> NF4Weight:
         return torch.Tensor._make_wrapper_subclass(  # type: ignore[attr-defined,no-any-return]
             cls, torch.Size(shape), dtype=dtype, device=packed.device, requires_grad=False
         )
 
     def __init__(
-        self, packed: torch.Tensor, absmax: torch.Tensor, shape: Sequence[int],
-        dtype: torch.dtype, blocksize: int,
+        self,
+        packed: torch.Tensor,
+        absmax: torch.Tensor,
+        shape: Sequence[int],
+        dtype: torch.dtype,
+        blocksize: int,
     ) -> None:
         self.packed, self.absmax, self.blocksize = packed, absmax, blocksize
 
     @classmethod
     def quantize(
-        cls, weight: torch.Tensor, *, blocksize: int = NF4_BLOCKSIZE,
+        cls,
+        weight: torch.Tensor,
+        *,
+        blocksize: int = NF4_BLOCKSIZE,
         dtype: torch.dtype | None = None,
     ) -> NF4Weight:
         """NF4 storage of `weight`, read back as `dtype` (default: the weight's own dtype)."""
         from bitsandbytes.functional import quantize_4bit
 
-        packed, state = quantize_4bit(weight.detach().contiguous(), blocksize=blocksize,
-                                      quant_type="nf4")
+        packed, state = quantize_4bit(
+            weight.detach().contiguous(), blocksize=blocksize, quant_type="nf4"
+        )
         return cls(packed, state.absmax, weight.shape, dtype or weight.dtype, blocksize)
 
     def dequantize(self) -> torch.Tensor:
@@ -119,7 +140,9 @@ class NF4Weight(torch.Tensor):
         return _dequantize(
             self.packed[start // 2 : (start + per) // 2],
             self.absmax[start // self.blocksize : (start + per) // self.blocksize],
-            self.shape[1:], self.dtype, self.blocksize,
+            self.shape[1:],
+            self.dtype,
+            self.blocksize,
         )
 
     def storage_bytes(self) -> int:
@@ -137,17 +160,25 @@ class NF4Weight(torch.Tensor):
     @data.setter
     def data(self, value: torch.Tensor) -> None:
         if not isinstance(value, NF4Weight):
-            raise EmmoeError("an NF4 weight's .data can only be replaced by another NF4 weight")
+            raise EmmoeError(
+                "NF4 weights cannot take dense storage (ZeRO-3 partitions parameters that way); "
+                "train QLoRA with ZeRO-2, e.g. ds_configs/zero2_qlora.json"
+            )
         self.packed, self.absmax, self.blocksize = value.packed, value.absmax, value.blocksize
         torch.Tensor.data.__set__(self, value)  # type: ignore[attr-defined]
 
     def __repr__(self, *, tensor_contents: Any = None) -> str:  # type: ignore[override]
-        return (f"NF4Weight(shape={tuple(self.shape)}, dtype={self.dtype}, "
-                f"blocksize={self.blocksize}, device={self.device})")
+        return (
+            f"NF4Weight(shape={tuple(self.shape)}, dtype={self.dtype}, "
+            f"blocksize={self.blocksize}, device={self.device})"
+        )
 
     @classmethod
-    def __torch_dispatch__(
-        cls, func: Any, types: Any, args: tuple[Any, ...] = (),
+    def __torch_dispatch__(  # type: ignore[override]
+        cls,
+        func: Any,
+        types: Any,
+        args: tuple[Any, ...] = (),
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
         kwargs = kwargs or {}
@@ -169,15 +200,14 @@ def _refuse_writes(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> 
     schema = func._schema
     for i, arg in enumerate(schema.arguments):
         value = args[i] if i < len(args) else kwargs.get(arg.name)
-        if (isinstance(value, NF4Weight) and arg.alias_info is not None
-                and arg.alias_info.is_write):
+        if isinstance(value, NF4Weight) and arg.alias_info is not None and arg.alias_info.is_write:
             raise EmmoeError(
                 f"{func}: NF4 base weights are frozen and cannot be written; merge a QLoRA "
                 f"adapter into a freshly loaded bf16 base instead (emmoe merge)"
             )
 
 
-def _same(t: NF4Weight) -> NF4Weight:
+def _alias(t: NF4Weight) -> NF4Weight:
     return t._like(t.packed, t.absmax, t.dtype)
 
 
@@ -185,15 +215,23 @@ def _clone(t: NF4Weight, **_: Any) -> NF4Weight:
     return t._like(t.packed.clone(), t.absmax.clone(), t.dtype)
 
 
-def _to_copy(t: NF4Weight, *, dtype: torch.dtype | None = None,
-             device: torch.device | None = None, non_blocking: bool = False,
-             **_: Any) -> NF4Weight | Any:
+def _to_copy(
+    t: NF4Weight,
+    *,
+    dtype: torch.dtype | None = None,
+    device: torch.device | None = None,
+    non_blocking: bool = False,
+    **_: Any,
+) -> NF4Weight | Any:
     dtype = dtype or t.dtype
     if not dtype.is_floating_point:
         return NotImplemented  # a cast to an integer dtype reads the dense values
     device = device or t.device
-    return t._like(t.packed.to(device, non_blocking=non_blocking),
-                   t.absmax.to(device, non_blocking=non_blocking), dtype)
+    return t._like(
+        t.packed.to(device, non_blocking=non_blocking),
+        t.absmax.to(device, non_blocking=non_blocking),
+        dtype,
+    )
 
 
 def _select(t: NF4Weight, dim: int, index: int) -> torch.Tensor | Any:
@@ -207,8 +245,8 @@ def _set_same(t: NF4Weight, source: torch.Tensor) -> NF4Weight | Any:
 
 _aten = torch.ops.aten
 _PACKED_OPS: dict[Any, Callable[..., Any]] = {
-    _aten.detach.default: _same,
-    _aten.alias.default: _same,
+    _aten.detach.default: _alias,
+    _aten.alias.default: _alias,
     _aten.clone.default: _clone,
     _aten._to_copy.default: _to_copy,
     _aten.select.int: _select,
@@ -220,7 +258,10 @@ _PACKED_OPS: dict[Any, Callable[..., Any]] = {
 
 
 def quantize_experts_nf4(
-    model: nn.Module, family: MoEFamily, *, blocksize: int = NF4_BLOCKSIZE,
+    model: nn.Module,
+    family: MoEFamily,
+    *,
+    blocksize: int = NF4_BLOCKSIZE,
     compute_dtype: torch.dtype | None = None,
 ) -> None:
     """Store every fused expert tensor of every MoE layer as a frozen `NF4Weight`, in place.
@@ -228,8 +269,9 @@ def quantize_experts_nf4(
     The expert biases (GPT-oss) stay as they are: they are tiny. `compute_dtype` is the dtype
     the experts read (default: each tensor's current dtype). Tensors already in NF4 are kept.
     """
-    for layer in tqdm(moe_layers(model, family), desc="NF4 experts", unit="layer",
-                      disable=None, leave=False):
+    for layer in tqdm(
+        moe_layers(model, family), desc="NF4 experts", unit="layer", disable=None, leave=False
+    ):
         for name in (family.layout.gate_up, family.layout.down):
             weight = getattr(layer.experts, name)
             if isinstance(weight, NF4Weight):
@@ -259,7 +301,8 @@ def quantize_linear_nf4(model: nn.Module, family: MoEFamily) -> None:
                 )
             setattr(attention, name, _linear4bit(linear))
     # The flag transformers' own 4-bit loader sets; PEFT reads it to use its Linear4bit LoRA.
-    base_model(model).is_loaded_in_4bit = True
+    loaded: Any = base_model(model)
+    loaded.is_loaded_in_4bit = True
 
 
 def _linear4bit(linear: nn.Linear) -> nn.Module:
@@ -267,11 +310,23 @@ def _linear4bit(linear: nn.Linear) -> nn.Module:
 
     weight = linear.weight
     # compress_statistics=False: plain fp32 absmax, as bnb_config() (no double quantization).
-    q = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=False,
-                          compute_dtype=weight.dtype, compress_statistics=False,
-                          quant_type="nf4", device="meta")
-    packed = bnb.nn.Params4bit(weight.detach(), requires_grad=False, blocksize=NF4_BLOCKSIZE,
-                               compress_statistics=False, quant_type="nf4", module=q)
+    q = bnb.nn.Linear4bit(
+        linear.in_features,
+        linear.out_features,
+        bias=False,
+        compute_dtype=weight.dtype,
+        compress_statistics=False,
+        quant_type="nf4",
+        device="meta",
+    )
+    packed: Any = bnb.nn.Params4bit(
+        weight.detach(),
+        requires_grad=False,
+        blocksize=NF4_BLOCKSIZE,
+        compress_statistics=False,
+        quant_type="nf4",
+        module=q,
+    )
     q.weight = packed.to(weight.device)  # moving an unquantized Params4bit quantizes it
     q.bias = linear.bias
     q.train(linear.training)
@@ -279,16 +334,19 @@ def _linear4bit(linear: nn.Linear) -> nn.Module:
 
 
 def bnb_config(compute_dtype: torch.dtype) -> BitsAndBytesConfig:
-    """NF4 for every `nn.Linear` at `from_pretrained` (HF's ZeRO-3 QLoRA recipe).
+    """NF4 for every `nn.Linear` at `from_pretrained`, as in HF's QLoRA recipe.
 
-    Storage in bf16 lets ZeRO-3 flatten the 4-bit weights with the rest; the fused experts
-    still need `quantize_experts_nf4` afterwards.
+    Packed into bf16 storage, the dtype of the rest of the model, which sharding engines
+    expect; the fused experts still need `quantize_experts_nf4` after loading.
     """
     from transformers import BitsAndBytesConfig
 
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                              bnb_4bit_compute_dtype=compute_dtype,
-                              bnb_4bit_quant_storage=torch.bfloat16)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_quant_storage=torch.bfloat16,
+    )
 
 
 # ---- memory --------------------------------------------------------------------------------
@@ -313,8 +371,10 @@ class WeightMemory:
         return self.total_bytes / self.bf16_bytes if self.bf16_bytes else 0.0
 
     def __str__(self) -> str:
-        return (f"weight memory: {self.total_bytes / _MIB:.1f} MiB "
-                f"({100 * self.fraction_of_bf16:.1f}% of bf16, {self.bf16_bytes / _MIB:.1f} MiB)")
+        return (
+            f"weight memory: {self.total_bytes / _MIB:.1f} MiB "
+            f"({100 * self.fraction_of_bf16:.1f}% of bf16, {self.bf16_bytes / _MIB:.1f} MiB)"
+        )
 
 
 def weight_memory(model: nn.Module) -> WeightMemory:
@@ -330,8 +390,9 @@ def weight_memory(model: nn.Module) -> WeightMemory:
         else:
             unquantized += _nbytes(tensor)
             elements += tensor.numel()
-    return WeightMemory(quantized_bytes=quantized, unquantized_bytes=unquantized,
-                        bf16_bytes=2 * elements)
+    return WeightMemory(
+        quantized_bytes=quantized, unquantized_bytes=unquantized, bf16_bytes=2 * elements
+    )
 
 
 def _parameters_and_buffers(model: nn.Module) -> Iterator[torch.Tensor]:
@@ -351,14 +412,3 @@ def _bnb_quant_state(tensor: torch.Tensor) -> Any:
 
 def _quant_state_bytes(state: Any) -> int:
     return sum(_nbytes(v) for v in state.as_dict().values() if isinstance(v, torch.Tensor))
-
-
-__all__ = [
-    "NF4_BLOCKSIZE",
-    "NF4Weight",
-    "WeightMemory",
-    "bnb_config",
-    "quantize_experts_nf4",
-    "quantize_linear_nf4",
-    "weight_memory",
-]

@@ -39,6 +39,10 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--out", required=True, help="profile JSON to write")
     p.add_argument("--plot", help="also write a token-share heatmap (PNG)")
+    p.add_argument("--compare", help="another profile (e.g. the base model's): write --diff-plot")
+    p.add_argument("--diff-plot", help="token-share difference heatmap against --compare (PNG)")
+    p.add_argument("--wandb-project", help="log the profile and its plots to W&B (offline "
+                   "unless WANDB_MODE=online)")
     p.set_defaults(func=run)
 
 
@@ -71,4 +75,33 @@ def run(args: argparse.Namespace) -> int:
         )
         if args.plot:
             print(f"wrote {args.plot}")
+        if args.compare and args.diff_plot:
+            from emmoe_dist.experts import ExpertProfile
+            from emmoe_dist.routing_plots import plot_share_diff
+
+            plot_share_diff(ExpertProfile.load(args.compare), profile, args.diff_plot)
+            print(f"wrote {args.diff_plot}")
+        if args.wandb_project:
+            _log_to_wandb(args, profile)
     return 0
+
+
+def _log_to_wandb(args: argparse.Namespace, profile: Any) -> None:
+    import os
+
+    from emmoe_dist.config import TrackingConfig
+    from emmoe_dist.tracking import make_tracker
+
+    mode = "online" if os.environ.get("WANDB_MODE") == "online" else "offline"
+    tracker = make_tracker(
+        TrackingConfig(project=args.wandb_project, mode=mode), is_main=True,
+        name=f"profile {profile.model} on {profile.dataset}", job_type="profile",
+        config={"model": profile.model, "dataset": profile.dataset,
+                "dataset_hash": profile.dataset_hash, "tokens": profile.tokens},
+        folder=os.path.dirname(os.path.abspath(args.out)),
+    )
+    for r in profile.layers:
+        tracker.log({"routing_entropy": r.entropy, "max_token_share": max(r.token_share)}, r.layer)
+    tracker.images({k: v for k, v in (("routing_heatmap", args.plot),
+                                       ("routing_diff", args.diff_plot)) if v})
+    tracker.finish()

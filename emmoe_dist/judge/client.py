@@ -1,12 +1,13 @@
-"""The judge client: one chat-completions call at a time, as a good citizen of the endpoint.
+"""The judge client: chat-completions calls that are cached, bounded, rate-limited, retried.
 
 Built on `openai.AsyncOpenAI` (any OpenAI-compatible endpoint) with the SDK's own retries off:
-this loop owns them so that every attempt passes the concurrency bound and the rate limits,
-and `Retry-After` is a floor under the jittered backoff. Retried: 408/409/429/5xx, timeouts, connection errors
-and malformed replies (bad JSON, no choices), with exponential backoff and full jitter, up to
-`max_retries`; after that the call ends with reason `error_after_retries`. A 400/413/422 is the
-request's own fault and ends at once (`rejected`); 401/403/404 mean the endpoint, model or key
-is wrong for every call, so the run stops with an error that names the variable, not the key.
+this loop owns them, so every attempt passes the concurrency bound and the rate limits, and a
+server's `Retry-After` is a floor under the jittered backoff. Retried: 408/409/429/5xx,
+timeouts, connection errors and malformed replies (bad JSON, no choices), with exponential
+backoff and full jitter, up to `max_retries`; after that the call ends with reason
+`error_after_retries`. A 400/413/422 is the request's own fault and ends at once (`rejected`);
+401/403/404 mean the endpoint, model or key is wrong for every call, so the run stops with an
+error that names the key's variable, never the key.
 """
 
 from __future__ import annotations

@@ -12,11 +12,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import logging
 import os
 import time
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -38,8 +37,6 @@ from emmoe_dist.records import (
     read_jsonl,
     write_jsonl_atomic,
 )
-
-log = logging.getLogger(__name__)
 
 DEFAULT_SCORES = ("aligned", "coherent")
 TOP_LOGPROBS = 20  # the most OpenAI-compatible endpoints return (vLLM's max_logprobs default)
@@ -272,6 +269,64 @@ def _check_prompts(records: Sequence[GenerationRecord], path: Path, names: Seque
             )
 
 
+class _Output:
+    """Judged records on their way to disk: buffered, appended and fsynced every
+    `interval_s`, so a crash loses at most that much work (and its calls are cached)."""
+
+    def __init__(self, path: Path, interval_s: float) -> None:
+        self._appender = JsonlAppender(path)
+        self._buffer: list[JudgedRecord] = []
+        self._interval_s = interval_s
+        self._last = time.monotonic()
+
+    def add(self, record: JudgedRecord) -> bool:
+        """Buffer a record; True when this call flushed the buffer to disk."""
+        self._buffer.append(record)
+        if time.monotonic() - self._last < self._interval_s:
+            return False
+        self.flush()
+        return True
+
+    def flush(self) -> None:
+        if self._buffer:
+            self._appender.write_many(self._buffer)
+            self._buffer.clear()
+        self._last = time.monotonic()
+
+    def close(self) -> None:
+        self.flush()
+        self._appender.close()
+
+
+async def _run_pool(
+    pending: Sequence[GenerationRecord],
+    judge: _Judge,
+    output: _Output,
+    workers: int,
+    progress: Callable[[bool], None],
+) -> None:
+    """Judge `pending` with `workers` coroutines; the first error cancels the rest.
+    `progress(flushed)` runs after each record."""
+
+    async def worker(queue: Iterator[GenerationRecord]) -> None:
+        for record in queue:  # workers share one iterator: each record is taken once
+            progress(output.add(await judge(record)))
+
+    queue = iter(pending)
+    tasks = [asyncio.ensure_future(worker(queue)) for _ in range(min(workers, len(pending)))]
+    if not tasks:
+        return
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+    finally:
+        for task in tasks:
+            task.cancel()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
+            raise result
+
+
 async def judge_file(
     records_path: str | os.PathLike[str],
     out_path: str | os.PathLike[str],
@@ -284,17 +339,15 @@ async def judge_file(
     started = time.monotonic()
     source, out = Path(records_path), Path(out_path)
     inputs = _load_inputs(source)
+    _check_prompts(inputs, source, options.score_names)
     with _exclusive(out):
         done, rejudged = _resume(out)
         pending = [r for r in inputs if r.key not in done]
-        _check_prompts(pending, source, options.score_names)
         needs_rubric = any(r.rubric == "strongreject" for r in pending)
         rubric = strongreject_rubric(options.data_dir) if needs_rubric else None
         cache = JudgeCache(options.cache_dir or cfg.cache_dir or out.parent / "judge_cache")
         client = JudgeClient(cfg, cache, backoff_base_s=options.backoff_base_s)
-        judge = _Judge(cfg, client, options, rubric)
-        buffer: list[JudgedRecord] = []
-        last_flush = time.monotonic()
+        output = _Output(out, options.flush_interval_s)
         bar = tqdm(
             total=len(pending),
             unit="answer",
@@ -303,80 +356,49 @@ async def judge_file(
             disable=not options.progress,
         )
 
-        def flush() -> None:
-            nonlocal last_flush
-            if buffer:
-                appender.write_many(buffer)
-                buffer.clear()
-            last_flush = time.monotonic()
+        def progress(flushed: bool) -> None:
+            bar.update(1)
+            if flushed:  # rates refresh with each flush: often enough, and cheap
+                stats, elapsed = client.stats, max(1e-9, time.monotonic() - started)
+                bar.set_postfix(
+                    {
+                        "calls/s": f"{stats.calls / elapsed:.1f}",
+                        "cache": stats.cache_hits,
+                        "errors": sum(stats.errors.values()),
+                    }
+                )
 
-        async def worker(queue: Iterator[GenerationRecord]) -> None:
-            for record in queue:  # workers share one iterator: each record is taken once
-                buffer.append(await judge(record))
-                bar.update(1)
-                if time.monotonic() - last_flush >= options.flush_interval_s:
-                    flush()
-                    stats = client.stats
-                    elapsed = max(1e-9, time.monotonic() - started)
-                    bar.set_postfix(
-                        {
-                            "calls/s": f"{stats.calls / elapsed:.1f}",
-                            "cache": stats.cache_hits,
-                            "errors": sum(stats.errors.values()),
-                        },
-                        refresh=False,
-                    )
-
-        appender = JsonlAppender(out)
+        judge = _Judge(cfg, client, options, rubric)
         try:
-            queue = iter(pending)
-            tasks = [
-                asyncio.ensure_future(worker(queue))
-                for _ in range(min(cfg.concurrency, len(pending)))
-            ]
-            try:
-                if tasks:
-                    await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-            finally:
-                for task in tasks:
-                    task.cancel()
-                results = await asyncio.gather(*tasks, return_exceptions=True)
-            for result in results:
-                if isinstance(result, BaseException) and not isinstance(
-                    result, asyncio.CancelledError
-                ):
-                    raise result
+            await _run_pool(pending, judge, output, cfg.concurrency, progress)
         finally:
-            flush()
-            appender.close()
+            output.close()
             bar.close()
             await client.aclose()
             cache.close()
-
         final = read_jsonl(out, JudgedRecord)
     counts = Counter(r.key for r in final)
     duplicated = [k for k, n in counts.items() if n > 1]
     if duplicated:
         raise EmmoeError(f"{out}: {len(duplicated)} answers judged twice, e.g. {duplicated[0]!r}")
-    unjudged = sum(1 for r in inputs if r.key not in counts)
     stats = client.stats
+    cost = (
+        stats.prompt_tokens * cfg.usd_per_million_input
+        + stats.completion_tokens * cfg.usd_per_million_output
+    ) / 1e6
     return JudgeSummary(
         records=len(inputs),
         judged_now=len(pending),
         already_judged=len(done),
         rejudged_errors=rejudged,
-        unjudged=unjudged,
+        unjudged=sum(1 for r in inputs if r.key not in counts),
         calls=stats.calls,
         cache_hits=stats.cache_hits,
         retries=stats.retries,
         failed_calls=stats.failed,
         prompt_tokens=stats.prompt_tokens,
         completion_tokens=stats.completion_tokens,
-        usd_cost=(
-            stats.prompt_tokens * cfg.usd_per_million_input
-            + stats.completion_tokens * cfg.usd_per_million_output
-        )
-        / 1e6,
+        usd_cost=cost,
         elapsed_s=time.monotonic() - started,
         missing=missing_reasons(final),
     )
