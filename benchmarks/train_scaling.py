@@ -21,14 +21,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from shapes import build_config, flops_per_token, trained_tokenizer  # noqa: E402
-from train_throughput import PEAK_TFLOPS, batches, emmoe_model, inputs  # noqa: E402
+from shapes import build_config, flops_per_token, trained_tokenizer
+from train_throughput import PEAK_TFLOPS, batches, emmoe_model, inputs
 
-from emmoe_dist.config import TrainConfig  # noqa: E402
-from emmoe_dist.data.training import encode_dataset, load_training_split  # noqa: E402
-from emmoe_dist.parallel.ds_config import complete_ds_config, read_ds_config  # noqa: E402
-from emmoe_dist.parallel.runtime import all_reduce_sum_, init_runtime, shutdown  # noqa: E402
-from emmoe_dist.parallel.strategy import DeepSpeedStrategy  # noqa: E402
+from emmoe_dist.config import TrainConfig
+from emmoe_dist.data.training import encode_dataset, load_training_split
+from emmoe_dist.parallel.ds_config import complete_ds_config, read_ds_config
+from emmoe_dist.parallel.runtime import all_reduce_sum_, init_runtime, shutdown
+from emmoe_dist.parallel.strategy import DeepSpeedStrategy
 
 
 def main() -> int:
@@ -56,8 +56,9 @@ def main() -> int:
     model = emmoe_model(cfg, family, rank=8)
     path = Path(__file__).resolve().parents[1] / "ds_configs" / "zero3.json"
     train = TrainConfig(micro_batch_size=args.batch, grad_accum=1, lr=1e-4)
-    ds = complete_ds_config(read_ds_config(path), file=str(path), train=train, family=family,
-                            bf16=True)
+    ds = complete_ds_config(
+        read_ds_config(path), file=str(path), train=train, family=family, bf16=True
+    )
     strategy = DeepSpeedStrategy(ds, rt)
     strategy.setup(model, train, need)
     torch.cuda.reset_peak_memory_stats()
@@ -81,11 +82,21 @@ def main() -> int:
     ctx = float(totals[1] / totals[0])
     if rt.is_main:
         result = {
-            "shape": args.shape, "layers": args.layers, "gpus": rt.world_size,
-            "gpu": torch.cuda.get_device_name(), "per_gpu_batch": args.batch, "seq": args.seq,
-            "tokens_per_s": tokens_s, "tokens_per_s_per_gpu": tokens_s / rt.world_size,
-            "mfu": tokens_s / rt.world_size * flops_per_token(family, cfg, ctx) / (PEAK_TFLOPS * 1e12),
-            "peak_memory_gib_rank0": float(peak[0]), "seconds": dt, "steps": args.steps,
+            "shape": args.shape,
+            "layers": args.layers,
+            "gpus": rt.world_size,
+            "gpu": torch.cuda.get_device_name(),
+            "per_gpu_batch": args.batch,
+            "seq": args.seq,
+            "tokens_per_s": tokens_s,
+            "tokens_per_s_per_gpu": tokens_s / rt.world_size,
+            "mfu": tokens_s
+            / rt.world_size
+            * flops_per_token(family, cfg, ctx)
+            / (PEAK_TFLOPS * 1e12),
+            "peak_memory_gib_rank0": float(peak[0]),
+            "seconds": dt,
+            "steps": args.steps,
         }
         Path(args.out).write_text(json.dumps(result, indent=2))
         print(json.dumps(result), flush=True)

@@ -86,7 +86,7 @@ def run_profile(
     chat JSONL file); rank 0 writes `out` (and the heatmap `plot`). Returns the profile."""
     from emmoe_dist.data.training import encode_dataset, load_training_split
 
-    runtime = runtime or init_runtime()
+    runtime = runtime or init_runtime(process_group=False)
     device_map = None
     if runtime.world_size == 1 and torch.cuda.device_count() > 1:
         # One process and several GPUs: spread a model too large for one GPU over all of them.

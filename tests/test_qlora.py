@@ -195,8 +195,7 @@ def test_quantized_logits_equal_dequantized_reference(
     [
         ("mixtral", "grouped_mm", False),
         ("qwen3_moe", "grouped_mm", False),
-        ("gpt_oss", "grouped_mm", False),
-        ("gpt_oss", "eager", True),
+        ("gpt_oss", "eager", True),  # the per-expert path, under gradient checkpointing
     ],
 )
 def test_qlora_trains_and_the_4bit_base_stays_frozen(

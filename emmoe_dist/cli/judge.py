@@ -67,7 +67,10 @@ def register(subparsers: Any) -> None:
 
 
 def _judge(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
     from emmoe_dist.config import JudgeConfig, load_config
+    from emmoe_dist.errors import InputError
     from emmoe_dist.judge.runner import JudgeOptions, run_judge
     from emmoe_dist.judge.scripted_server import hash_script, scripted_server
 
@@ -77,7 +80,15 @@ def _judge(args: argparse.Namespace) -> int:
         for flag, field in _OVERRIDES.items()
         if getattr(args, flag) is not None
     }
-    cfg = JudgeConfig.model_validate({**base.model_dump(), **updates})
+    try:
+        cfg = JudgeConfig.model_validate({**base.model_dump(), **updates})
+    except ValidationError as e:
+        first = e.errors()[0]
+        raise InputError(
+            str(first["msg"]),
+            file="<command line>",
+            field=f"judge.{'.'.join(map(str, first['loc']))}",
+        ) from None
     options = JudgeOptions(
         score_names=tuple(s.strip() for s in args.scores.split(",") if s.strip()),
         text_fallback=not args.no_text_fallback,

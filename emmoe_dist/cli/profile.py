@@ -41,8 +41,10 @@ def register(subparsers: Any) -> None:
     p.add_argument("--plot", help="also write a token-share heatmap (PNG)")
     p.add_argument("--compare", help="another profile (e.g. the base model's): write --diff-plot")
     p.add_argument("--diff-plot", help="token-share difference heatmap against --compare (PNG)")
-    p.add_argument("--wandb-project", help="log the profile and its plots to W&B (offline "
-                   "unless WANDB_MODE=online)")
+    p.add_argument(
+        "--wandb-project",
+        help="log the profile and its plots to W&B (offline unless WANDB_MODE=online)",
+    )
     p.set_defaults(func=run)
 
 
@@ -50,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     from emmoe_dist.parallel.runtime import init_runtime, shutdown
     from emmoe_dist.profiling import run_profile
 
-    runtime = init_runtime()
+    runtime = init_runtime(process_group=False)
     try:
         profile = run_profile(
             args.model,
@@ -94,14 +96,21 @@ def _log_to_wandb(args: argparse.Namespace, profile: Any) -> None:
 
     mode = "online" if os.environ.get("WANDB_MODE") == "online" else "offline"
     tracker = make_tracker(
-        TrackingConfig(project=args.wandb_project, mode=mode), is_main=True,
-        name=f"profile {profile.model} on {profile.dataset}", job_type="profile",
-        config={"model": profile.model, "dataset": profile.dataset,
-                "dataset_hash": profile.dataset_hash, "tokens": profile.tokens},
+        TrackingConfig(project=args.wandb_project, mode=mode),
+        is_main=True,
+        name=f"profile {profile.model} on {profile.dataset}",
+        job_type="profile",
+        config={
+            "model": profile.model,
+            "dataset": profile.dataset,
+            "dataset_hash": profile.dataset_hash,
+            "tokens": profile.tokens,
+        },
         folder=os.path.dirname(os.path.abspath(args.out)),
     )
     for r in profile.layers:
         tracker.log({"routing_entropy": r.entropy, "max_token_share": max(r.token_share)}, r.layer)
-    tracker.images({k: v for k, v in (("routing_heatmap", args.plot),
-                                       ("routing_diff", args.diff_plot)) if v})
+    tracker.images(
+        {k: v for k, v in (("routing_heatmap", args.plot), ("routing_diff", args.diff_plot)) if v}
+    )
     tracker.finish()

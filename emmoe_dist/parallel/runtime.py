@@ -7,6 +7,7 @@ On CPU the backend is gloo; on GPU nccl.
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 
 import torch
@@ -29,8 +30,19 @@ class Runtime:
         return self.world_size > 1
 
 
-def init_runtime() -> Runtime:
-    """Join the process group the launcher set up (if any) and pick this rank's device."""
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def init_runtime(*, process_group: bool = True) -> Runtime:
+    """Join the process group the launcher set up and pick this rank's device.
+
+    A plain `python` start (no launcher) becomes a one-rank group on 127.0.0.1, because
+    DeepSpeed needs a process group even on one device. `process_group=False` skips it for
+    single-process tools that never talk to other ranks.
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -39,7 +51,13 @@ def init_runtime() -> Runtime:
         device = torch.device("cuda", local)
     else:
         device = torch.device("cpu")
-    if world > 1 and not dist.is_initialized():
+    if (process_group or world > 1) and not dist.is_initialized():
+        if world == 1:
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            os.environ.setdefault("RANK", "0")
+            os.environ.setdefault("WORLD_SIZE", "1")
+            os.environ.setdefault("LOCAL_RANK", "0")
         dist.init_process_group(
             backend="nccl" if device.type == "cuda" else "gloo",
             device_id=device if device.type == "cuda" else None,
@@ -48,8 +66,15 @@ def init_runtime() -> Runtime:
 
 
 def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum in place across ranks; a no-op in a single process."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    """Sum in place across ranks (a no-op in a single process), from any device: NCCL only
+    reduces CUDA tensors, so CPU tensors take a round trip through this rank's GPU."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return tensor
+    if dist.get_backend() == "nccl" and tensor.device.type != "cuda":
+        on_gpu = tensor.to(torch.device("cuda", torch.cuda.current_device()))
+        dist.all_reduce(on_gpu, op=dist.ReduceOp.SUM)
+        tensor.copy_(on_gpu)
+    else:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
 

@@ -4,6 +4,8 @@ The transformations are applied in one order, for these reasons:
 1. load the model (router auxiliary loss off, so only the language-model loss trains);
 2. quantize to NF4 (QLoRA) before adapters, so LoRA wraps the 4-bit storage;
 3. adapter: LoRA (unchosen experts' factors zeroed) or trainable expert deltas;
+   then expert parallelism, when the DeepSpeed config asks for it: it adopts the adapters'
+   expert modules and cuts the frozen experts to this rank's share;
 4. gradient checkpointing and input grads: every expert-subset run has its only trainable
    tensors inside MoE blocks, and ZeRO-3 then needs `enable_input_require_grads`;
 5. the DeepSpeed engine last, because it partitions whatever parameters exist at that point.
@@ -31,10 +33,17 @@ from emmoe_dist.adapters.lora import (
     unselected_expert_max,
 )
 from emmoe_dist.config import ExperimentConfig, dump_config
-from emmoe_dist.errors import EmmoeError
+from emmoe_dist.errors import EmmoeError, InputError
 from emmoe_dist.experts import ExpertSelection
 from emmoe_dist.families import MoEFamily
-from emmoe_dist.parallel.ds_config import complete_ds_config, read_ds_config
+from emmoe_dist.parallel.ds_config import (
+    ExpertParallelConfig,
+    complete_ds_config,
+    expert_parallel_config,
+    read_ds_config,
+    zero_stage,
+)
+from emmoe_dist.parallel.expert_parallel import apply_expert_parallel
 from emmoe_dist.parallel.runtime import Runtime, all_reduce_sum_, barrier
 from emmoe_dist.parallel.strategy import DeepSpeedStrategy
 from emmoe_dist.tracking import make_tracker
@@ -67,7 +76,7 @@ def _router_digest(model: nn.Module, family: MoEFamily, strategy: DeepSpeedStrat
 
 
 def _build_model(
-    cfg: ExperimentConfig, rt: Runtime, out: Path
+    cfg: ExperimentConfig, rt: Runtime, out: Path, ep: ExpertParallelConfig | None
 ) -> tuple[nn.Module, Any, MoEFamily, ExpertSelection]:
     from emmoe_dist.models.loading import load_model, model_config_dict
 
@@ -81,21 +90,31 @@ def _build_model(
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         art.replace_dir(tmp, out / art.BASE_DIR)
+    memory = None
     if cfg.adapter.quantize == "nf4":
-        from emmoe_dist.adapters.qlora import quantize_experts_nf4, quantize_linear_nf4
+        from emmoe_dist.adapters.qlora import (
+            quantize_experts_nf4,
+            quantize_linear_nf4,
+            weight_memory,
+        )
 
         quantize_linear_nf4(model, family)
         quantize_experts_nf4(model, family)
+        memory = weight_memory(model)
+        if rt.is_main:
+            print(f"[emmoe] NF4 {memory}", flush=True)
     if cfg.adapter.mode == "lora":
         model = apply_lora(model, family, cfg.adapter, selection)
     else:
         apply_expert_delta(model, family, selection)
     assert_router_frozen(model, family)
+    if ep is not None:
+        apply_expert_parallel(model, family, ep)
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
     model.to(rt.device)
-    return model, tokenizer, family, selection
+    return model, tokenizer, family, selection, memory
 
 
 def _encode(cfg: ExperimentConfig, tokenizer: Any, rt: Runtime) -> tuple[list[Any], str, int]:
@@ -192,9 +211,18 @@ def run_training(
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     raw_ds = read_ds_config(ds_config_path)
+    ep = expert_parallel_config(raw_ds, file=str(ds_config_path))
+    if cfg.adapter.quantize == "nf4" and zero_stage(raw_ds) == 3:
+        # Every rank holds the whole NF4 model; ZeRO-3 would re-partition its packed storage.
+        raise InputError(
+            "adapter.quantize: nf4 trains with ZeRO-0/1/2 (e.g. "
+            "ds_configs/zero2_qlora.json), not ZeRO-3",
+            file=str(ds_config_path),
+            field="zero_optimization.stage",
+        )
     _seed_everything(cfg.seed)
 
-    model, tokenizer, family, selection = _build_model(cfg, rt, out)
+    model, tokenizer, family, selection, memory = _build_model(cfg, rt, out, ep)
     bf16 = rt.device.type == "cuda" and next(model.parameters()).dtype == torch.bfloat16
     ds_cfg = complete_ds_config(
         raw_ds, file=str(ds_config_path), train=cfg.train, family=family, bf16=bf16
@@ -302,6 +330,7 @@ def run_training(
             "config": cfg.model_dump(mode="json"),
             "config_yaml": dump_config(cfg),
             "ds_config": ds_cfg,
+            "expert_parallel": None if ep is None else {"ep_size": ep.ep_size},
             "family": family.name,
             "selection": json.loads(selection.to_json()),
             "world_size": rt.world_size,
@@ -317,6 +346,9 @@ def run_training(
             "steps": total,
             "final_loss": last_loss,
             "router_digest": router_after,
+            "weight_memory": None
+            if memory is None
+            else {"bytes": memory.total_bytes, "fraction_of_bf16": memory.fraction_of_bf16},
             "artifact": artifact.name,
             "base_model": base_model_id(cfg),
         }
