@@ -23,7 +23,9 @@ def test_the_documented_configs_ship() -> None:
     assert {"zero3.json", "zero2_qlora.json", "zero3_multinode.json", "zero3_ep.json"} <= names
 
 
-@pytest.mark.parametrize("path", [p for p in CONFIGS if p.name != "zero3_ep.json"], ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path", [p for p in CONFIGS if p.name != "zero3_ep.json"], ids=lambda p: p.name
+)
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_config_completes_and_deepspeed_accepts_it(path: Path, family: str) -> None:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -42,14 +44,6 @@ def test_config_completes_and_deepspeed_accepts_it(path: Path, family: str) -> N
         assert FAMILIES[family].block_class in parsed.zero_config.leaf_module.classes
 
 
-def test_expert_parallel_config_refuses_clearly() -> None:
-    path = REPO / "ds_configs" / "zero3_ep.json"
-    with pytest.raises(InputError) as err:
-        complete_ds_config(read_ds_config(path), file=str(path), train=TRAIN,
-                           family=FAMILIES["mixtral"], bf16=False)
-    assert err.value.field == "expert_parallel" and "zero3.json" in str(err.value)
-
-
 def test_undocumented_or_broken_config_is_rejected(tmp_path: Path) -> None:
     bare = tmp_path / "bare.json"
     bare.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
@@ -60,3 +54,16 @@ def test_undocumented_or_broken_config_is_rejected(tmp_path: Path) -> None:
     with pytest.raises(InputError) as err:
         read_ds_config(broken)
     assert err.value.line == 3
+
+
+def test_qlora_with_zero3_is_refused_before_loading(tmp_path: Path) -> None:
+    import torch
+
+    from emmoe_dist.config import load_config
+    from emmoe_dist.parallel.runtime import Runtime
+    from emmoe_dist.train.trainer import run_training
+
+    cfg = load_config(None, ["adapter.quantize=nf4", f"output_dir={tmp_path}"])
+    with pytest.raises(InputError) as err:
+        run_training(cfg, REPO / "ds_configs" / "zero3.json", Runtime(0, 1, 0, torch.device("cpu")))
+    assert err.value.field == "zero_optimization.stage" and "zero2_qlora" in str(err.value)
