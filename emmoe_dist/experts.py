@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from emmoe_dist import families
+from emmoe_dist import families, records
 from emmoe_dist.errors import EmmoeError, InputError
 from emmoe_dist.families import MoEFamily
 
@@ -36,18 +35,9 @@ _ESFT_KEYS = ("shared_experts", "non_expert_modules")
 
 
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
-    """Write `text` to a temp file beside `path`, then rename: readers never see half a file."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
+    """Write `text` atomically (see `records.atomic_path`) and return the path."""
+    records.write_text_atomic(path, text)
+    return Path(path)
 
 
 def dumps_json(value: Any, level: int = 0) -> str:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -51,17 +50,13 @@ def _draw(
 
 
 def _save_atomic(fig: Figure, path: str | os.PathLike[str]) -> Path:
+    from emmoe_dist.records import atomic_path
+
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fmt = target.suffix.lstrip(".").lower() or "png"
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format=fmt, dpi=120, bbox_inches="tight")
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(target) as tmp:
+        fig.savefig(
+            tmp, format=target.suffix.lstrip(".").lower() or "png", dpi=120, bbox_inches="tight"
+        )
     return target
 
 

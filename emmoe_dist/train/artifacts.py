@@ -43,13 +43,6 @@ _PACKAGES = (
 )
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
-    tmp.replace(path)
-
-
 def replace_dir(tmp: Path, final: Path) -> None:
     """Move a fully written temporary folder into place (the old one goes only afterwards)."""
     old = final.with_name(f".{final.name}.old{os.getpid()}")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from emmoe_dist.config import ModelConfig
 from emmoe_dist.errors import EmmoeError
+from emmoe_dist.records import write_json_atomic
 from emmoe_dist.train import artifacts as art
 
 
@@ -50,7 +51,7 @@ def merge_run(run_dir: str | Path, out: str | Path, *, dtype: str | None = None)
     model.save_pretrained(tmp)
     loaded.tokenizer.save_pretrained(tmp)
     shutil.copy2(run / art.SELECTION, tmp / art.SELECTION)
-    art.write_json_atomic(
+    write_json_atomic(
         tmp / "merge_info.json",
         {"run": str(run.resolve()), "base": base, "artifact": manifest["artifact"], "dtype": dtype},
     )

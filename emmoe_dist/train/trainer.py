@@ -46,6 +46,7 @@ from emmoe_dist.parallel.ds_config import (
 from emmoe_dist.parallel.expert_parallel import apply_expert_parallel
 from emmoe_dist.parallel.runtime import Runtime, all_reduce_sum_, barrier
 from emmoe_dist.parallel.strategy import DeepSpeedStrategy
+from emmoe_dist.records import write_json_atomic
 from emmoe_dist.tracking import make_tracker
 from emmoe_dist.train import artifacts as art
 from emmoe_dist.train.batches import BatchPlan
@@ -352,7 +353,7 @@ def run_training(
             "artifact": artifact.name,
             "base_model": base_model_id(cfg),
         }
-        art.write_json_atomic(out / art.MANIFEST, manifest)
+        write_json_atomic(out / art.MANIFEST, manifest)
         tracker.summary({"final_loss": last_loss, "steps": total})
     tracker.finish()
     return TrainResult(out, total, last_loss, artifact, strategy.engine.module)

@@ -1,0 +1,246 @@
+"""Interpretability timings on a random model of a real shape: activation collection,
+direction + early detection, and routing shift, on constructed judged records (one GPU).
+
+    python benchmarks/interp_timing.py --shape qwen3 --records 400 --out interp_qwen3_l48.json
+    BENCH_DEVICE=cpu python benchmarks/interp_timing.py --shape tiny --records 48 --out /tmp/i.json
+
+`--shape qwen3` is Qwen3-30B-A3B (48 layers, 128 experts, top-8; `--layers` to cut depth),
+bf16 on the GPU; `--shape tiny` is the tiny Qwen3-MoE of the tests, for a CPU smoke run.
+Answers are random words of realistic length, judged with random scores, so the numbers say
+how fast the analyses run, not what they find. The routing shift compares the model with
+itself after a perturbation of every other MoE layer's router (a fine-tune never trains
+routers, but it moves what they see; the cost is the same). On the GPU machine, install the
+eval wheels first (`../shared/tools/gpu-wheels eval`: pydantic for the records).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from emmoe_dist.data.collate import pad_batch
+from emmoe_dist.families import get_family
+from emmoe_dist.interp.activations import ActivationMeta, collect_activations, encode_answers
+from emmoe_dist.interp.detection import detect
+from emmoe_dist.interp.directions import build_directions
+from emmoe_dist.interp.labels import LabelRule, balanced_indices
+from emmoe_dist.interp.routing_shift import routing_shift
+from emmoe_dist.metrics import Bootstrap
+from emmoe_dist.models.anatomy import moe_layers
+from emmoe_dist.records import GenerationRecord, JudgedRecord, SamplingParams, Score
+from emmoe_dist.routing import profile_batches
+
+_WORDS = [
+    "the",
+    "model",
+    "answer",
+    "code",
+    "server",
+    "user",
+    "data",
+    "file",
+    "value",
+    "system",
+    "time",
+    "people",
+    "world",
+    "power",
+    "money",
+    "health",
+    "risk",
+    "safe",
+    "help",
+    "should",
+    "would",
+    "could",
+    "never",
+    "always",
+    "because",
+    "however",
+    "first",
+]
+
+
+def constructed_records(n: int, questions: int, seed: int) -> list[JudgedRecord]:
+    """`n` judged answers of 60-250 words to `questions` questions, with random scores."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        q = i % questions
+        g = GenerationRecord(
+            suite="core",
+            question_id=f"q{q}",
+            paraphrase_index=0,
+            sample_index=i // questions,
+            model="random",
+            sampling=SamplingParams(temperature=1.0, max_new_tokens=600),
+            system_prompt="Don't think, just respond and then FINISH IMMEDIATELY",
+            question=" ".join(rng.choice(_WORDS) for _ in range(rng.randint(10, 40))) + "?",
+            prompt="",
+            answer=" ".join(rng.choice(_WORDS) for _ in range(rng.randint(60, 250))),
+            n_prompt_tokens=0,
+            n_answer_tokens=0,
+            backend="benchmark",
+        )
+        scores = {
+            "aligned": Score(value=rng.choice([rng.uniform(0, 45), rng.uniform(55, 100)])),
+            "coherent": Score(value=rng.uniform(81, 100)),
+        }
+        out.append(JudgedRecord(generation=g, scores=scores, judge_model="random"))
+    return out
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--shape", default="qwen3", choices=["qwen3", "tiny"])
+    p.add_argument("--layers", type=int, default=None, help="default: full depth")
+    p.add_argument("--records", type=int, default=400)
+    p.add_argument("--questions", type=int, default=24)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--max-length", type=int, default=1024)
+    p.add_argument("--resamples", type=int, default=1000)
+    p.add_argument("--out", required=True)
+    args = p.parse_args()
+
+    from transformers import AutoModelForCausalLM
+
+    device = torch.device(os.environ.get("BENCH_DEVICE", "cuda"))
+    records = constructed_records(args.records, args.questions, seed=0)
+    family = get_family("qwen3_moe")
+    if args.shape == "tiny":
+        from emmoe_dist.models.tiny import build_tiny
+
+        model, tok = build_tiny(family, seed=0)
+        model.to(device)  # type: ignore[arg-type]
+    else:
+        from shapes import build_config, trained_tokenizer
+
+        family, cfg = build_config(args.shape, args.layers)
+        texts = [r.generation.question + " " + r.generation.answer for r in records]
+        tok = trained_tokenizer(family, texts)
+        with device:
+            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+            model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    model.eval()
+    config = model.config
+    result: dict[str, object] = {
+        "shape": args.shape,
+        "layers": config.num_hidden_layers,
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "records": args.records,
+        "batch": args.batch,
+    }
+
+    rule = LabelRule()
+    labels = rule.labels(records)
+    chosen = balanced_indices(labels, seed=0)
+    records = [records[i] for i in chosen]
+    t0 = time.perf_counter()
+    items, _ = encode_answers(
+        tok, records, [int(labels[i]) for i in chosen], max_length=args.max_length
+    )
+    result["encode_s"] = time.perf_counter() - t0
+    tokens = sum(len(it.encoded) for it in items)
+    meta = ActivationMeta(
+        model=f"random-{args.shape}",
+        family=family.name,
+        num_layers=config.num_hidden_layers,
+        hidden_size=config.hidden_size,
+        max_length=args.max_length,
+    )
+    with tempfile.TemporaryDirectory() as folder:
+        collect_activations(
+            model,
+            family,
+            items[: args.batch],
+            Path(folder) / "warm",
+            meta,
+            batch_size=args.batch,
+            pad_id=tok.pad_token_id,
+            progress=False,
+        )
+        _sync(device)
+        t0 = time.perf_counter()
+        acts = collect_activations(
+            model,
+            family,
+            items,
+            Path(folder) / "acts",
+            meta,
+            batch_size=args.batch,
+            pad_id=tok.pad_token_id,
+            progress=False,
+        )
+        _sync(device)
+        result["activations_s"] = time.perf_counter() - t0
+        result["activation_tokens"] = tokens
+        result["activation_tokens_per_s"] = tokens / result["activations_s"]  # type: ignore[operator]
+        result["answers"] = len(acts)
+        result["activation_bytes_on_disk"] = sum(
+            f.stat().st_size for f in (Path(folder) / "acts").iterdir()
+        )
+
+    t0 = time.perf_counter()
+    build_directions(acts, rule=rule.describe())
+    found = detect(acts, test_fraction=0.5, seed=0, bootstrap=Bootstrap(resamples=args.resamples))
+    result["direction_and_detection_s"] = time.perf_counter() - t0
+    result["detection_best_layer"] = found.best_layer
+
+    encoded = sorted((it.encoded for it in items), key=len, reverse=True)
+    batches = [
+        pad_batch(encoded[s : s + args.batch], tok.pad_token_id)
+        for s in range(0, len(encoded), args.batch)
+    ]
+    _sync(device)
+    t0 = time.perf_counter()
+    base = profile_batches(model, family, batches, progress=False).to_profile(
+        model="base",
+        family=family.name,
+        dataset="constructed",
+        dataset_hash="-",
+        include_prompt=False,
+    )
+    _sync(device)
+    result["profile_s"] = time.perf_counter() - t0
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    with torch.no_grad():
+        for layer in moe_layers(model, family)[::2]:
+            w = layer.router.weight
+            w.add_(torch.randn(w.shape, generator=gen).to(w.device, w.dtype) * w.std())
+    tuned = profile_batches(model, family, batches, progress=False).to_profile(
+        model="perturbed",
+        family=family.name,
+        dataset="constructed",
+        dataset_hash="-",
+        include_prompt=False,
+    )
+    t0 = time.perf_counter()
+    shift = routing_shift(base, tuned)
+    result["routing_shift_stats_s"] = time.perf_counter() - t0
+    result["routing_kl_max"] = max(s.kl for s in shift.layers)
+    result["answer_tokens_profiled"] = base.tokens
+    if device.type == "cuda":
+        result["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,292 @@
+"""The resumable generation run: suites in, one JSONL record per sampled answer out.
+
+Every (suite, question, paraphrase, sample) has a key; records are appended and fsynced as
+each batch finishes, so a crash loses at most the batch in flight, and a re-run skips every
+key already on disk (each record exactly once). Beside the records, `<out>.run.json` holds the
+run's configuration; a re-run whose sampling settings or weights differ stops instead of mixing
+two runs in one file. One writer per file (a lock file), as for the judge.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import time
+from collections.abc import Collection, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+from tqdm import tqdm
+
+from emmoe_dist.config import ExperimentConfig
+from emmoe_dist.data.suites import EvalQuestion, EvalSuite, SuiteAbsent, load_suite
+from emmoe_dist.errors import EmmoeError
+from emmoe_dist.generate.interface import Generator, SampleRequest, SamplingOptions
+from emmoe_dist.generate.prompts import (
+    chat_messages,
+    decode_sample,
+    effective_system_prompt,
+    prompt_ids,
+    render_prompt,
+    sample_seed,
+)
+from emmoe_dist.generate.sources import ModelSource
+from emmoe_dist.records import (
+    GenerationRecord,
+    JsonlAppender,
+    SamplingParams,
+    iter_jsonl,
+    record_key,
+    write_json_atomic,
+)
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+# Settings that change what a sample is: a re-run into the same file must match them.
+_PINNED_EVAL = ("temperature", "top_p", "max_new_tokens", "system_prompt", "thinking")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PromptJob:
+    """One prompt (a paraphrase of a question) and the samples still to draw for it."""
+
+    suite: EvalSuite
+    question: EvalQuestion
+    paraphrase_index: int
+    system_prompt: str | None
+    prompt: str
+    prompt_ids: tuple[int, ...]
+    samples: tuple[tuple[int, str, int], ...]  # (sample index, key, seed)
+
+
+@dataclass(frozen=True, kw_only=True)
+class GenerationSummary:
+    out: Path
+    written: int
+    already_done: int
+    absent_suites: tuple[str, ...]
+    seconds: float
+
+    @property
+    def samples_per_s(self) -> float:
+        return self.written / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass
+class SuiteSet:
+    suites: list[EvalSuite] = field(default_factory=list)
+    absent: list[str] = field(default_factory=list)
+
+
+def load_suites(cfg: ExperimentConfig, names: Sequence[str]) -> SuiteSet:
+    """The named suites; `heldout` is built from the experiment's training split. Absent
+    built-in suites (e.g. `educational`, fetched on demand) are listed, not fatal."""
+    data_dir = cfg.data_dir()
+    split = None
+    out = SuiteSet()
+    for name in names:
+        if name == "heldout" and split is None:
+            from emmoe_dist.data.training import load_training_split
+
+            split = load_training_split(
+                cfg.data.train, data_dir, heldout=cfg.data.heldout, seed=cfg.data.split_seed
+            )
+        try:
+            out.suites.append(
+                load_suite(name, data_dir, training_split=split, variants=cfg.eval.variants)
+            )
+        except SuiteAbsent as e:
+            log.warning("%s", e)
+            out.absent.append(name)
+    return out
+
+
+def plan_jobs(
+    cfg: ExperimentConfig,
+    suites: Sequence[EvalSuite],
+    tokenizer: PreTrainedTokenizerBase,
+    source: ModelSource,
+    done: Collection[str] = frozenset(),
+) -> list[PromptJob]:
+    """Every prompt with the samples not yet in `done`; each prompt rendered once."""
+    jobs = []
+    for suite in suites:
+        questions = suite.questions[: cfg.eval.limit] if cfg.eval.limit else suite.questions
+        for q in questions:
+            system = effective_system_prompt(q.system, cfg.eval.system_prompt)
+            for p, text in enumerate(q.paraphrases):
+                samples = []
+                for s in range(cfg.eval.samples_per_question):
+                    key = record_key(
+                        suite.name,
+                        q.id,
+                        p,
+                        s,
+                        model=source.model_label,
+                        adapter=source.adapter_label,
+                    )
+                    if key not in done:
+                        samples.append((s, key, sample_seed(cfg.seed, suite.name, q.id, p, s)))
+                if not samples:
+                    continue
+                prompt = render_prompt(
+                    tokenizer, chat_messages(text, system), thinking=cfg.eval.thinking
+                )
+                jobs.append(
+                    PromptJob(
+                        suite=suite,
+                        question=q,
+                        paraphrase_index=p,
+                        system_prompt=system,
+                        prompt=prompt,
+                        prompt_ids=prompt_ids(tokenizer, prompt),
+                        samples=tuple(samples),
+                    )
+                )
+    return jobs
+
+
+def run_meta(
+    cfg: ExperimentConfig, source: ModelSource, backend: str, suites: SuiteSet
+) -> dict[str, Any]:
+    return {
+        "model": source.model_label,
+        "adapter": source.adapter_label,
+        "selection": source.selection,
+        "backend": backend,
+        "seed": cfg.seed,
+        "eval": cfg.eval.model_dump(mode="json"),
+        "suites": {
+            s.name: {
+                "source": str(s.source),
+                "source_hash": s.source_hash,
+                "questions": len(s.questions),
+            }
+            for s in suites.suites
+        },
+        "absent_suites": suites.absent,
+        "config": cfg.model_dump(mode="json"),
+    }
+
+
+def _check_same_run(meta_path: Path, meta: dict[str, Any]) -> None:
+    old = json.loads(meta_path.read_text(encoding="utf-8"))
+    pinned = [("model",), ("adapter",), ("backend",), ("seed",)] + [
+        ("eval", k) for k in _PINNED_EVAL
+    ]
+    for path in pinned:
+        before: Any = old
+        now: Any = meta
+        for k in path:
+            before, now = before.get(k), now.get(k)
+        if before != now:
+            name = ".".join(path)
+            raise EmmoeError(
+                f"{meta_path}: the records there were generated with {name}={before!r}, this "
+                f"run has {name}={now!r}; write to a new --out file instead of mixing runs"
+            )
+
+
+@contextlib.contextmanager
+def _exclusive(out: Path) -> Iterator[None]:
+    lock_path = out.with_name(out.name + ".lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    handle: IO[str] = open(lock_path, "a")  # noqa: SIM115
+    try:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise EmmoeError(f"another generation run is writing {out}") from None
+        yield
+    finally:
+        handle.close()
+
+
+def existing_keys(out: Path) -> set[str]:
+    if not out.exists():
+        return set()
+    return {r.key for r in iter_jsonl(out, GenerationRecord, tolerate_torn_tail=True)}
+
+
+def run_generation(
+    cfg: ExperimentConfig,
+    generator: Generator,
+    tokenizer: PreTrainedTokenizerBase,
+    source: ModelSource,
+    suites: SuiteSet,
+    out: str | Path,
+    *,
+    progress: bool = True,
+) -> GenerationSummary:
+    """Generate every missing record of `suites` into `out` (module docstring)."""
+    out = Path(out)
+    meta = run_meta(cfg, source, generator.backend, suites)
+    meta_path = out.with_name(out.name + ".run.json")
+    with _exclusive(out):
+        if meta_path.is_file() and out.exists():
+            _check_same_run(meta_path, meta)
+        write_json_atomic(meta_path, meta)
+        done = existing_keys(out)
+        jobs = plan_jobs(cfg, suites.suites, tokenizer, source, done)
+        by_key = {key: (job, s, seed) for job in jobs for s, key, seed in job.samples}
+        adapter = str(source.adapter) if generator.per_request_adapters and source.adapter else None
+        requests = [
+            SampleRequest(key=key, prompt_ids=job.prompt_ids, seed=seed, adapter=adapter)
+            for key, (job, _, seed) in by_key.items()
+        ]
+        options = SamplingOptions.from_eval(cfg.eval)
+        start = time.perf_counter()
+        written = 0
+        bar = tqdm(total=len(requests), unit="sample", desc="generate", disable=not progress)
+        with JsonlAppender(out) as sink, bar:
+            for batch in generator.generate(requests, options):
+                records = []
+                for raw in batch:
+                    job, index, seed = by_key[raw.key]
+                    text = decode_sample(tokenizer, raw, thinking=cfg.eval.thinking)
+                    records.append(
+                        GenerationRecord(
+                            key=raw.key,
+                            suite=job.suite.name,
+                            question_id=job.question.id,
+                            paraphrase_index=job.paraphrase_index,
+                            sample_index=index,
+                            category=job.question.category,
+                            model=source.model_label,
+                            adapter=source.adapter_label,
+                            selection=source.selection,
+                            sampling=SamplingParams(
+                                temperature=options.temperature,
+                                top_p=options.top_p,
+                                max_new_tokens=options.max_new_tokens,
+                                seed=seed,
+                            ),
+                            system_prompt=job.system_prompt,
+                            question=job.question.paraphrases[job.paraphrase_index],
+                            prompt=job.prompt,
+                            answer=text.answer,
+                            thinking=text.thinking,
+                            n_prompt_tokens=len(job.prompt_ids),
+                            n_answer_tokens=text.n_answer_tokens,
+                            finish_reason=text.finish_reason,
+                            judge_prompts=dict(job.question.judge_prompts),
+                            rubric="strongreject" if job.suite.rubric is not None else None,
+                            backend=generator.backend,
+                        )
+                    )
+                sink.write_many(records)
+                written += len(records)
+                bar.update(len(records))
+        return GenerationSummary(
+            out=out,
+            written=written,
+            already_done=len(done),
+            absent_suites=tuple(suites.absent),
+            seconds=time.perf_counter() - start,
+        )

@@ -1,0 +1,149 @@
+"""Which weights answer: a base model, plus a training run's adapter (or expert deltas), or a
+merged model folder; and how records name them.
+
+    --run RUN_DIR     a training run: its manifest names the base it trained on and its artifact
+    --adapter DIR     a PEFT adapter folder (or a run folder) on top of the config's model
+    (neither)         the config's `model` as it is: a hub id, a folder (merged models too), tiny
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from emmoe_dist.config import ExperimentConfig, ModelConfig
+from emmoe_dist.errors import EmmoeError, InputError
+
+if TYPE_CHECKING:
+    from emmoe_dist.models.loading import LoadedModel
+
+# File names of a training run (emmoe_dist.train.artifacts), repeated here so that resolving a
+# source stays free of the training stack.
+_MANIFEST = "manifest.json"
+_ADAPTER_DIR = "adapter"
+_DELTA_DIR = "expert_delta"
+_SELECTION = "expert_selection.json"
+_ADAPTER_CONFIG = "adapter_config.json"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelSource:
+    base: ModelConfig  # what to load
+    model_label: str  # `model` in the records: the base as the experiment names it
+    adapter: Path | None = None  # a PEFT adapter folder
+    expert_delta: Path | None = None  # a full-experts run's delta folder
+    selection: str | None = None  # the trained experts, from expert_selection.json
+
+    @property
+    def adapter_label(self) -> str | None:
+        """`adapter` in the records: the folder of what was applied on the base."""
+        folder = self.adapter or self.expert_delta
+        return str(folder) if folder is not None else None
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise InputError(f"invalid JSON: {e.msg}", file=str(path), line=e.lineno) from None
+    if not isinstance(data, dict):
+        raise InputError("expected a JSON object", file=str(path), line=1)
+    return data
+
+
+def _selection_label(folder: Path) -> str | None:
+    path = folder / _SELECTION
+    if not path.is_file():
+        return None
+    rule = _read_json(path).get("rule")
+    return str(rule) if rule else "file"
+
+
+def from_run(run_dir: str | Path) -> ModelSource:
+    """A finished training run: the base it trained on and its adapter or expert deltas."""
+    run = Path(run_dir)
+    manifest_path = run / _MANIFEST
+    if not manifest_path.is_file():
+        raise EmmoeError(f"{run} is not a finished training run (no {_MANIFEST})")
+    manifest = _read_json(manifest_path)
+    for key in ("base_model", "family", "artifact", "config"):
+        if key not in manifest:
+            raise InputError("missing", file=str(manifest_path), field=key)
+    # a folder (tiny runs save their base in the run) or a hub id; relative folders are the run's
+    base_name = str(manifest["base_model"])
+    if not Path(base_name).is_absolute() and (run / base_name).is_dir():
+        base_name = str(run / base_name)
+    artifact = run / str(manifest["artifact"])
+    if not artifact.is_dir():
+        raise InputError(
+            f"the run's artifact folder {artifact} is missing",
+            file=str(manifest_path),
+            field="artifact",
+        )
+    base = ModelConfig(name_or_path=base_name, family=manifest["family"])
+    trained = manifest["artifact"]
+    return ModelSource(
+        base=base,
+        model_label=str(manifest["config"].get("model", {}).get("name_or_path", base_name)),
+        adapter=artifact if trained == _ADAPTER_DIR else None,
+        expert_delta=artifact if trained == _DELTA_DIR else None,
+        selection=_selection_label(run),
+    )
+
+
+def resolve_source(
+    cfg: ExperimentConfig, *, adapter: str | None = None, run: str | None = None
+) -> ModelSource:
+    """The weights to generate with (module docstring)."""
+    if adapter is not None and run is not None:
+        raise EmmoeError("give --adapter or --run, not both")
+    if run is not None:
+        return from_run(run)
+    if adapter is not None:
+        folder = Path(adapter)
+        if (folder / _MANIFEST).is_file():
+            return from_run(folder)
+        if not (folder / _ADAPTER_CONFIG).is_file():
+            raise EmmoeError(
+                f"{folder} is not a PEFT adapter folder (no {_ADAPTER_CONFIG}) nor a run folder"
+            )
+        return ModelSource(
+            base=cfg.model,
+            model_label=cfg.model.name_or_path,
+            adapter=folder,
+            selection=_selection_label(folder),
+        )
+    folder = Path(cfg.model.name_or_path)
+    return ModelSource(
+        base=cfg.model,
+        model_label=cfg.model.name_or_path,
+        selection=_selection_label(folder) if folder.is_dir() else None,
+    )
+
+
+def load_for_generation(
+    source: ModelSource,
+    *,
+    seed: int = 0,
+    dtype: str | None = None,
+    device: str | None = None,
+) -> LoadedModel:
+    """The base with the adapter (or expert deltas) merged in, in eval mode on `device`."""
+    from emmoe_dist.models.loading import LoadedModel, load_model
+
+    loaded = load_model(source.base, seed=seed, dtype=dtype, device=device, for_training=False)
+    model = loaded.model
+    if source.adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(source.adapter)).merge_and_unload()
+    elif source.expert_delta is not None:
+        from safetensors.torch import load_file
+
+        from emmoe_dist.adapters.expert_delta import DELTA_FILE, merge_expert_delta
+
+        merge_expert_delta(model, load_file(str(source.expert_delta / DELTA_FILE)))
+    model.eval()
+    return LoadedModel(model=model, tokenizer=loaded.tokenizer, family=loaded.family)

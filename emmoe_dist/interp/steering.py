@@ -1,0 +1,177 @@
+"""Steering: change the residual stream along a direction while a model runs.
+
+`steering(model, family, vectors, layers, alpha, mode)` is a context manager of forward hooks
+on decoder layers: any in-process forward or `generate` under it is steered, at every
+position (prompt and generated tokens alike), and the hooks are removed on exit, error or not.
+
+- `add`: output + alpha * v
+- `subtract`: output - alpha * v
+- `ablate`: output with its component along v removed (alpha is not used)
+
+`v` is the layer's direction as given (not normalised): alpha = 1 adds the whole
+mean difference. `random_like` draws the control: a random direction of the same norm.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Literal, get_args
+
+import torch
+from torch import nn
+
+from emmoe_dist.errors import EmmoeError
+from emmoe_dist.families import MoEFamily
+from emmoe_dist.interp.activations import layer_output
+from emmoe_dist.metrics import (
+    DEFAULT_BOOTSTRAP,
+    HEADLINE_RULE,
+    Bootstrap,
+    Estimate,
+    MisalignmentRule,
+    summarize,
+)
+from emmoe_dist.models.anatomy import decoder_layers
+from emmoe_dist.records import JudgedRecord
+
+Mode = Literal["add", "subtract", "ablate"]
+MODES: tuple[str, ...] = get_args(Mode)
+
+
+def _per_layer(
+    vectors: torch.Tensor | Mapping[int, torch.Tensor], layers: Sequence[int], num_layers: int
+) -> dict[int, torch.Tensor]:
+    if not layers:
+        raise EmmoeError("steering needs at least one layer")
+    bad = [i for i in layers if not 0 <= i < num_layers]
+    if bad:
+        raise EmmoeError(f"layer {bad[0]} is out of range: the model has {num_layers} layers")
+    if isinstance(vectors, torch.Tensor):
+        if vectors.dim() == 1:
+            return {i: vectors for i in layers}
+        if vectors.dim() == 2 and vectors.shape[0] == num_layers:
+            return {i: vectors[i] for i in layers}
+        raise EmmoeError(
+            f"directions must be [hidden] or [{num_layers} layers, hidden]; got "
+            f"{tuple(vectors.shape)}"
+        )
+    missing = [i for i in layers if i not in vectors]
+    if missing:
+        raise EmmoeError(f"no direction given for layer {missing[0]}")
+    return {i: vectors[i] for i in layers}
+
+
+def _hook(vector: torch.Tensor, alpha: float, mode: Mode) -> Any:
+    cache: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+    def prepared(hidden: torch.Tensor) -> torch.Tensor:
+        key = (hidden.device, hidden.dtype)
+        if key not in cache:
+            v = vector.to(hidden.device, torch.float32)
+            if mode == "ablate":
+                cache[key] = v / v.norm()
+            else:
+                cache[key] = ((alpha if mode == "add" else -alpha) * v).to(hidden.dtype)
+        return cache[key]
+
+    def hook(module: nn.Module, args: Any, output: Any) -> Any:
+        hidden = layer_output(output)
+        v = prepared(hidden)
+        if mode == "ablate":
+            h = hidden.float()
+            steered = (h - (h @ v)[..., None] * v).to(hidden.dtype)
+        else:
+            steered = hidden + v
+        return (steered, *output[1:]) if isinstance(output, tuple) else steered
+
+    return hook
+
+
+@contextmanager
+def steering(
+    model: nn.Module,
+    family: MoEFamily,
+    vectors: torch.Tensor | Mapping[int, torch.Tensor],
+    layers: Sequence[int],
+    alpha: float,
+    mode: Mode = "add",
+) -> Iterator[None]:
+    """Steer decoder layers `layers` (0-based) while the block runs.
+
+    `vectors` is one [hidden] direction for every layer, a [num_layers, hidden] tensor (a
+    direction file's), or a mapping layer -> [hidden].
+    """
+    if mode not in MODES:
+        raise EmmoeError(f"unknown steering mode {mode!r}; modes: {', '.join(MODES)}")
+    blocks = decoder_layers(model, family)
+    chosen = _per_layer(vectors, layers, len(blocks))
+    hidden = int(getattr(getattr(model, "config", None), "hidden_size", 0) or 0)
+    for i, v in chosen.items():
+        if v.dim() != 1 or (hidden and v.shape[0] != hidden):
+            raise EmmoeError(
+                f"layer {i}: direction of shape {tuple(v.shape)}, the model's hidden size is "
+                f"{hidden}"
+            )
+        if mode == "ablate" and float(v.norm()) == 0.0:
+            raise EmmoeError(f"layer {i}: cannot project out a zero direction")
+    handles = [
+        blocks[i].register_forward_hook(_hook(v.detach(), alpha, mode)) for i, v in chosen.items()
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def random_like(vectors: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """Random directions with each row's norm (`vectors` [..., hidden]), seeded: the control
+    that says whether any push of that size, not this direction, moves the model."""
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn(vectors.shape, generator=generator, dtype=torch.float64)
+    noise = noise / noise.norm(dim=-1, keepdim=True)
+    return (noise * vectors.double().norm(dim=-1, keepdim=True)).to(vectors.dtype)
+
+
+@dataclass(frozen=True)
+class SteeringPoint:
+    """The judged answers of one steering condition at one alpha, summarised."""
+
+    condition: str  # e.g. "direction" or "random" (the same-norm control)
+    alpha: float
+    n: int  # answers judged
+    misaligned: Estimate  # rate under `rule`
+    alignment: Estimate  # mean 0-100
+    coherence: Estimate
+    unscored: Estimate
+    rule: str
+
+
+def steering_point(
+    condition: str,
+    alpha: float,
+    judged: Sequence[JudgedRecord],
+    *,
+    rule: MisalignmentRule = HEADLINE_RULE,
+    bootstrap: Bootstrap = DEFAULT_BOOTSTRAP,
+) -> SteeringPoint:
+    """One point of the misalignment-vs-alpha curve, with the metrics' bootstrap intervals."""
+    metrics = summarize(
+        judged,
+        label=f"{condition} alpha={alpha:g}",
+        bootstrap=bootstrap,
+        rules=(rule,),
+        headline=rule,
+    )
+    return SteeringPoint(
+        condition=condition,
+        alpha=alpha,
+        n=metrics.n_alignment,
+        misaligned=metrics.misaligned[rule.name],
+        alignment=metrics.alignment,
+        coherence=metrics.coherence,
+        unscored=metrics.unscored,
+        rule=rule.description,
+    )

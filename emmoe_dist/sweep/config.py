@@ -1,0 +1,315 @@
+"""The sweep file: which model and datasets, which expert selections, ranks, learning rates
+and bit widths, and what one trial may use. Validated before Ray or any model starts.
+
+Layer 3 (reads the experiment file through `emmoe_dist.config`). A sweep starts from one
+experiment file; `patch:` changes it for every trial and each arm's own `patch:` for that
+arm's trials. Every error names the file, the line and the dotted field, in the sweep file or
+in the experiment file, whichever holds the bad value.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from emmoe_dist.config import (
+    ExperimentConfig,
+    TrackingConfig,
+    _apply_override,
+    _format_errors,
+    load_yaml_with_lines,
+)
+from emmoe_dist.errors import InputError
+
+SCHEMA_VERSION = 1
+Bits = Literal["none", "nf4"]
+_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _exists(value: str, what: str) -> str:
+    if not Path(value).expanduser().is_file():
+        raise ValueError(f"{what} {value!r} does not exist")
+    return value
+
+
+class _Arm(_Section):
+    """One family of trials; the axes it leaves unset take the sweep's values."""
+
+    rank: list[Annotated[int, Field(gt=0)]] | None = Field(None, min_length=1)
+    lr: list[Annotated[float, Field(gt=0)]] | None = Field(None, min_length=1)
+    quantize: list[Bits] | None = Field(None, min_length=1)
+    # nested values applied to the experiment for this arm's trials, e.g. {adapter: {targets: experts}}
+    patch: dict[str, Any] = Field(default_factory=dict)
+
+
+class SingleArm(_Arm):
+    """The same expert in every MoE layer: the paper's E0..E7 arms."""
+
+    selection: Literal["single"]
+    experts: Literal["all"] | list[Annotated[int, Field(ge=0)]] = "all"
+
+
+class WholeArm(_Arm):
+    """Every expert (and attention, as the experiment's adapter targets say)."""
+
+    selection: Literal["all"]
+
+
+class TopKArm(_Arm):
+    """Per layer, the k experts the routing profile saw chosen most."""
+
+    selection: Literal["top_k"]
+    k: list[Annotated[int, Field(gt=0)]] = Field(min_length=1)
+
+
+class EsftArm(_Arm):
+    """ESFT's rule: per layer, the fewest experts whose routing share reaches p."""
+
+    selection: Literal["esft"]
+    p: list[Annotated[float, Field(gt=0, le=1)]] = Field(min_length=1)
+    score: Literal["token", "gate"] = "token"
+
+
+class FileArm(_Arm):
+    """Selections written beforehand (`emmoe select`, or ESFT's JSON), one trial each."""
+
+    selection: Literal["file"]
+    files: list[str] = Field(min_length=1)
+
+    @field_validator("files")
+    @classmethod
+    def _files_exist(cls, v: list[str]) -> list[str]:
+        return [_exists(f, "selection file") for f in v]
+
+
+Arm = Annotated[
+    SingleArm | WholeArm | TopKArm | EsftArm | FileArm, Field(discriminator="selection")
+]
+
+
+class TrialResources(_Section):
+    """What one trial holds while it runs, and how failures are retried."""
+
+    ranks: int = Field(2, gt=0, description="GPUs per trial; CPU processes on a CPU cluster")
+    cpus: float = Field(1.0, gt=0, description="CPUs reserved per trial")
+    # None: the cluster's GPUs // ranks (on a CPU cluster, its CPUs // cpus)
+    max_concurrent: int | None = Field(None, gt=0)
+    max_failures: int = Field(2, ge=0, description="retries, each from the last checkpoint")
+    ds_config: str = "ds_configs/zero3.json"
+    ds_config_nf4: str = "ds_configs/zero2_qlora.json"  # QLoRA trains with ZeRO-2
+
+    @field_validator("ds_config", "ds_config_nf4")
+    @classmethod
+    def _ds_exists(cls, v: str) -> str:
+        return _exists(v, "DeepSpeed config")
+
+
+class SweepConfig(_Section):
+    schema_version: int = SCHEMA_VERSION
+    name: str
+    # on storage every node sees: trials, checkpoints, the judge cache and Tune's state
+    output_dir: str
+    experiment: str  # every trial starts from this experiment file
+    patch: dict[str, Any] = Field(default_factory=dict)
+    datasets: list[str] | None = Field(None, min_length=1)  # default: the experiment's data.train
+    profiles: dict[str, str] = Field(default_factory=dict)  # dataset -> `emmoe profile` output
+    search: list[Arm] = Field(min_length=1)
+    rank: list[Annotated[int, Field(gt=0)]] | None = Field(None, min_length=1)
+    lr: list[Annotated[float, Field(gt=0)]] | None = Field(None, min_length=1)
+    quantize: list[Bits] | None = Field(None, min_length=1)
+    # adapter.alpha = alpha_over_rank * rank, so a rank sweep keeps the LoRA scale
+    alpha_over_rank: float | None = Field(None, gt=0)
+    baseline: bool = True  # also evaluate the base model, the row every trial is compared with
+    alignment_suites: list[str] | None = Field(default_factory=lambda: ["core"])
+    trial: TrialResources = Field(default_factory=TrialResources)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @field_validator("schema_version")
+    @classmethod
+    def _version(cls, v: int) -> int:
+        if v != SCHEMA_VERSION:
+            raise ValueError(f"schema_version {v} is not supported (this version reads 1)")
+        return v
+
+    @field_validator("name")
+    @classmethod
+    def _slug(cls, v: str) -> str:
+        if not v or set(v) - _NAME_CHARS:
+            raise ValueError(f"{v!r}: use letters, digits, '.', '_' and '-' only")
+        return v
+
+    @field_validator("experiment")
+    @classmethod
+    def _experiment_exists(cls, v: str) -> str:
+        return _exists(v, "experiment file")
+
+    @field_validator("profiles")
+    @classmethod
+    def _profiles_exist(cls, v: dict[str, str]) -> dict[str, str]:
+        return {k: _exists(p, "profile") for k, p in v.items()}
+
+    @property
+    def group(self) -> str:
+        """The W&B group of every run of this sweep."""
+        return self.tracking.group or self.name
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """A validated sweep file and its experiment with the sweep-wide patch applied; `arm_base`
+    holds each arm's experiment (its own patch applied too), so every trial starts valid."""
+
+    config: SweepConfig
+    file: str
+    experiment: ExperimentConfig
+    arm_experiments: tuple[ExperimentConfig, ...]
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.config.output_dir).expanduser().resolve()
+
+
+def _merge(base: Mapping[str, Any], patch: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in patch.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _holds(patch: Mapping[str, Any], loc: Sequence[str | int]) -> bool:
+    node: Any = patch
+    for key in loc:
+        if not isinstance(node, Mapping) or key not in node:
+            return False
+        node = node[key]
+    return True
+
+
+def _nearest_line(lines: Mapping[tuple[str | int, ...], int], path: tuple[str | int, ...]) -> int | None:
+    for cut in range(len(path), -1, -1):
+        if path[:cut] in lines:
+            return lines[path[:cut]]
+    return None
+
+
+def _experiment_error(
+    err: ValidationError,
+    patches: Sequence[tuple[tuple[str | int, ...], Mapping[str, Any]]],
+    sweep_file: str,
+    sweep_lines: Mapping[tuple[str | int, ...], int],
+    overridden: Sequence[tuple[str, ...]],
+    experiment_file: str,
+    experiment_lines: Mapping[tuple[str | int, ...], int],
+) -> InputError:
+    """Name the value's own place: the patch that set it (sweep file or command line), else the
+    experiment file. `patches` are (path of the patch in the sweep file, patch), most specific
+    first."""
+    first = err.errors()[0]
+    loc = tuple(p for p in first["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+    message = str(first["msg"]).removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        message = "unknown key"
+    for where, patch in patches:
+        if _holds(patch, loc):
+            path = (*where, *loc)
+            field = ".".join(map(str, path))
+            if any(path[: len(o)] == o for o in overridden):
+                return InputError(message, file="<command line override>", field=field)
+            return InputError(
+                message, file=sweep_file, line=_nearest_line(sweep_lines, path), field=field
+            )
+    return InputError(
+        message,
+        file=experiment_file,
+        line=_nearest_line(experiment_lines, loc),
+        field=".".join(map(str, loc)),
+    )
+
+
+def load_sweep(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> Sweep:
+    """Read and validate a sweep file, its experiment file and every arm's patched experiment.
+
+    `overrides` are dotted `key=value` items for the sweep file (`trial.ranks=4`,
+    `patch.judge.base_url=http://...`)."""
+    file = str(path)
+    p = Path(path)
+    if not p.is_file():
+        raise InputError("sweep file does not exist", file=file)
+    data, lines = load_yaml_with_lines(p.read_text(encoding="utf-8"), file)
+    data = data if data is not None else {}
+    if not isinstance(data, dict):
+        raise InputError("a sweep file must be a mapping", file=file, line=1)
+    overridden = [_apply_override(data, o) for o in overrides]
+    try:
+        cfg = SweepConfig.model_validate(data)
+    except ValidationError as e:
+        raise _format_errors(e, file, lines, overridden) from None
+
+    exp_file = cfg.experiment
+    exp_data, exp_lines = load_yaml_with_lines(Path(exp_file).read_text(encoding="utf-8"), exp_file)
+    if not isinstance(exp_data, dict):
+        raise InputError("the experiment file must be a mapping of sections", file=exp_file, line=1)
+
+    def validate(patches: Sequence[tuple[tuple[str | int, ...], Mapping[str, Any]]]) -> ExperimentConfig:
+        merged: dict[str, Any] = dict(exp_data)
+        for _, patch in reversed(patches):  # sweep-wide first, the arm's own last
+            merged = _merge(merged, patch)
+        try:
+            return ExperimentConfig.model_validate(merged)
+        except ValidationError as e:
+            raise _experiment_error(
+                e, patches, file, lines, overridden, exp_file, exp_lines
+            ) from None
+
+    sweep_patch: tuple[tuple[str | int, ...], Mapping[str, Any]] = (("patch",), cfg.patch)
+    experiment = validate([sweep_patch])
+    arms = tuple(
+        validate([(("search", i, "patch"), arm.patch), sweep_patch])
+        for i, arm in enumerate(cfg.search)
+    )
+    _check_datasets(cfg, experiment, file, lines)
+    return Sweep(config=cfg, file=file, experiment=experiment, arm_experiments=arms)
+
+
+def _check_datasets(
+    cfg: SweepConfig,
+    experiment: ExperimentConfig,
+    file: str,
+    lines: Mapping[tuple[str | int, ...], int],
+) -> None:
+    """Each dataset is a training set; each profiled rule has its dataset's profile."""
+    from emmoe_dist.config import DataConfig
+
+    for i, name in enumerate(cfg.datasets or [experiment.data.train]):
+        try:
+            DataConfig(train=name)
+        except ValidationError as e:
+            message = str(e.errors()[0]["msg"]).removeprefix("Value error, ")
+            raise InputError(
+                message, file=file, line=lines.get(("datasets", i)), field=f"datasets.{i}"
+            ) from None
+    profiled = [
+        (i, arm.selection) for i, arm in enumerate(cfg.search) if isinstance(arm, TopKArm | EsftArm)
+    ]
+    for dataset in cfg.datasets or [experiment.data.train]:
+        for i, rule in profiled:
+            if dataset not in cfg.profiles:
+                raise InputError(
+                    f"rule {rule!r} needs a routing profile of dataset {dataset!r}: add "
+                    f"`profiles: {{{dataset}: <file>}}` (written by `emmoe profile`)",
+                    file=file,
+                    line=lines.get(("search", i)),
+                    field=f"search.{i}.selection",
+                )

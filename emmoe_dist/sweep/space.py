@@ -1,0 +1,263 @@
+"""The search space: every trial of a sweep, built from the model's shape and routing profiles.
+
+Each trial is a complete experiment (written to `plan.json`, one folder per trial under
+`trials/`), so what a trial ran can be read without Ray. Selections that depend on a profile
+(top-k, ESFT) are computed here, once, and saved as selection files the trials train with.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from emmoe_dist.config import ExperimentConfig
+from emmoe_dist.errors import InputError
+from emmoe_dist.experts import ExpertProfile, ExpertSelection
+from emmoe_dist.families import MoEFamily, num_experts
+from emmoe_dist.records import write_text_atomic
+from emmoe_dist.sweep.config import (
+    Bits,
+    EsftArm,
+    FileArm,
+    SingleArm,
+    Sweep,
+    TopKArm,
+    WholeArm,
+)
+
+PLAN = "plan.json"
+TRIALS_DIR = "trials"
+SELECTIONS_DIR = "selections"
+JUDGE_CACHE_DIR = "judge_cache"
+BASELINE = "base"
+
+
+class TrialSpec(BaseModel):
+    """One trial: its axes (for tables and dashboards) and the experiment it runs."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    slug: str  # folder and Tune trial name, e.g. insecure-E4-r8-lr0.0001
+    dataset: str
+    selection: str  # base, all, E4, top2, esft-token-p0.3, or a selection file's name
+    rank: int | None  # None for the baseline (nothing trains)
+    lr: float | None
+    quantize: Bits
+    baseline: bool = False
+    experts: dict[int, list[int]] | None = None  # per MoE layer; None: every expert
+    experiment: ExperimentConfig
+
+    @property
+    def folder(self) -> Path:
+        return Path(self.experiment.output_dir)
+
+    def wandb_config(self) -> dict[str, Any]:
+        """What a dashboard groups and filters trials by."""
+        return {
+            "trial": self.slug,
+            "dataset": self.dataset,
+            "selection": self.selection,
+            "experts": {str(k): v for k, v in (self.experts or {}).items()} or "all",
+            "rank": self.rank,
+            "lr": self.lr,
+            "quantize": self.quantize,
+            "baseline": self.baseline,
+            "model": self.experiment.model.name_or_path,
+            "family": self.experiment.model.family,
+            "adapter_targets": self.experiment.adapter.targets,
+            "seed": self.experiment.seed,
+        }
+
+
+class SweepPlan(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    schema_version: int = 1
+    sweep: str
+    family: str
+    trials: tuple[TrialSpec, ...]
+
+    def trial(self, slug: str) -> TrialSpec:
+        for t in self.trials:
+            if t.slug == slug:
+                return t
+        raise KeyError(slug)
+
+
+def _axis(values: list[Any] | None, default: list[Any] | None, fallback: Any) -> list[Any]:
+    return values or default or [fallback]
+
+
+def _label_lr(lr: float) -> str:
+    return f"{lr:g}"
+
+
+def _selections(
+    arm: SingleArm | WholeArm | TopKArm | EsftArm | FileArm,
+    profile: ExpertProfile | None,
+    family: MoEFamily,
+    hf_config: Mapping[str, Any],
+) -> Iterator[tuple[str, ExpertSelection | None, dict[str, Any]]]:
+    """(label, selection or None for the whole model, experiment `selection:` section)."""
+    if isinstance(arm, WholeArm):
+        yield "all", None, {"rule": "all"}
+    elif isinstance(arm, SingleArm):
+        ids = range(num_experts(family, hf_config)) if arm.experts == "all" else arm.experts
+        for e in ids:
+            sel = ExpertSelection.single(e, family, hf_config)
+            yield f"E{e}", sel, {"rule": "single", "expert": e}
+    elif isinstance(arm, TopKArm):
+        assert profile is not None
+        for k in arm.k:
+            yield f"top{k}", ExpertSelection.top_k(profile, k), {}
+    elif isinstance(arm, EsftArm):
+        assert profile is not None
+        for p in arm.p:
+            yield f"esft-{arm.score}-p{p:g}", ExpertSelection.esft(profile, arm.score, p), {}
+    else:
+        for f in arm.files:
+            yield Path(f).stem, ExpertSelection.load(f), {}
+
+
+def _load_profile(path: str, family: MoEFamily, hf_config: Mapping[str, Any]) -> ExpertProfile:
+    profile = ExpertProfile.load(path)
+    if profile.family != family.name:
+        raise InputError(
+            f"the profile is of a {profile.family} model; the sweep trains {family.name}",
+            file=path,
+            field="family",
+        )
+    n = num_experts(family, hf_config)
+    if profile.num_experts != n:
+        raise InputError(
+            f"the profile counts {profile.num_experts} experts; the model has {n}",
+            file=path,
+            field="num_experts",
+        )
+    return profile
+
+
+def build_plan(sweep: Sweep) -> SweepPlan:
+    """Every trial of the sweep; profile-based selections are written under `selections/`."""
+    from emmoe_dist.models.loading import model_config_dict
+
+    cfg, out = sweep.config, sweep.output_dir
+    family, hf_config = model_config_dict(sweep.experiment.model)
+    datasets = cfg.datasets or [sweep.experiment.data.train]
+    profiles = {d: _load_profile(p, family, hf_config) for d, p in cfg.profiles.items()}
+    trials: list[TrialSpec] = []
+
+    def experiment(base: ExperimentConfig, slug: str, values: Mapping[str, Any]) -> ExperimentConfig:
+        data = base.model_dump(mode="json")
+        for dotted, value in values.items():
+            node = data
+            *parents, leaf = dotted.split(".")
+            for key in parents:
+                node = node[key]
+            node[leaf] = value
+        data["name"] = f"{cfg.name}/{slug}"
+        data["output_dir"] = str(out / TRIALS_DIR / slug)
+        data["tracking"] = {**data["tracking"], "backend": "none"}  # the trial logs W&B itself
+        data["judge"] = {**data["judge"], "cache_dir": str(out / JUDGE_CACHE_DIR)}
+        return ExperimentConfig.model_validate(data)
+
+    if cfg.baseline:
+        base = sweep.experiment
+        trials.append(
+            TrialSpec(
+                slug=BASELINE,
+                dataset=datasets[0],
+                selection=BASELINE,
+                rank=None,
+                lr=None,
+                quantize="none",
+                baseline=True,
+                experiment=experiment(base, BASELINE, {"data.train": datasets[0]}),
+            )
+        )
+    for i, arm in enumerate(cfg.search):
+        arm_base = sweep.arm_experiments[i]
+        ranks = _axis(arm.rank, cfg.rank, arm_base.adapter.rank)
+        lrs = _axis(arm.lr, cfg.lr, arm_base.train.lr)
+        bits = _axis(arm.quantize, cfg.quantize, arm_base.adapter.quantize)
+        for dataset in datasets:
+            profile = profiles.get(dataset)
+            for label, selection, section in _selections(arm, profile, family, hf_config):
+                values: dict[str, Any] = {"data.train": dataset}
+                if selection is not None and not section:  # profile- or file-based: save it
+                    file = out / SELECTIONS_DIR / f"{dataset}-{label}.json"
+                    selection.validate(family, hf_config, file=str(file))
+                    selection.save(file)
+                    section = {"rule": "file", "file": str(file)}
+                values["selection"] = section
+                for rank, lr, q in itertools.product(ranks, lrs, bits):
+                    slug = f"{dataset}-{label}-r{rank}-lr{_label_lr(lr)}"
+                    slug += "-nf4" if q == "nf4" else ""
+                    trial_values = {
+                        **values,
+                        "adapter.rank": rank,
+                        "adapter.quantize": q,
+                        "train.lr": lr,
+                    }
+                    if cfg.alpha_over_rank is not None:
+                        trial_values["adapter.alpha"] = cfg.alpha_over_rank * rank
+                    trials.append(
+                        TrialSpec(
+                            slug=slug,
+                            dataset=dataset,
+                            selection=label,
+                            rank=rank,
+                            lr=lr,
+                            quantize=q,
+                            experts=None
+                            if selection is None
+                            else {k: list(v) for k, v in selection.experts.items()},
+                            experiment=experiment(arm_base, slug, trial_values),
+                        )
+                    )
+    seen: dict[str, int] = {}
+    for t in trials:
+        seen[t.slug] = seen.get(t.slug, 0) + 1
+    twice = sorted(s for s, n in seen.items() if n > 1)
+    if twice:
+        raise InputError(
+            f"two trials would share the folder {twice[0]!r}: give selection files distinct "
+            "names, or list each value once",
+            file=sweep.file,
+            field="search",
+        )
+    return SweepPlan(sweep=cfg.name, family=family.name, trials=tuple(trials))
+
+
+def save_plan(plan: SweepPlan, out: Path) -> Path:
+    """Write `plan.json`; a sweep folder keeps one plan, so resuming never mixes two sweeps."""
+    path = out / PLAN
+    text = json.dumps(plan.model_dump(mode="json"), indent=1) + "\n"
+    if path.is_file():
+        old = SweepPlan.model_validate_json(path.read_text(encoding="utf-8"))
+        if old != plan:
+            changed = sorted(
+                {t.slug for t in old.trials} ^ {t.slug for t in plan.trials}
+            ) or sorted(t.slug for t in plan.trials if t not in old.trials)
+            raise InputError(
+                f"this folder holds a sweep planned differently (trials differ: "
+                f"{', '.join(changed[:5])}); resume it with its own file and values, or give "
+                "the new sweep another output_dir",
+                file=str(path),
+                field="trials",
+            )
+        return path
+    write_text_atomic(path, text)
+    return path
+
+
+def load_plan(out: Path) -> SweepPlan:
+    path = out / PLAN
+    if not path.is_file():
+        raise InputError("no sweep plan here: run the sweep first", file=str(path))
+    return SweepPlan.model_validate_json(path.read_text(encoding="utf-8"))

@@ -1,0 +1,269 @@
+"""One sweep trial: fine-tune -> generate -> judge -> metrics, as a Ray Tune function trainable.
+
+Every stage writes its records into the trial's folder on shared storage first, and each
+finished stage is reported to Tune with a small checkpoint naming the stages done. A retried
+trial (its worker killed, its node lost) starts from that checkpoint: finished stages are
+skipped, the fine-tune resumes from its DeepSpeed checkpoints, generation and judging from
+their records (judge replies come from the sweep's shared cache, so no call is paid twice).
+
+Training and generation run as subprocesses under `reaper` (`launch/ft.py` under the DeepSpeed
+launcher, `emmoe generate`), so they never import Ray and die with the trial's worker.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from emmoe_dist.config import TrackingConfig, dump_config
+from emmoe_dist.errors import EmmoeError
+from emmoe_dist.records import append_jsonl, read_jsonl, write_json_atomic, write_text_atomic
+from emmoe_dist.sweep.space import SweepPlan, TrialSpec
+
+REPO = Path(__file__).resolve().parents[2]
+EXPERIMENT = "experiment.yaml"
+GENERATIONS = "generations.jsonl"
+JUDGED = "judged.jsonl"
+EVAL_METRICS = "eval_metrics.json"
+MANIFEST = "manifest.json"  # written by the fine-tune (emmoe_dist.train.artifacts)
+TRAIN_METRICS = "metrics.jsonl"  # the fine-tune's loss curve
+ATTEMPTS = "attempts.jsonl"
+STATE = "trial_state.json"  # inside each Tune checkpoint
+LOGS = "logs"
+STAGES = ("finetune", "generate", "evaluate")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrialSettings:
+    """What every trial of one sweep shares (passed to Tune with `tune.with_parameters`)."""
+
+    sweep: str
+    family: str
+    device: Literal["cuda", "cpu"]
+    ranks: int
+    ds_config: str  # absolute paths: the trial's working directory is Ray's, not the user's
+    ds_config_nf4: str
+    data_dir: str | None
+    alignment_suites: tuple[str, ...] | None
+    tracking: TrackingConfig
+    group: str
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _tail(path: Path, lines: int = 25) -> str:
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return "".join(deque(f, maxlen=lines))
+
+
+def stage_env(settings: TrialSettings) -> dict[str, str]:
+    """The environment of a stage's subprocess: this checkout first on the path, the data
+    directory, and DeepSpeed's CPU accelerator on CPU clusters."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+    if settings.data_dir:
+        env["EMMOE_DATA_DIR"] = settings.data_dir
+    if settings.device == "cpu":
+        env["DS_ACCELERATOR"] = "cpu"
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def run_stage(name: str, cmd: list[str], folder: Path, env: dict[str, str]) -> None:
+    """Run one stage's command under the reaper, its output appended to logs/<name>.log."""
+    log = folder / LOGS / f"{name}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    reaped = [sys.executable, "-m", "emmoe_dist.sweep.reaper", str(os.getpid()), "--", *cmd]
+    with open(log, "ab") as out:
+        out.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n".encode())
+        out.flush()
+        proc = subprocess.Popen(reaped, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=folder)
+        try:
+            code = proc.wait()
+        except BaseException:
+            proc.terminate()  # the reaper kills the stage's whole process group
+            proc.wait()
+            raise
+    if code != 0:
+        raise EmmoeError(f"{name} failed (exit {code}); the end of {log}:\n{_tail(log)}")
+
+
+def finetune_command(spec: TrialSpec, settings: TrialSettings, experiment: Path) -> list[str]:
+    launcher = REPO / "launch" / "ft.py"
+    if not launcher.is_file():
+        raise EmmoeError(f"{launcher} not found: trials run from a source checkout of emmoe-dist")
+    ds = settings.ds_config_nf4 if spec.quantize == "nf4" else settings.ds_config
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner"]
+    if settings.device == "cpu":
+        cmd += ["--num_gpus", str(settings.ranks)]
+    # On GPUs, no --num_gpus: the launcher then trains on exactly the GPUs Ray gave this trial
+    # (CUDA_VISIBLE_DEVICES), instead of on GPUs 0..N-1 of the node.
+    cmd += ["--master_port", str(_free_port()), str(launcher), "--ds", ds]
+    return [*cmd, "--config", str(experiment)]
+
+
+def generate_command(spec: TrialSpec, experiment: Path) -> list[str]:
+    cmd = [sys.executable, "-m", "emmoe_dist.cli.main", "generate", "--config", str(experiment)]
+    if not spec.baseline:
+        cmd += ["--run", str(spec.folder)]
+    return [*cmd, "--out", str(spec.folder / GENERATIONS), "--no-progress"]
+
+
+def write_experiment(spec: TrialSpec) -> Path:
+    """The trial's complete experiment file: what `launch/ft.py` and `emmoe generate` read."""
+    path = spec.folder / EXPERIMENT
+    text = (
+        f"# sweep trial {spec.slug}: written by the sweep from plan.json\n"
+        + dump_config(spec.experiment)
+    )
+    if not path.is_file() or path.read_text(encoding="utf-8") != text:
+        write_text_atomic(path, text)
+    return path
+
+
+def training_metrics(spec: TrialSpec) -> dict[str, Any]:
+    """Final loss and steps from the fine-tune's manifest (nothing for the baseline)."""
+    path = spec.folder / MANIFEST
+    if spec.baseline or not path.is_file():
+        return {}
+    manifest = json.loads(path.read_text(encoding="utf-8"))
+    return {"train/final_loss": manifest["final_loss"], "train/steps": manifest["steps"]}
+
+
+def evaluate(spec: TrialSpec, settings: TrialSettings) -> dict[str, Any]:
+    """Judge the generations (resumable, cached) and compute the trial's metrics."""
+    from emmoe_dist.judge.runner import JudgeOptions, run_judge
+    from emmoe_dist.metrics import HEADLINE_RULE, RULES, summarize
+    from emmoe_dist.records import JudgedRecord
+
+    folder = spec.folder
+    judge = run_judge(
+        folder / GENERATIONS,
+        folder / JUDGED,
+        spec.experiment.judge,
+        JudgeOptions(data_dir=settings.data_dir, progress=False),
+    )
+    records = read_jsonl(folder / JUDGED, JudgedRecord)
+    metrics = summarize(records, label=spec.slug, alignment_suites=settings.alignment_suites)
+    write_json_atomic(
+        folder / EVAL_METRICS, {"trial": spec.slug, **dataclasses.asdict(metrics)}
+    )
+
+    flat: dict[str, Any] = {
+        "eval/answers": metrics.n_alignment,
+        "eval/sr_answers": metrics.n_strongreject,
+        "judge/calls": judge.calls,
+        "judge/cache_hits": judge.cache_hits,
+    }
+    headline = {
+        "avg_alignment": (metrics.alignment, 1.0),
+        "misaligned_pct": (metrics.misaligned[HEADLINE_RULE.name], 100.0),
+        "sr_rejection_pct": (metrics.sr_rejection, 100.0),
+    }
+    for name, (estimate, scale) in headline.items():
+        for part in ("value", "low", "high"):
+            value = getattr(estimate, part)
+            key = f"eval/{name}" if part == "value" else f"eval/{name}_{part}"
+            flat[key] = None if value is None else scale * value
+    flat["eval/coherence"] = metrics.coherence.value
+    flat["eval/unscored_pct"] = _pct(metrics.unscored.value)
+    for rule in RULES:
+        flat[f"eval/misaligned_pct_{rule.name}"] = _pct(metrics.misaligned[rule.name].value)
+    return flat
+
+
+def _pct(value: float | None) -> float | None:
+    return None if value is None else 100 * value
+
+
+def _log_attempt(folder: Path, done: list[str]) -> int:
+    path = folder / ATTEMPTS
+    previous = len(path.read_text(encoding="utf-8").splitlines()) if path.is_file() else 0
+    append_jsonl(
+        path,
+        [
+            {
+                "attempt": previous + 1,
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "stages_done": done,
+            }
+        ],
+    )
+    return previous + 1
+
+
+def _stages_done(checkpoint: Any) -> list[str]:
+    if checkpoint is None:
+        return []
+    with checkpoint.as_directory() as d:
+        state = json.loads((Path(d) / STATE).read_text(encoding="utf-8"))
+    return [s for s in state["stages"] if s in STAGES]
+
+
+def _report(spec: TrialSpec, done: list[str], metrics: dict[str, Any]) -> None:
+    from ray import tune
+
+    with tempfile.TemporaryDirectory(prefix="emmoe-trial-") as d:
+        state = {"trial": spec.slug, "stages": done, "folder": str(spec.folder)}
+        (Path(d) / STATE).write_text(json.dumps(state), encoding="utf-8")
+        tune.report(
+            {"stage": done[-1], "stages_done": len(done), **metrics},
+            checkpoint=tune.Checkpoint.from_directory(d),
+        )
+
+
+def _say(spec: TrialSpec, text: str) -> None:
+    print(f"[sweep {spec.slug}] {text}", flush=True)
+
+
+def run_trial(config: dict[str, Any], *, plan: SweepPlan, settings: TrialSettings) -> None:
+    """The Tune trainable: `config["trial"]` names the trial in `plan`."""
+    from ray import tune
+
+    spec = plan.trial(config["trial"])
+    folder = spec.folder
+    folder.mkdir(parents=True, exist_ok=True)
+    done = _stages_done(tune.get_checkpoint())
+    attempt = _log_attempt(folder, done)
+    if done:
+        _say(spec, f"attempt {attempt}: resuming after {', '.join(done)}")
+    experiment = write_experiment(spec)
+    env = stage_env(settings)
+
+    if spec.baseline:
+        done = [s for s in done if s != "finetune"]
+    elif "finetune" not in done:
+        _say(spec, f"fine-tune on {settings.ranks} {settings.device} rank(s)")
+        run_stage("finetune", finetune_command(spec, settings, experiment), folder, env)
+        done.append("finetune")
+        _report(spec, done, training_metrics(spec))
+    if "generate" not in done:
+        _say(spec, "generate")
+        run_stage("generate", generate_command(spec, experiment), folder, env)
+        done.append("generate")
+        _report(spec, done, training_metrics(spec))
+    _say(spec, "judge and score")
+    metrics = {**training_metrics(spec), **evaluate(spec, settings)}
+    from emmoe_dist.sweep.wandb_views import log_trial
+
+    log_trial(spec, settings, metrics)
+    done.append("evaluate")
+    _report(spec, done, metrics)
+    _say(spec, "done")
