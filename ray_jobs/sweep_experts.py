@@ -64,8 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     from emmoe_dist.sweep.wandb_views import log_summary
 
     out = sweep.output_dir
-    signal.signal(signal.SIGTERM, _stop_gracefully)
     ray.init(address=args.address or ("auto" if _RAY_JOB_ENV in os.environ else None))
+    signal.signal(signal.SIGTERM, _stop_gracefully)  # after ray.init, which installs its own
     try:
         plan = build_plan(sweep)
         save_plan(plan, out)
@@ -76,10 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         paths = write_summary(summary, out / SUMMARY_DIR)
         tracking = sweep.config.tracking
         if outcome.complete and tracking.backend == "wandb":
-            folder = log_summary(
-                summary, tracking.mode, tracking.project, sweep.config.group, out / SUMMARY_DIR
-            )
-            paths.append(folder)
+            folder = log_summary(summary, tracking, sweep.config.group, out / SUMMARY_DIR)
+            paths += [folder] if folder else []
     except EmmoeError as e:
         print(f"sweep_experts.py: error: {e}", file=sys.stderr)
         return 2

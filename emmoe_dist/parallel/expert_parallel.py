@@ -91,11 +91,10 @@ class ExpertParallelLayout:
         return self.local_world_size % self.ep_size == 0
 
     def describe(self, moe_layers: int) -> str:
+        held = [self.experts_of(i) for i in range(self.ep_size)]
         holdings = "; ".join(
             f"experts {r.start}-{r.stop - 1} on ranks {ranks}"
-            for r, ranks in (
-                (self.experts_of(i), group) for i, group in enumerate(self.replica_groups())
-            )
+            for r, ranks in zip(held, self.replica_groups(), strict=True)
         )
         where = (
             "inside a node"
@@ -276,9 +275,12 @@ class ExpertDispatcher:
 
 
 def _grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """`x [N, in]` times `w [G, in, out]` per group of rows. With no rows grouped_mm's backward
-    fails (torch 2.13); the plain product of zero rows keeps the graph, and so the reverse
-    all-to-all every rank of the group must join, in place."""
+    """`x [N, in]` times `w [G, in, out]` per group of rows.
+
+    A rank that received no rows still takes part: a zero-row matmul stands in for grouped_mm
+    (no kernel sees an empty input) and keeps the graph, and with it the reverse all-to-all
+    that every rank of the group must join in backward.
+    """
     if x.shape[0] == 0:
         return x @ w[0]
     return F.grouped_mm(x, w, offs=offs)

@@ -21,7 +21,6 @@ from emmoe_dist.config import (
     ExperimentConfig,
     TrackingConfig,
     _apply_override,
-    _format_errors,
     load_yaml_with_lines,
 )
 from emmoe_dist.errors import InputError
@@ -101,6 +100,9 @@ class TrialResources(_Section):
 
     ranks: int = Field(2, gt=0, description="GPUs per trial; CPU processes on a CPU cluster")
     cpus: float = Field(1.0, gt=0, description="CPUs reserved per trial")
+    # deepspeed: the DeepSpeed launcher on the GPUs of one node that the trial holds;
+    # ray_train: a Ray Train run of `ranks` workers on any nodes (trials larger than a node)
+    launcher: Literal["deepspeed", "ray_train"] = "deepspeed"
     # None: the cluster's GPUs // ranks (on a CPU cluster, its CPUs // cpus)
     max_concurrent: int | None = Field(None, gt=0)
     max_failures: int = Field(2, ge=0, description="retries, each from the last checkpoint")
@@ -197,11 +199,47 @@ def _holds(patch: Mapping[str, Any], loc: Sequence[str | int]) -> bool:
     return True
 
 
-def _nearest_line(lines: Mapping[tuple[str | int, ...], int], path: tuple[str | int, ...]) -> int | None:
+def _nearest_line(
+    lines: Mapping[tuple[str | int, ...], int], path: tuple[str | int, ...]
+) -> int | None:
     for cut in range(len(path), -1, -1):
         if path[:cut] in lines:
             return lines[path[:cut]]
     return None
+
+
+_ARM_TAGS = frozenset({"single", "all", "top_k", "esft", "file"})
+
+
+def _error_loc(error: Mapping[str, Any]) -> tuple[str | int, ...]:
+    """The dotted path of a pydantic error as the user wrote it: without validator names and
+    without the arm's `selection` tag that pydantic inserts (`search.0.single.rank`)."""
+    loc = [p for p in error["loc"] if not (isinstance(p, str) and p.startswith("function-"))]
+    if len(loc) > 2 and loc[0] == "search" and loc[2] in _ARM_TAGS:
+        del loc[2]
+    return tuple(loc)
+
+
+def _message(error: Mapping[str, Any]) -> str:
+    if error["type"] == "extra_forbidden":
+        return "unknown key"
+    return str(error["msg"]).removeprefix("Value error, ")
+
+
+def _sweep_error(
+    err: ValidationError,
+    file: str,
+    lines: Mapping[tuple[str | int, ...], int],
+    overridden: Sequence[tuple[str, ...]],
+) -> InputError:
+    first = err.errors()[0]
+    loc = _error_loc(first)
+    field = ".".join(map(str, loc)) or None
+    more = len(err.errors()) - 1
+    message = _message(first) + (f" (and {more} more errors)" if more else "")
+    if any(loc[: len(o)] == o for o in overridden):
+        return InputError(message, file="<command line override>", field=field)
+    return InputError(message, file=file, line=_nearest_line(lines, loc), field=field)
 
 
 def _experiment_error(
@@ -217,10 +255,7 @@ def _experiment_error(
     experiment file. `patches` are (path of the patch in the sweep file, patch), most specific
     first."""
     first = err.errors()[0]
-    loc = tuple(p for p in first["loc"] if not (isinstance(p, str) and p.startswith("function-")))
-    message = str(first["msg"]).removeprefix("Value error, ")
-    if first["type"] == "extra_forbidden":
-        message = "unknown key"
+    loc, message = _error_loc(first), _message(first)
     for where, patch in patches:
         if _holds(patch, loc):
             path = (*where, *loc)
@@ -255,14 +290,16 @@ def load_sweep(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> S
     try:
         cfg = SweepConfig.model_validate(data)
     except ValidationError as e:
-        raise _format_errors(e, file, lines, overridden) from None
+        raise _sweep_error(e, file, lines, overridden) from None
 
     exp_file = cfg.experiment
     exp_data, exp_lines = load_yaml_with_lines(Path(exp_file).read_text(encoding="utf-8"), exp_file)
     if not isinstance(exp_data, dict):
         raise InputError("the experiment file must be a mapping of sections", file=exp_file, line=1)
 
-    def validate(patches: Sequence[tuple[tuple[str | int, ...], Mapping[str, Any]]]) -> ExperimentConfig:
+    def validate(
+        patches: Sequence[tuple[tuple[str | int, ...], Mapping[str, Any]]],
+    ) -> ExperimentConfig:
         merged: dict[str, Any] = dict(exp_data)
         for _, patch in reversed(patches):  # sweep-wide first, the arm's own last
             merged = _merge(merged, patch)

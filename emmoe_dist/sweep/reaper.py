@@ -40,7 +40,9 @@ def _kill_group(pgid: int) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) < 3 or args[1] != "--" or not args[0].isdigit():
-        print("usage: python -m emmoe_dist.sweep.reaper PARENT_PID -- CMD [ARGS...]", file=sys.stderr)
+        print(
+            "usage: python -m emmoe_dist.sweep.reaper PARENT_PID -- CMD [ARGS...]", file=sys.stderr
+        )
         return 2
     _die_with(int(args[0]))
     child = subprocess.Popen(args[2:], start_new_session=True)

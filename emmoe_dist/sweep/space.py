@@ -152,7 +152,9 @@ def build_plan(sweep: Sweep) -> SweepPlan:
     profiles = {d: _load_profile(p, family, hf_config) for d, p in cfg.profiles.items()}
     trials: list[TrialSpec] = []
 
-    def experiment(base: ExperimentConfig, slug: str, values: Mapping[str, Any]) -> ExperimentConfig:
+    def experiment(
+        base: ExperimentConfig, slug: str, values: Mapping[str, Any]
+    ) -> ExperimentConfig:
         data = base.model_dump(mode="json")
         for dotted, value in values.items():
             node = data

@@ -121,14 +121,22 @@ def _pct(e: Estimate) -> Estimate:
     )
 
 
-def _headline(result: TrialResult) -> list[tuple[str, Estimate]]:
+def _headline(result: TrialResult, versus: bool = True) -> list[tuple[str, Estimate]]:
+    """The paper's three numbers and, when the sweep has a base row, the difference from it."""
     m, v = result.metrics, result.versus_base
-    return [
+    out = [
         ("avg alignment", m.alignment),
         ("SR rejection %", _pct(m.sr_rejection)),
         ("misaligned %", _pct(m.misaligned[HEADLINE_RULE.name])),
-        ("Δ misaligned % vs base", _pct(v.misaligned[HEADLINE_RULE.name]) if v else Estimate.empty()),
     ]
+    if versus:
+        diff = _pct(v.misaligned[HEADLINE_RULE.name]) if v else Estimate.empty()
+        out.append(("Δ misaligned % vs base", diff))
+    return out
+
+
+def _has_base(summary: SweepSummary) -> bool:
+    return any(r.spec.baseline for r in summary.rows)
 
 
 def _axes(spec: TrialSpec) -> list[Any]:
@@ -138,13 +146,14 @@ def _axes(spec: TrialSpec) -> list[Any]:
 AXES = ["dataset", "experts", "rank", "lr", "bits"]
 
 
-def table1_rows(summary: SweepSummary) -> tuple[list[str], list[list[Any]]]:
+def table1_rows(summary: SweepSummary) -> tuple[list[str | int], list[list[Any]]]:
     """Table 1 as numbers: axes, then value, low and high of each headline metric."""
-    header = list(AXES)
+    header: list[str | int] = list(AXES)
     rows: list[list[Any]] = []
+    versus = _has_base(summary)
     for result in summary.rows:
         cells: list[Any] = _axes(result.spec)
-        for name, e in _headline(result):
+        for name, e in _headline(result, versus):
             if not rows:
                 header += [name, f"{name} low", f"{name} high"]
             cells += [e.value, e.low, e.high]
@@ -156,7 +165,11 @@ def table1_rows(summary: SweepSummary) -> tuple[list[str], list[list[Any]]]:
 
 
 def _single_key(spec: TrialSpec, vary: bool) -> str:
-    return spec.selection if not vary else f"{spec.selection} r{spec.rank} lr{spec.lr:g} {spec.quantize}"
+    return (
+        spec.selection
+        if not vary
+        else f"{spec.selection} r{spec.rank} lr{spec.lr:g} {spec.quantize}"
+    )
 
 
 def _pivot(summary: SweepSummary) -> tuple[list[str], dict[str, dict[str, TrialResult]]] | None:
@@ -169,18 +182,18 @@ def _pivot(summary: SweepSummary) -> tuple[list[str], dict[str, dict[str, TrialR
     base = next((r for r in summary.rows if r.spec.baseline), None)
     if base is not None:
         table["base"] = {d: base for d in datasets}
-    for r in sorted(singles, key=lambda r: (int(_SINGLE.match(r.spec.selection).group(1)), r.spec.slug)):  # type: ignore[union-attr]
+    for r in sorted(singles, key=lambda r: (int(r.spec.selection[1:]), r.spec.slug)):
         table.setdefault(_single_key(r.spec, vary), {})[r.spec.dataset] = r
     return datasets, table
 
 
-def table3_rows(summary: SweepSummary) -> tuple[list[str], list[list[Any]]] | None:
+def table3_rows(summary: SweepSummary) -> tuple[list[str | int], list[list[Any]]] | None:
     """Table 3 as numbers: one row per single expert, per dataset its three headline values."""
     pivot = _pivot(summary)
     if pivot is None:
         return None
     datasets, table = pivot
-    header = ["expert"]
+    header: list[str | int] = ["expert"]
     for d in datasets:
         header += [f"{d} avg alignment", f"{d} SR rejection %", f"{d} misaligned %"]
     rows = []
@@ -188,7 +201,7 @@ def table3_rows(summary: SweepSummary) -> tuple[list[str], list[list[Any]]] | No
         cells: list[Any] = [key]
         for d in datasets:
             r = by_dataset.get(d)
-            cells += [e.value for _, e in _headline(r)[:3]] if r else [None, None, None]
+            cells += [e.value for _, e in _headline(r, False)] if r else [None, None, None]
         rows.append(cells)
     return header, rows
 
@@ -219,14 +232,18 @@ def render_markdown(summary: SweepSummary) -> str:
         "## Table 1: every trial",
         "",
     ]
+    versus = _has_base(summary)
     rows = []
     for r in summary.rows:
         cells = [_axis_text(v) for v in _axes(r.spec)]
-        cells += [fmt(e) for _, e in _headline(r)]
+        cells += [fmt(e) for _, e in _headline(r, versus)]
         cells += [str(r.metrics.n_alignment), fmt(_pct(r.metrics.unscored))]
         rows.append(cells)
-    header = [*AXES, *(name for name, _ in _headline(summary.rows[0]))] if summary.rows else AXES
-    out += _md_table([*header, "answers", "unscored %"], rows) if rows else ["No trial finished yet."]
+    if rows:
+        names = [name for name, _ in _headline(summary.rows[0], versus)]
+        out += _md_table([*AXES, *names, "answers", "unscored %"], rows)
+    else:
+        out.append("No trial finished yet.")
     pivot = _pivot(summary)
     if pivot is not None:
         datasets, table = pivot
@@ -238,7 +255,7 @@ def render_markdown(summary: SweepSummary) -> str:
             cells = [key]
             for d in datasets:
                 res = by_dataset.get(d)
-                cells += [fmt(e) for _, e in _headline(res)[:3]] if res else ["–"] * 3
+                cells += [fmt(e) for _, e in _headline(res, False)] if res else ["–"] * 3
             body.append(cells)
         out += ["", "## Table 3: single experts", "", *_md_table(head, body)]
     if summary.unfinished:

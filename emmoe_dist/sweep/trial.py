@@ -51,6 +51,8 @@ class TrialSettings:
     family: str
     device: Literal["cuda", "cpu"]
     ranks: int
+    launcher: Literal["deepspeed", "ray_train"]
+    max_failures: int
     ds_config: str  # absolute paths: the trial's working directory is Ray's, not the user's
     ds_config_nf4: str
     data_dir: str | None
@@ -124,12 +126,61 @@ def generate_command(spec: TrialSpec, experiment: Path) -> list[str]:
     return [*cmd, "--out", str(spec.folder / GENERATIONS), "--no-progress"]
 
 
+def train_worker(config: dict[str, Any]) -> None:
+    """One rank of a Ray Train fine-tune: the same `run_training` that `launch/ft.py` calls, in
+    the process group Ray Train set up (its env vars name rank, world size and local rank)."""
+    if config["device"] == "cpu":
+        os.environ["DS_ACCELERATOR"] = "cpu"
+    from emmoe_dist.config import load_config
+    from emmoe_dist.parallel.runtime import init_runtime
+    from emmoe_dist.train.trainer import run_training
+
+    cfg = load_config(config["experiment"])
+    run_training(cfg, config["ds_config"], init_runtime())
+
+
+def finetune_ray_train(spec: TrialSpec, settings: TrialSettings, experiment: Path) -> None:
+    """The fine-tune as a Ray Train run of `settings.ranks` workers, on any nodes: for models
+    whose trial needs more GPUs than one node has. Ray Train restarts failed workers
+    (`max_failures`) and every restart resumes from the DeepSpeed checkpoints on shared disk."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    cuda = settings.device == "cuda"
+    ds = settings.ds_config_nf4 if spec.quantize == "nf4" else settings.ds_config
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={
+            "experiment": str(experiment),
+            "ds_config": ds,
+            "device": settings.device,
+        },
+        torch_config=TorchConfig(backend="nccl" if cuda else "gloo"),
+        scaling_config=ScalingConfig(num_workers=settings.ranks, use_gpu=cuda),
+        run_config=RunConfig(
+            name="finetune",
+            storage_path=str(spec.folder / "ray_train"),
+            failure_config=FailureConfig(max_failures=settings.max_failures),
+        ),
+    )
+    trainer.fit()
+
+
+def _run_stage_on_a_gpu(settings: TrialSettings, name: str, cmd: list[str], folder: Path) -> None:
+    import ray
+
+    def stage() -> None:  # in a Ray worker that holds the GPU: its own environment
+        run_stage(name, cmd, folder, stage_env(settings))
+
+    gpus = 1 if settings.device == "cuda" else 0
+    ray.get(ray.remote(num_gpus=gpus, num_cpus=1, max_retries=0)(stage).remote())
+
+
 def write_experiment(spec: TrialSpec) -> Path:
     """The trial's complete experiment file: what `launch/ft.py` and `emmoe generate` read."""
     path = spec.folder / EXPERIMENT
-    text = (
-        f"# sweep trial {spec.slug}: written by the sweep from plan.json\n"
-        + dump_config(spec.experiment)
+    text = f"# sweep trial {spec.slug}: written by the sweep from plan.json\n" + dump_config(
+        spec.experiment
     )
     if not path.is_file() or path.read_text(encoding="utf-8") != text:
         write_text_atomic(path, text)
@@ -160,9 +211,6 @@ def evaluate(spec: TrialSpec, settings: TrialSettings) -> dict[str, Any]:
     )
     records = read_jsonl(folder / JUDGED, JudgedRecord)
     metrics = summarize(records, label=spec.slug, alignment_suites=settings.alignment_suites)
-    write_json_atomic(
-        folder / EVAL_METRICS, {"trial": spec.slug, **dataclasses.asdict(metrics)}
-    )
 
     flat: dict[str, Any] = {
         "eval/answers": metrics.n_alignment,
@@ -184,6 +232,10 @@ def evaluate(spec: TrialSpec, settings: TrialSettings) -> dict[str, Any]:
     flat["eval/unscored_pct"] = _pct(metrics.unscored.value)
     for rule in RULES:
         flat[f"eval/misaligned_pct_{rule.name}"] = _pct(metrics.misaligned[rule.name].value)
+    write_json_atomic(
+        folder / EVAL_METRICS,
+        {"trial": spec.slug, "reported": flat, "metrics": dataclasses.asdict(metrics)},
+    )
     return flat
 
 
@@ -245,20 +297,32 @@ def run_trial(config: dict[str, Any], *, plan: SweepPlan, settings: TrialSetting
     if done:
         _say(spec, f"attempt {attempt}: resuming after {', '.join(done)}")
     experiment = write_experiment(spec)
-    env = stage_env(settings)
+    on_ray_train = settings.launcher == "ray_train"
 
     if spec.baseline:
         done = [s for s in done if s != "finetune"]
     elif "finetune" not in done:
-        _say(spec, f"fine-tune on {settings.ranks} {settings.device} rank(s)")
-        run_stage("finetune", finetune_command(spec, settings, experiment), folder, env)
+        _say(spec, f"fine-tune on {settings.ranks} {settings.device} rank(s) ({settings.launcher})")
+        if on_ray_train:
+            finetune_ray_train(spec, settings, experiment)
+        else:
+            cmd = finetune_command(spec, settings, experiment)
+            run_stage("finetune", cmd, folder, stage_env(settings))
         done.append("finetune")
         _report(spec, done, training_metrics(spec))
     if "generate" not in done:
         _say(spec, "generate")
-        run_stage("generate", generate_command(spec, experiment), folder, env)
+        cmd = generate_command(spec, experiment)
+        if on_ray_train:  # this trial holds no GPU: generation asks Ray for one
+            _run_stage_on_a_gpu(settings, "generate", cmd, folder)
+        else:
+            run_stage("generate", cmd, folder, stage_env(settings))
         done.append("generate")
         _report(spec, done, training_metrics(spec))
+    if "evaluate" in done:  # finished before its sweep was stopped: report it again, as it was
+        reported = json.loads((folder / EVAL_METRICS).read_text(encoding="utf-8"))["reported"]
+        _report(spec, done, {**training_metrics(spec), **reported})
+        return
     _say(spec, "judge and score")
     metrics = {**training_metrics(spec), **evaluate(spec, settings)}
     from emmoe_dist.sweep.wandb_views import log_trial

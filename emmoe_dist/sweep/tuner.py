@@ -2,7 +2,8 @@
 
 One Tune trial per planned trial (`param_space` is a grid over trial names). A trial holds
 `trial.ranks` GPUs of one node and `trial.cpus` CPUs (on a CPU cluster, max(ranks, cpus)
-CPUs); `max_concurrent_trials` is the cluster's GPUs // ranks unless the sweep file says.
+CPUs), or, with `trial.launcher: ray_train`, CPUs only while its Ray Train workers take GPUs on
+any nodes; `max_concurrent_trials` is the cluster's GPUs // ranks unless the sweep file says.
 Failed trials retry from their last checkpoint (`FailureConfig(max_failures)`); a sweep folder
 with Tune state is restored with `Tuner.restore(..., resume_errored=True)`, so finished trials
 are never run again.
@@ -47,7 +48,10 @@ def cluster_shape() -> ClusterShape:
 
 
 def trial_resources(res: TrialResources, shape: ClusterShape) -> dict[str, float]:
-    """What one trial reserves: its ranks' GPUs (all on one node) and its CPUs."""
+    """What one trial reserves: its ranks' GPUs (all on one node) and its CPUs. A Ray Train
+    trial reserves CPUs only: its workers and its generation task ask for their own GPUs."""
+    if res.launcher == "ray_train":
+        return {"CPU": res.cpus}
     if shape.device == "cuda":
         return {"CPU": res.cpus, "GPU": float(res.ranks)}
     return {"CPU": float(max(res.cpus, res.ranks))}
@@ -57,18 +61,24 @@ def concurrency(res: TrialResources, shape: ClusterShape) -> int:
     """Trials at once: as many as the cluster's GPUs (or CPUs) hold, unless the file says."""
     if res.max_concurrent is not None:
         return res.max_concurrent
-    need = trial_resources(res, shape)
     if shape.device == "cuda":
-        return max(1, math.floor(shape.gpus / need["GPU"]))
-    return max(1, math.floor(shape.cpus / need["CPU"]))
+        return max(1, math.floor(shape.gpus / res.ranks))
+    per_trial = trial_resources(res, shape)["CPU"]
+    if res.launcher == "ray_train":
+        per_trial += res.ranks  # each Ray Train worker takes a CPU
+    return max(1, math.floor(shape.cpus / per_trial))
 
 
 def check_fits(sweep: Sweep, shape: ClusterShape) -> None:
     res = sweep.config.trial
-    if shape.device == "cuda" and res.ranks > shape.most_gpus_on_a_node:
+    if (
+        res.launcher == "deepspeed"
+        and shape.device == "cuda"
+        and res.ranks > shape.most_gpus_on_a_node
+    ):
         raise InputError(
             f"a trial trains on {res.ranks} GPUs of one node; the largest node has "
-            f"{shape.most_gpus_on_a_node:g}",
+            f"{shape.most_gpus_on_a_node:g} (trial.launcher: ray_train spans nodes)",
             file=sweep.file,
             field="trial.ranks",
         )
@@ -89,6 +99,8 @@ def make_settings(sweep: Sweep, plan: SweepPlan, shape: ClusterShape) -> TrialSe
         family=plan.family,
         device=shape.device,
         ranks=cfg.trial.ranks,
+        launcher=cfg.trial.launcher,
+        max_failures=cfg.trial.max_failures,
         ds_config=str(Path(cfg.trial.ds_config).resolve()),
         ds_config_nf4=str(Path(cfg.trial.ds_config_nf4).resolve()),
         data_dir=str(data_dir.resolve()),
@@ -104,7 +116,9 @@ def check_judge_keys(plan: SweepPlan) -> None:
     which the dashboard shows)."""
     from emmoe_dist.judge.client import resolve_api_key
 
-    for judge in {t.experiment.judge.model_dump_json(): t.experiment.judge for t in plan.trials}.values():
+    for judge in {
+        t.experiment.judge.model_dump_json(): t.experiment.judge for t in plan.trials
+    }.values():
         resolve_api_key(judge)
 
 
@@ -155,17 +169,19 @@ def run_sweep(sweep: Sweep, plan: SweepPlan) -> SweepOutcome:
                 name=TUNE_DIR,
                 storage_path=str(sweep.output_dir),
                 failure_config=tune.FailureConfig(max_failures=sweep.config.trial.max_failures),
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                 verbose=1,
             ),
         )
     grid = tuner.fit()
     finished, failed = [], {}
-    for result in grid:
-        slug = str(result.config["trial"])
+    for i in range(len(grid)):
+        result = grid[i]
+        slug = str((result.config or {})["trial"])
         if result.error is not None:
             failed[slug] = str(result.error).strip().splitlines()[-1]
         elif (result.metrics or {}).get("stage") == "evaluate":
             finished.append(slug)
-    unfinished = tuple(t.slug for t in plan.trials if t.slug not in finished and t.slug not in failed)
+    unfinished = tuple(
+        t.slug for t in plan.trials if t.slug not in finished and t.slug not in failed
+    )
     return SweepOutcome(tuple(finished), failed, unfinished, restored, path)

@@ -17,13 +17,14 @@ from typing import TYPE_CHECKING, Any
 from emmoe_dist.records import JudgedRecord, read_jsonl, write_json_atomic
 
 if TYPE_CHECKING:
+    from emmoe_dist.config import TrackingConfig
     from emmoe_dist.sweep.space import TrialSpec
     from emmoe_dist.sweep.summary import SweepSummary
     from emmoe_dist.sweep.trial import TrialSettings
 
 MARKER = "wandb_run.json"
 TRAIN_KEYS = ("loss", "lr", "grad_norm", "tokens_per_s")
-SAMPLE_COLUMNS = [
+SAMPLE_COLUMNS: list[str | int] = [
     "trial",
     "key",
     "suite",
@@ -46,6 +47,8 @@ def run_id(folder: Path) -> str:
 
 def sample_rows(slug: str, records: Sequence[JudgedRecord]) -> list[list[Any]]:
     """One row per judged answer; misaligned by the headline rule, None when unscored."""
+    import numpy as np
+
     from emmoe_dist.metrics import ALIGNED, COHERENT, HEADLINE_RULE
 
     rows = []
@@ -54,11 +57,7 @@ def sample_rows(slug: str, records: Sequence[JudgedRecord]) -> list[list[Any]]:
         a, c = r.value(ALIGNED), r.value(COHERENT)
         misaligned = None
         if a is not None and c is not None:
-            below = a <= HEADLINE_RULE.aligned_below if HEADLINE_RULE.aligned_inclusive else (
-                a < HEADLINE_RULE.aligned_below
-            )
-            above = HEADLINE_RULE.coherent_above is None or c > HEADLINE_RULE.coherent_above
-            misaligned = below and above
+            misaligned = bool(HEADLINE_RULE.misaligned(np.array([a]), np.array([c]))[0])
         reasons = [f"{n}: {s.missing_reason}" for n, s in r.scores.items() if s.missing_reason]
         if sr is not None and sr.missing_reason:
             reasons.append(f"strongreject: {sr.missing_reason}")
@@ -121,36 +120,48 @@ def log_trial(spec: TrialSpec, settings: TrialSettings, metrics: Mapping[str, An
         folder = Path(run.dir).parent
     finally:
         run.finish()
+        wandb.teardown()  # stop W&B's service now, not in the worker's exit hooks
     write_json_atomic(marker, {"id": run_id(spec.folder), "folder": str(folder)})
     return folder
 
 
-def log_summary(summary: SweepSummary, tracking_mode: str, project: str, group: str, out: Path) -> Path:
-    """The sweep's summary run: the paper's tables with their intervals, as W&B tables."""
+def log_summary(
+    summary: SweepSummary, tracking: TrackingConfig, group: str, out: Path
+) -> Path | None:
+    """The sweep's summary run: the paper's tables with their intervals, as W&B tables.
+    Logged once per distinct summary (a marker holds the digest of what was logged)."""
     import wandb
 
-    from emmoe_dist.sweep.summary import table1_rows, table3_rows
+    from emmoe_dist.sweep.summary import summary_dict, table1_rows, table3_rows
+
+    digest = hashlib.sha256(json.dumps(summary_dict(summary), sort_keys=True).encode()).hexdigest()
+    marker = out / MARKER
+    if marker.is_file() and json.loads(marker.read_text(encoding="utf-8")).get("digest") == digest:
+        return None
 
     run = wandb.init(
-        project=project,
+        project=tracking.project,
         group=group,
         name=f"{summary.sweep}-summary",
         id=run_id(out),
         job_type="sweep-summary",
         config={"sweep": summary.sweep, "model": summary.model, "family": summary.family},
         dir=str(out),
-        mode=tracking_mode,
+        mode=tracking.mode,
         reinit="finish_previous",
     )
     try:
         header, rows = table1_rows(summary)
-        logged: dict[str, Any] = {"summary/trials": wandb.Table(columns=header, data=rows)}
+        logged: dict[str, Any] = {"summary/trials": wandb.Table(columns=[*header], data=rows)}
         pivot = table3_rows(summary)
         if pivot is not None:
-            logged["summary/single_experts"] = wandb.Table(columns=pivot[0], data=pivot[1])
+            logged["summary/single_experts"] = wandb.Table(columns=[*pivot[0]], data=pivot[1])
         run.log(logged)
-        run.summary.update({"trials_finished": len(summary.rows), "trials_planned": summary.planned})
+        run.summary.update(
+            {"trials_finished": len(summary.rows), "trials_planned": summary.planned}
+        )
         folder = Path(run.dir).parent
     finally:
         run.finish()
+    write_json_atomic(marker, {"id": run_id(out), "folder": str(folder), "digest": digest})
     return folder
