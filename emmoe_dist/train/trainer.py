@@ -18,7 +18,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -52,6 +52,9 @@ from emmoe_dist.train import artifacts as art
 from emmoe_dist.train.batches import BatchPlan
 from emmoe_dist.train.selection import resolve_selection
 
+if TYPE_CHECKING:
+    from emmoe_dist.adapters.qlora import WeightMemory
+
 
 @dataclass(frozen=True)
 class TrainResult:
@@ -78,7 +81,7 @@ def _router_digest(model: nn.Module, family: MoEFamily, strategy: DeepSpeedStrat
 
 def _build_model(
     cfg: ExperimentConfig, rt: Runtime, out: Path, ep: ExpertParallelConfig | None
-) -> tuple[nn.Module, Any, MoEFamily, ExpertSelection]:
+) -> tuple[nn.Module, Any, MoEFamily, ExpertSelection, WeightMemory | None]:
     from emmoe_dist.models.loading import load_model, model_config_dict
 
     family, hf_config = model_config_dict(cfg.model)
