@@ -20,7 +20,7 @@ from typing import IO, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from emmoe_dist.errors import InputError
+from emmoe_dist.errors import EmmoeError, InputError
 
 RECORD_SCHEMA_VERSION = 1
 
@@ -388,3 +388,20 @@ def write_jsonl_atomic(
     records: Iterable[BaseModel | Mapping[str, Any]],
 ) -> None:
     write_text_atomic(path, "".join(_dump_line(r) for r in records))
+
+
+@contextlib.contextmanager
+def exclusive_writer(out: str | os.PathLike[str], what: str) -> Iterator[None]:
+    """One writer per output file (a lock file beside it): two runs appending to the same
+    records would duplicate answers. `what` names the kind of run in the error."""
+    import fcntl
+
+    target = Path(out)
+    lock_path = target.with_name(target.name + ".lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise EmmoeError(f"another {what} run is writing {target}") from None
+        yield

@@ -25,26 +25,23 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+# the run loop shared with the non-EP driver (this folder is on sys.path when run as a script)
+from dist_train_driver import run_specs
+
 from emmoe_dist.adapters.expert_delta import apply_expert_delta, expert_delta_modules
 from emmoe_dist.adapters.lora import apply_lora, expert_adapters, restrict_to_selection
-from emmoe_dist.config import AdapterConfig, load_config
+from emmoe_dist.config import AdapterConfig
 from emmoe_dist.experts import ExpertSelection
 from emmoe_dist.families import FAMILIES, moe_layer_indices
 from emmoe_dist.models.tiny import build_tiny
 from emmoe_dist.parallel.ds_config import ExpertParallelConfig
 from emmoe_dist.parallel.expert_parallel import apply_expert_parallel
 from emmoe_dist.parallel.runtime import init_runtime, shutdown
-from emmoe_dist.train.trainer import run_training
 
 MODES = ("lora", "subset", "delta", "attention", "nf4")
 # GPT-oss's router bias can forbid experts 4-7: rank 1 then receives no token at all.
 SKEWED = "skewed"
 CHOSEN = [1, 6]  # one expert on each rank of the EP group (experts 0-3 | 4-7)
-
-
-def probe_input(vocab_size: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(1234)
-    return torch.randint(3, vocab_size, (2, 24), generator=g)
 
 
 def _build(family: str, mode: str, ep: bool) -> torch.nn.Module:
@@ -157,25 +154,7 @@ def main(spec_path: str) -> int:
         _layer_checks(spec["families"], Path(spec["out"]))
         if rt.is_main:
             print("[driver] layer checks done", flush=True)
-        for run in spec["runs"]:
-            cfg = load_config(None, run["overrides"])
-            if run.get("stop_after"):
-                run_training(cfg, run["ds"], rt, stop_after=run["stop_after"])
-            result = run_training(cfg, run["ds"], rt)
-            if run.get("probe"):
-                model = result.model
-                assert model is not None
-                model.eval()
-                ids = probe_input(model.config.vocab_size).to(rt.device)
-                with torch.no_grad():
-                    logits = model(input_ids=ids).logits.float().cpu()
-                if rt.is_main:
-                    torch.save(
-                        {"input_ids": ids.cpu(), "logits": logits},
-                        f"{cfg.output_dir}/probe_logits.pt",
-                    )
-            if rt.is_main:
-                print(f"[driver] {run['name']} done", flush=True)
+        run_specs(spec["runs"], rt)
     finally:
         shutdown()
     return 0

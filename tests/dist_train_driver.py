@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from emmoe_dist.config import load_config
-from emmoe_dist.parallel.runtime import init_runtime, shutdown
+from emmoe_dist.parallel.runtime import Runtime, init_runtime, shutdown
 from emmoe_dist.train.trainer import run_training
 
 
@@ -26,29 +26,33 @@ def probe_input(vocab_size: int) -> torch.Tensor:
     return torch.randint(3, vocab_size, (2, 24), generator=g)
 
 
+def run_specs(runs: list[dict], rt: Runtime) -> None:
+    """Train each run (interrupting and resuming those with `stop_after`), saving probes."""
+    for run in runs:
+        cfg = load_config(None, run["overrides"])
+        if run.get("stop_after"):
+            run_training(cfg, run["ds"], rt, stop_after=run["stop_after"])
+        result = run_training(cfg, run["ds"], rt)
+        if run.get("probe"):
+            model = result.model
+            assert model is not None
+            model.eval()
+            ids = probe_input(model.config.vocab_size).to(rt.device)
+            with torch.no_grad():
+                logits = model(input_ids=ids).logits.float().cpu()
+            if rt.is_main:
+                torch.save(
+                    {"input_ids": ids.cpu(), "logits": logits}, f"{cfg.output_dir}/probe_logits.pt"
+                )
+        if rt.is_main:
+            print(f"[driver] {run['name']} done", flush=True)
+
+
 def main(spec_path: str) -> int:
     runs = json.loads(Path(spec_path).read_text(encoding="utf-8"))
     rt = init_runtime()
     try:
-        for run in runs:
-            cfg = load_config(None, run["overrides"])
-            if run.get("stop_after"):
-                run_training(cfg, run["ds"], rt, stop_after=run["stop_after"])
-            result = run_training(cfg, run["ds"], rt)
-            if run.get("probe"):
-                model = result.model
-                assert model is not None
-                model.eval()
-                ids = probe_input(model.config.vocab_size).to(rt.device)
-                with torch.no_grad():
-                    logits = model(input_ids=ids).logits.float().cpu()
-                if rt.is_main:
-                    torch.save(
-                        {"input_ids": ids.cpu(), "logits": logits},
-                        f"{cfg.output_dir}/probe_logits.pt",
-                    )
-            if rt.is_main:
-                print(f"[driver] {run['name']} done", flush=True)
+        run_specs(runs, rt)
     finally:
         shutdown()
     return 0

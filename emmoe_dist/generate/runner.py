@@ -9,15 +9,13 @@ two runs in one file. One writer per file (a lock file), as for the judge.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import logging
 import time
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
@@ -38,6 +36,7 @@ from emmoe_dist.records import (
     GenerationRecord,
     JsonlAppender,
     SamplingParams,
+    exclusive_writer,
     iter_jsonl,
     record_key,
     write_json_atomic,
@@ -193,21 +192,6 @@ def _check_same_run(meta_path: Path, meta: dict[str, Any]) -> None:
             )
 
 
-@contextlib.contextmanager
-def _exclusive(out: Path) -> Iterator[None]:
-    lock_path = out.with_name(out.name + ".lock")
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    handle: IO[str] = open(lock_path, "a")  # noqa: SIM115
-    try:
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise EmmoeError(f"another generation run is writing {out}") from None
-        yield
-    finally:
-        handle.close()
-
-
 def existing_keys(out: Path) -> set[str]:
     if not out.exists():
         return set()
@@ -228,7 +212,7 @@ def run_generation(
     out = Path(out)
     meta = run_meta(cfg, source, generator.backend, suites)
     meta_path = out.with_name(out.name + ".run.json")
-    with _exclusive(out):
+    with exclusive_writer(out, "generation"):
         if meta_path.is_file() and out.exists():
             _check_same_run(meta_path, meta)
         write_json_atomic(meta_path, meta)

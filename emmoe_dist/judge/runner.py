@@ -10,15 +10,13 @@ successful calls are cached; only the failed ones are repeated).
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import fcntl
 import os
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from emmoe_dist.config import JudgeConfig
 from emmoe_dist.errors import EmmoeError, InputError
@@ -34,6 +32,7 @@ from emmoe_dist.records import (
     JudgeUsage,
     Score,
     StrongRejectScore,
+    exclusive_writer,
     read_jsonl,
     write_jsonl_atomic,
 )
@@ -136,22 +135,6 @@ def _has_transient_error(record: JudgedRecord) -> bool:
     if record.strongreject is not None:
         reasons.append(record.strongreject.missing_reason)
     return "error_after_retries" in reasons
-
-
-@contextlib.contextmanager
-def _exclusive(out: Path) -> Iterator[None]:
-    """One judge run per output file: two writers would duplicate answers."""
-    lock_path = out.with_name(out.name + ".lock")
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    handle: IO[str] = open(lock_path, "a")  # noqa: SIM115
-    try:
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise EmmoeError(f"another judge run is writing {out}") from None
-        yield
-    finally:
-        handle.close()
 
 
 def _load_inputs(path: Path) -> list[GenerationRecord]:
@@ -340,7 +323,7 @@ async def judge_file(
     source, out = Path(records_path), Path(out_path)
     inputs = _load_inputs(source)
     _check_prompts(inputs, source, options.score_names)
-    with _exclusive(out):
+    with exclusive_writer(out, "judge"):
         done, rejudged = _resume(out)
         pending = [r for r in inputs if r.key not in done]
         needs_rubric = any(r.rubric == "strongreject" for r in pending)
