@@ -283,7 +283,8 @@ def load_yaml_with_lines(text: str, file: str) -> tuple[Any, dict[Path_, int]]:
     return data, lines
 
 
-def _apply_override(data: dict[str, Any], item: str) -> tuple[str, ...]:
+def apply_override(data: dict[str, Any], item: str) -> tuple[str, ...]:
+    """Apply one `a.b.c=value` override (value parsed as YAML) to a raw config mapping."""
     if "=" not in item:
         raise InputError(
             f"override {item!r} must look like section.key=value", file="<command line>"
@@ -348,7 +349,7 @@ def load_config(
         data = data if data is not None else {}
         if not isinstance(data, dict):
             raise InputError("the experiment file must be a mapping of sections", file=file, line=1)
-    overridden = [_apply_override(data, o) for o in overrides]
+    overridden = [apply_override(data, o) for o in overrides]
     try:
         return ExperimentConfig.model_validate(data)
     except ValidationError as e:

@@ -31,9 +31,7 @@ from emmoe_dist.records import GenerationRecord, JudgedRecord, Score, write_json
 from emmoe_dist.sweep.config import TrialResources, load_sweep
 from emmoe_dist.sweep.space import build_plan, save_plan
 from emmoe_dist.sweep.summary import build_summary, render_markdown, table1_rows, table3_rows
-from emmoe_dist.sweep.tuner import ClusterShape, concurrency, trial_resources
-
-pytestmark = pytest.mark.ray
+from emmoe_dist.sweep.tuner import ClusterShape, check_fits, concurrency, trial_resources
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENT = """\
@@ -233,6 +231,23 @@ def test_plan_builds_every_trial_from_the_profile(files: Path) -> None:
     assert e.value.file == str(out / "plan.json")
 
 
+def test_shipped_sweep_files_validate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every sweep file in examples/ loads (their profiles are written by `emmoe profile` on
+    the cluster, so stand-ins take their place here)."""
+    monkeypatch.chdir(REPO)
+    stand_in = str(_profile(tmp_path / "profile.json", COUNTS))
+    tiny = load_sweep("examples/sweep_tiny.yaml", [f"profiles.insecure={stand_in}"])
+    assert [a.selection for a in tiny.config.search] == ["top_k"]
+    assert tiny.experiment.model.name_or_path == "tiny:qwen3_moe"
+    mixtral = load_sweep(
+        "examples/sweep_mixtral_single_experts.yaml",
+        [f"profiles.insecure={stand_in}", f"profiles.bad_medical_advice={stand_in}"],
+    )
+    assert Path(mixtral.config.output_dir).is_absolute()
+    assert mixtral.arm_experiments[2].adapter.targets == "attention+experts"
+    assert mixtral.experiment.judge.api_key_env == "DEEPSEEK_API_KEY"
+
+
 def test_concurrency_follows_the_clusters_gpus() -> None:
     res = TrialResources(ranks=2, cpus=4)
     gpus = ClusterShape(gpus=8, cpus=64, most_gpus_on_a_node=8)
@@ -243,6 +258,29 @@ def test_concurrency_follows_the_clusters_gpus() -> None:
     cpus = ClusterShape(gpus=0, cpus=4, most_gpus_on_a_node=0)
     assert trial_resources(TrialResources(ranks=2, cpus=1), cpus) == {"CPU": 2}
     assert concurrency(TrialResources(ranks=2, cpus=1), cpus) == 2
+    # Ray Train trials hold CPUs only; their workers take the GPUs, on any nodes
+    spans = TrialResources(ranks=16, cpus=1, launcher="ray_train")
+    assert trial_resources(spans, gpus) == {"CPU": 1}
+    assert concurrency(spans, ClusterShape(gpus=32, cpus=256, most_gpus_on_a_node=8)) == 2
+
+
+def test_a_trial_larger_than_a_node_needs_ray_train(files: Path) -> None:
+    _write(
+        files / "sweep.yaml",
+        """\
+        name: s
+        output_dir: out
+        experiment: exp.yaml
+        search:
+          - selection: all
+        trial: {ranks: 16}
+        """,
+    )
+    nodes = ClusterShape(gpus=32, cpus=256, most_gpus_on_a_node=8)
+    with pytest.raises(InputError) as e:
+        check_fits(load_sweep("sweep.yaml"), nodes)
+    assert e.value.field == "trial.ranks" and "ray_train" in str(e.value)
+    check_fits(load_sweep("sweep.yaml", ["trial.launcher=ray_train"]), nodes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -496,6 +534,68 @@ def judge_server() -> Iterator[Any]:
         yield server
 
 
+JOB_ENV = {
+    "WANDB_MODE": "offline",
+    "WANDB_SILENT": "true",
+    "HF_HUB_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+def submit(dashboard: str, job: str, data_dir: Path, args: list[str]) -> None:
+    """`ray job submit` of the sweep entry point, as the README runs it."""
+    env_vars = {**JOB_ENV, "EMMOE_DATA_DIR": str(data_dir)}
+    ray = Path(sys.executable).with_name("ray")
+    subprocess.run(
+        [
+            str(ray),
+            "job",
+            "submit",
+            "--address",
+            dashboard,
+            "--submission-id",
+            job,
+            "--no-wait",
+            "--working-dir",
+            str(REPO),
+            "--runtime-env-json",
+            json.dumps({"env_vars": env_vars}),
+            "--",
+            sys.executable,
+            "ray_jobs/sweep_experts.py",
+            "--config",
+            "examples/sweep_tiny.yaml",
+            *args,
+        ],
+        check=True,
+        capture_output=True,
+    )
+
+
+def wait_for_job(
+    client: Any, job: str, predicate: Callable[[], bool], what: str, timeout: float = 300
+) -> None:
+    """Poll until `predicate`; fail with the job's log when the job ends first or time runs out."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        status = client.get_job_status(job)
+        if status.is_terminal() or time.monotonic() > deadline:
+            logs = client.get_job_logs(job)[-6000:]
+            pytest.fail(f"job {job} is {status} while waiting for {what}:\n{logs}")
+        time.sleep(0.5)
+
+
+def _steps(folder: Path) -> list[int]:
+    lines = (folder / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line)["step"] for line in lines]
+
+
+def _tune_results(out: Path, trial: str) -> list[dict[str, Any]]:
+    lines = (out / "tune" / trial / "result.json").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+@pytest.mark.ray
 def test_sweep_through_ray_job_submit(
     ray_dashboard: str, judge_server: Any, data_dir: Path, tmp_path: Path
 ) -> None:
@@ -506,55 +606,12 @@ def test_sweep_through_ray_job_submit(
     profile = tmp_path / "profile.json"
     run_profile("tiny:qwen3_moe", "insecure", data_dir, limit=16, out=profile)
     out = tmp_path / "sweep"
-    env_vars = {
-        "EMMOE_DATA_DIR": str(data_dir),
-        "WANDB_MODE": "offline",
-        "WANDB_SILENT": "true",
-        "HF_HUB_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-    }
-    command = [
-        sys.executable,
-        "ray_jobs/sweep_experts.py",
-        "--config",
-        "examples/sweep_tiny.yaml",
+    args = [
         f"output_dir={out}",
         f"profiles.insecure={profile}",
         f"patch.judge.base_url={judge_server.base_url}",
     ]
     client = JobSubmissionClient(ray_dashboard)
-
-    def submit(job: str) -> None:
-        ray = Path(sys.executable).with_name("ray")
-        subprocess.run(
-            [
-                str(ray),
-                "job",
-                "submit",
-                "--address",
-                ray_dashboard,
-                "--submission-id",
-                job,
-                "--no-wait",
-                "--working-dir",
-                str(REPO),
-                "--runtime-env-json",
-                json.dumps({"env_vars": env_vars}),
-                "--",
-                *command,
-            ],
-            check=True,
-            capture_output=True,
-        )
-
-    def wait(predicate: Callable[[], bool], job: str, what: str, timeout: float = 300) -> None:
-        deadline = time.monotonic() + timeout
-        while not predicate():
-            status = client.get_job_status(job)
-            if status.is_terminal() or time.monotonic() > deadline:
-                logs = client.get_job_logs(job)[-6000:]
-                pytest.fail(f"job {job} is {status} while waiting for {what}:\n{logs}")
-            time.sleep(0.5)
 
     def trials() -> list[Path]:
         found = sorted((out / "trials").glob("*/attempts.jsonl"), key=lambda p: p.stat().st_mtime)
@@ -565,22 +622,25 @@ def test_sweep_through_ray_job_submit(
         return [json.loads(line) for line in lines]
 
     # Job 1: kill the first trial's worker once its fine-tune has a DeepSpeed checkpoint.
-    submit("sweep-1")
-    wait(lambda: bool(trials()), "sweep-1", "the first trial", timeout=180)
+    submit(ray_dashboard, "sweep-1", data_dir, args)
+    wait_for_job(client, "sweep-1", lambda: bool(trials()), "the first trial", timeout=180)
     first = trials()[0]
-    wait(lambda: (first / "checkpoints" / "latest").is_file(), "sweep-1", "a checkpoint")
+    checkpoint = first / "checkpoints" / "latest"
+    wait_for_job(client, "sweep-1", checkpoint.is_file, "a checkpoint")
     assert not (first / "manifest.json").exists(), "the fine-tune ended before the kill"
     os.kill(attempts(first)[-1]["pid"], signal.SIGKILL)
 
     # ... it is retried, resumes its fine-tune and ends with metrics; then stop the job while
     # the second trial runs.
-    wait(lambda: (first / "eval_metrics.json").is_file() and len(trials()) == 2, "sweep-1", "both")
+    wait_for_job(
+        client,
+        "sweep-1",
+        lambda: (first / "eval_metrics.json").is_file() and len(trials()) == 2,
+        "the first trial's metrics and the second trial",
+    )
     second = next(t for t in trials() if t != first)
     client.stop_job("sweep-1")
-    wait_stop = time.monotonic() + 120
-    while not client.get_job_status("sweep-1").is_terminal():
-        assert time.monotonic() < wait_stop, "the stopped sweep did not end"
-        time.sleep(0.5)
+    _wait(lambda: client.get_job_status("sweep-1").is_terminal(), 120, "the job to stop")
     assert client.get_job_status("sweep-1") == JobStatus.STOPPED
     assert not (second / "eval_metrics.json").exists()
     first_attempts = attempts(first)
@@ -588,23 +648,21 @@ def test_sweep_through_ray_job_submit(
     assert "resuming from step" in (first / "logs" / "finetune.log").read_text()
 
     # Job 2: the same command restores the sweep and finishes it.
-    submit("sweep-2")
-    wait(lambda: client.get_job_status("sweep-2") == JobStatus.SUCCEEDED, "sweep-2", "success")
-
+    submit(ray_dashboard, "sweep-2", data_dir, args)
+    wait_for_job(
+        client,
+        "sweep-2",
+        lambda: client.get_job_status("sweep-2") == JobStatus.SUCCEEDED,
+        "the restored sweep to succeed",
+    )
     assert attempts(first) == first_attempts, "the finished trial ran again"
     assert len(attempts(second)) == 2
     for folder in (first, second):
-        steps = [
-            json.loads(line)["step"] for line in (folder / "metrics.jsonl").read_text().splitlines()
-        ]
-        assert steps == [1, 2, 3, 4, 5, 6]  # resumed without repeating or losing a step
-        results = [
-            json.loads(line)
-            for line in (out / "tune" / folder.name / "result.json").read_text().splitlines()
-        ]
-        assert results[-1]["stage"] == "evaluate"
-        assert results[-1]["eval/answers"] == 4 and results[-1]["eval/sr_answers"] == 4
-        assert results[-1]["eval/avg_alignment"] is not None
+        assert _steps(folder) == [1, 2, 3, 4, 5, 6]  # resumed, no step repeated or lost
+        final = _tune_results(out, folder.name)[-1]
+        assert final["stage"] == "evaluate"
+        assert final["eval/answers"] == 4 and final["eval/sr_answers"] == 4
+        assert final["eval/avg_alignment"] is not None
     calls = judge_server.calls
     assert calls and max(calls.values()) == 1, "a judge call was repeated"
 
@@ -619,11 +677,53 @@ def test_sweep_through_ray_job_submit(
         assert run["run"].run_group == "tiny" and run["run"].display_name == folder.name
         assert {"dataset", "selection", "experts", "rank", "family", "lr"} <= run["config"].keys()
         assert run["config"]["family"] == "qwen3_moe" and run["config"]["rank"] == 8
-        losses = [h for h in run["history"] if "train/loss" in h]
-        assert len(losses) == 6
-        final = [h for h in run["history"] if "eval/avg_alignment" in h]
-        assert len(final) == 1 and json.loads(final[0]["eval/samples/_type"]) == "table-file"
-        assert json.loads(final[0]["eval/samples/nrows"]) == 8  # 4 core + 4 StrongREJECT
+        assert len([h for h in run["history"] if "train/loss" in h]) == 6
+        final_rows = [h for h in run["history"] if "eval/avg_alignment" in h]
+        assert len(final_rows) == 1
+        assert json.loads(final_rows[0]["eval/samples/_type"]) == "table-file"
+        assert json.loads(final_rows[0]["eval/samples/nrows"]) == 8  # 4 core + 4 StrongREJECT
     summary_run = wandb_run(out / "summary")
     assert summary_run["run"].job_type == "sweep-summary"
     assert any("summary/trials/_type" in h for h in summary_run["history"])
+
+
+@pytest.mark.ray
+def test_ray_train_launcher_spans_workers(
+    ray_dashboard: str, judge_server: Any, data_dir: Path, tmp_path: Path
+) -> None:
+    """`trial.launcher: ray_train`: the fine-tune is a Ray Train run of 2 workers (the path for
+    trials larger than one node), generation a Ray task; with the base model's trial, the
+    summary gives each trial's difference from it."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    out = tmp_path / "sweep"
+    args = [
+        f"output_dir={out}",
+        "profiles={}",
+        "search=[{selection: single, experts: [3]}]",
+        "trial.launcher=ray_train",
+        "trial.cpus=1",
+        "baseline=true",
+        f"patch.judge.base_url={judge_server.base_url}",
+    ]
+    client = JobSubmissionClient(ray_dashboard)
+    submit(ray_dashboard, "sweep-ray-train", data_dir, args)
+    wait_for_job(
+        client,
+        "sweep-ray-train",
+        lambda: client.get_job_status("sweep-ray-train") == JobStatus.SUCCEEDED,
+        "the Ray Train sweep to succeed",
+    )
+    trial = out / "trials" / "insecure-E3-r8-lr0.001"
+    manifest = json.loads((trial / "manifest.json").read_text())
+    assert manifest["world_size"] == 2 and manifest["selection"]["experts"] == {"0": [3], "2": [3]}
+    assert _steps(trial) == [1, 2, 3, 4, 5, 6]
+    assert (trial / "ray_train" / "finetune").is_dir()
+    assert _tune_results(out, trial.name)[-1]["stage"] == "evaluate"
+    base = out / "trials" / "base"
+    assert not (base / "manifest.json").exists()  # nothing trains for the base model
+    assert _tune_results(out, "base")[-1]["stage"] == "evaluate"
+    rows = json.loads((out / "summary" / "summary.json").read_text())["trials"]
+    assert [r["trial"] for r in rows] == ["base", trial.name]
+    assert rows[0]["versus_base"] is None and rows[1]["versus_base"]["paired"] is True
+    assert "Δ misaligned % vs base" in (out / "summary" / "summary.md").read_text()

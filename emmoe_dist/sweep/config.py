@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from emmoe_dist.config import (
     ExperimentConfig,
     TrackingConfig,
-    _apply_override,
+    apply_override,
     load_yaml_with_lines,
 )
 from emmoe_dist.errors import InputError
@@ -46,7 +46,7 @@ class _Arm(_Section):
     rank: list[Annotated[int, Field(gt=0)]] | None = Field(None, min_length=1)
     lr: list[Annotated[float, Field(gt=0)]] | None = Field(None, min_length=1)
     quantize: list[Bits] | None = Field(None, min_length=1)
-    # nested values applied to the experiment for this arm's trials, e.g. {adapter: {targets: experts}}
+    # nested values for this arm's trials' experiment, e.g. {adapter: {targets: experts}}
     patch: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -167,8 +167,8 @@ class SweepConfig(_Section):
 
 @dataclass(frozen=True)
 class Sweep:
-    """A validated sweep file and its experiment with the sweep-wide patch applied; `arm_base`
-    holds each arm's experiment (its own patch applied too), so every trial starts valid."""
+    """A validated sweep file and its experiment with the sweep-wide patch applied;
+    `arm_experiments` holds each arm's (its own patch applied too), so every trial starts valid."""
 
     config: SweepConfig
     file: str
@@ -286,7 +286,7 @@ def load_sweep(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> S
     data = data if data is not None else {}
     if not isinstance(data, dict):
         raise InputError("a sweep file must be a mapping", file=file, line=1)
-    overridden = [_apply_override(data, o) for o in overrides]
+    overridden = [apply_override(data, o) for o in overrides]
     try:
         cfg = SweepConfig.model_validate(data)
     except ValidationError as e:

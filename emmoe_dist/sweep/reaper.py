@@ -44,15 +44,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             "usage: python -m emmoe_dist.sweep.reaper PARENT_PID -- CMD [ARGS...]", file=sys.stderr
         )
         return 2
-    _die_with(int(args[0]))
-    child = subprocess.Popen(args[2:], start_new_session=True)
+    child: subprocess.Popen[bytes] | None = None
 
     def stop(signum: int, frame: FrameType | None) -> None:
-        _kill_group(child.pid)
+        if child is not None:
+            _kill_group(child.pid)
         os._exit(128 + signum)
 
-    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGTERM, stop)  # before the child exists: no window without a handler
     signal.signal(signal.SIGINT, stop)
+    _die_with(int(args[0]))
+    child = subprocess.Popen(args[2:], start_new_session=True)
     code = child.wait()
     _kill_group(child.pid)  # ranks the launcher left behind
     return code if code >= 0 else 128 - code  # killed by signal N: exit 128 + N, as a shell does

@@ -7,6 +7,7 @@ Each trial is a complete experiment (written to `plan.json`, one folder per tria
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 from collections.abc import Iterator, Mapping
@@ -62,13 +63,14 @@ class TrialSpec(BaseModel):
             "trial": self.slug,
             "dataset": self.dataset,
             "selection": self.selection,
-            "experts": {str(k): v for k, v in (self.experts or {}).items()} or "all",
+            "experts": "none"
+            if self.baseline
+            else {str(k): v for k, v in (self.experts or {}).items()} or "all",
             "rank": self.rank,
             "lr": self.lr,
             "quantize": self.quantize,
             "baseline": self.baseline,
             "model": self.experiment.model.name_or_path,
-            "family": self.experiment.model.family,
             "adapter_targets": self.experiment.adapter.targets,
             "seed": self.experiment.seed,
         }
@@ -89,12 +91,26 @@ class SweepPlan(BaseModel):
         raise KeyError(slug)
 
 
+def _absolute(value: str | None) -> str | None:
+    if value is None or not Path(value).expanduser().exists():
+        return value
+    return str(Path(value).expanduser().resolve())
+
+
+def _absolute_paths(data: dict[str, Any]) -> None:
+    """Relative paths made absolute, in place: trials run in Ray's folders, not the caller's."""
+    data["data"]["dir"] = _absolute(data["data"]["dir"])
+    data["data"]["train"] = _absolute(data["data"]["train"])  # a dataset name stays a name
+    data["model"]["name_or_path"] = _absolute(data["model"]["name_or_path"])  # hub ids stay
+    for key in ("profile", "file"):
+        data["selection"][key] = _absolute(data["selection"].get(key))
+    data["eval"]["suites"] = [_absolute(s) for s in data["eval"]["suites"]]
+    cache = data["judge"]["cache_dir"]
+    data["judge"]["cache_dir"] = str(Path(cache).expanduser().resolve())
+
+
 def _axis(values: list[Any] | None, default: list[Any] | None, fallback: Any) -> list[Any]:
     return values or default or [fallback]
-
-
-def _label_lr(lr: float) -> str:
-    return f"{lr:g}"
 
 
 def _selections(
@@ -165,7 +181,9 @@ def build_plan(sweep: Sweep) -> SweepPlan:
         data["name"] = f"{cfg.name}/{slug}"
         data["output_dir"] = str(out / TRIALS_DIR / slug)
         data["tracking"] = {**data["tracking"], "backend": "none"}  # the trial logs W&B itself
-        data["judge"] = {**data["judge"], "cache_dir": str(out / JUDGE_CACHE_DIR)}
+        # one reply cache for every trial, unless the sweep's patch names another
+        data["judge"]["cache_dir"] = data["judge"]["cache_dir"] or str(out / JUDGE_CACHE_DIR)
+        _absolute_paths(data)
         return ExperimentConfig.model_validate(data)
 
     if cfg.baseline:
@@ -192,13 +210,17 @@ def build_plan(sweep: Sweep) -> SweepPlan:
             for label, selection, section in _selections(arm, profile, family, hf_config):
                 values: dict[str, Any] = {"data.train": dataset}
                 if selection is not None and not section:  # profile- or file-based: save it
-                    file = out / SELECTIONS_DIR / f"{dataset}-{label}.json"
+                    # named by content, so a changed profile never rewrites a running
+                    # sweep's selection (the changed plan is refused by save_plan instead)
+                    digest = hashlib.sha256(selection.to_json().encode()).hexdigest()[:8]
+                    file = out / SELECTIONS_DIR / f"{dataset}-{label}-{digest}.json"
                     selection.validate(family, hf_config, file=str(file))
-                    selection.save(file)
+                    if not file.is_file():
+                        selection.save(file)
                     section = {"rule": "file", "file": str(file)}
                 values["selection"] = section
                 for rank, lr, q in itertools.product(ranks, lrs, bits):
-                    slug = f"{dataset}-{label}-r{rank}-lr{_label_lr(lr)}"
+                    slug = f"{dataset}-{label}-r{rank}-lr{lr:g}"
                     slug += "-nf4" if q == "nf4" else ""
                     trial_values = {
                         **values,
@@ -256,10 +278,3 @@ def save_plan(plan: SweepPlan, out: Path) -> Path:
         return path
     write_text_atomic(path, text)
     return path
-
-
-def load_plan(out: Path) -> SweepPlan:
-    path = out / PLAN
-    if not path.is_file():
-        raise InputError("no sweep plan here: run the sweep first", file=str(path))
-    return SweepPlan.model_validate_json(path.read_text(encoding="utf-8"))

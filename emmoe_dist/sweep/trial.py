@@ -168,12 +168,21 @@ def finetune_ray_train(spec: TrialSpec, settings: TrialSettings, experiment: Pat
 
 def _run_stage_on_a_gpu(settings: TrialSettings, name: str, cmd: list[str], folder: Path) -> None:
     import ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     def stage() -> None:  # in a Ray worker that holds the GPU: its own environment
         run_stage(name, cmd, folder, stage_env(settings))
 
-    gpus = 1 if settings.device == "cuda" else 0
-    ray.get(ray.remote(num_gpus=gpus, num_cpus=1, max_retries=0)(stage).remote())
+    # Outside the trial's placement group, which holds only the trial's own CPUs: None is
+    # Ray's documented way out of the parent's group (its type hints omit it).
+    no_group: Any = None
+    task = ray.remote(stage).options(
+        num_gpus=1 if settings.device == "cuda" else 0,
+        num_cpus=1,
+        max_retries=0,  # the trial's retry resumes it
+        scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=no_group),
+    )
+    ray.get(task.remote())
 
 
 def write_experiment(spec: TrialSpec) -> Path:
