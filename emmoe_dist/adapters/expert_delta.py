@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -21,6 +21,7 @@ from torch.nn.utils import parametrize
 from emmoe_dist.errors import EmmoeError
 from emmoe_dist.experts import ExpertSelection
 from emmoe_dist.families import MoEFamily
+from emmoe_dist.models.anatomy import moe_layers
 
 DELTA_FILE = "expert_delta.safetensors"
 
@@ -59,7 +60,9 @@ class ExpertDelta(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         for name in self.names:
             parametrize.register_parametrization(
-                self.base_layer, name, _AddRows(self.expert_ids, self.deltas[name])
+                self.base_layer,
+                name,
+                _AddRows(cast(torch.Tensor, self.expert_ids), self.deltas[name]),
             )
         try:
             with parametrize.cached():
@@ -74,22 +77,14 @@ def _expert_param_names(family: MoEFamily) -> tuple[str, ...]:
     return (lay.gate_up, lay.down, *lay.biases)
 
 
-def _moe_blocks(model: nn.Module, family: MoEFamily) -> Iterator[tuple[int, nn.Module]]:
-    layers = model.get_submodule(family.layers_path)
-    block_cls = family.block_class
-    for i, layer in enumerate(layers):
-        block = layer.get_submodule(family.moe_block)
-        if type(block).__name__ == block_cls:
-            yield i, block
-
-
 def apply_expert_delta(model: nn.Module, family: MoEFamily, selection: ExpertSelection) -> int:
     """Freeze the whole model and add trainable deltas for the chosen experts; returns k total."""
     for p in model.parameters():
         p.requires_grad_(False)
     names = _expert_param_names(family)
     total = 0
-    for i, block in _moe_blocks(model, family):
+    for layer in moe_layers(model, family):
+        i, block = layer.index, layer.block
         ids = sorted(selection.experts_for(i))
         if not ids:
             continue
@@ -114,7 +109,7 @@ def delta_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for name, mod in expert_delta_modules(model):
         path = name.removeprefix("module.")
-        out[f"{path}.expert_ids"] = mod.expert_ids.detach().cpu()
+        out[f"{path}.expert_ids"] = cast(torch.Tensor, mod.expert_ids).detach().cpu()
         for p, d in mod.deltas.items():
             out[f"{path}.{p}"] = d.detach().cpu().contiguous()
     return out

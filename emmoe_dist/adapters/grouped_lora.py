@@ -15,7 +15,7 @@ as a standard PEFT adapter that stock `PeftModel.from_pretrained` loads (`peft_s
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +34,7 @@ class GroupedLoraExperts(nn.Module):
         self.base_layer = experts
         self.layout = family.layout
         self.names = (family.layout.gate_up, family.layout.down)
-        self.num_experts = int(experts.num_experts)
+        self.num_experts = int(cast(int, experts.num_experts))
         self.rank = rank
         self.scaling = alpha / rank
         self.lora_A = nn.ParameterDict()
@@ -97,7 +97,7 @@ class GroupedLoraExperts(nn.Module):
         rows = perm // k
         offs = torch.cumsum(torch.bincount(ids, minlength=self.num_experts), 0).to(torch.int32)
         h = self._project(hidden_states[rows], self.names[0], offs, ids)
-        h = self.base_layer._apply_gate(h)
+        h = cast(Any, self.base_layer)._apply_gate(h)
         y = self._project(h, self.names[1], offs, ids)
         y = y * top_k_weights.reshape(-1)[perm].unsqueeze(-1).to(y.dtype)
         out = torch.zeros_like(hidden_states)

@@ -43,7 +43,7 @@ def lora_config(family: MoEFamily, adapter: AdapterConfig) -> LoraConfig:
     on_experts = adapter.targets in ("attention+experts", "experts")
     return LoraConfig(
         r=adapter.rank,
-        lora_alpha=adapter.alpha,
+        lora_alpha=adapter.alpha,  # type: ignore[arg-type]  # PEFT annotates int; float works
         # An explicit empty list: `None` would make PEFT pick its per-architecture defaults.
         target_modules=attention_regex(family) if on_attention else [],
         target_parameters=list(family.expert_param_paths()) if on_experts else None,
@@ -82,7 +82,7 @@ def apply_lora(
             model,
             LoraConfig(
                 r=adapter.rank,
-                lora_alpha=adapter.alpha,
+                lora_alpha=adapter.alpha,  # type: ignore[arg-type]  # PEFT annotates int; float works
                 target_modules=attention_regex(family),
                 lora_dropout=0.0,
                 bias="none",

@@ -52,8 +52,8 @@ def _list(args: argparse.Namespace) -> int:
     data_dir = resolve_data_dir(args.data_dir)
     statuses = [dataset_status(spec, data_dir) for spec in select_datasets()]
     if args.json:
-        rows = [{**dataclasses.asdict(s), "path": str(s.path)} for s in statuses]
-        print(json.dumps(rows, indent=2))
+        listing = [{**dataclasses.asdict(s), "path": str(s.path)} for s in statuses]
+        print(json.dumps(listing, indent=2))
         return 0
     table = [("NAME", "ROLE", "FORMAT", "ROWS", "HASH", "PATH")]
     table += [

@@ -87,7 +87,8 @@ def _build_model(
     family, hf_config = model_config_dict(cfg.model)
     selection = resolve_selection(cfg.selection, family, hf_config)
     loaded = load_model(cfg.model, seed=cfg.seed, device=rt.device, for_training=True)
-    model, tokenizer = loaded.model, loaded.tokenizer
+    model: Any = loaded.model  # an HF model, later PEFT-wrapped: HF methods are used below
+    tokenizer = loaded.tokenizer
     if cfg.model.is_tiny and rt.is_main:
         # A tiny base is built, not loaded: keep it so the adapter has a base to load onto.
         tmp = out / f".{art.BASE_DIR}.tmp"
@@ -117,7 +118,7 @@ def _build_model(
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
-    model.to(rt.device)
+    model = model.to(rt.device)
     return model, tokenizer, family, selection, memory
 
 
@@ -293,7 +294,7 @@ def run_training(
             )
         all_reduce_sum_(sums)
         dt = time.perf_counter() - t0
-        last_loss = float(sums[0] / max(sums[1], 1.0))
+        last_loss = float(sums[0]) / max(float(sums[1]), 1.0)
         row = {
             "step": step + 1,
             "loss": last_loss,
