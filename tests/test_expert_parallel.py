@@ -11,13 +11,11 @@ from __future__ import annotations
 import functools
 import json
 import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from dist_launch import launch_two_ranks
 
 from emmoe_dist.config import ModelConfig, TrainConfig
 from emmoe_dist.errors import InputError
@@ -243,37 +241,12 @@ def _spec(out: Path, zero2_ep: Path) -> dict:
     return {"out": str(out), "families": FAMILY_NAMES, "runs": runs}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def ep_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("ep_runs")
     # QLoRA keeps every rank's NF4 model whole under ZeRO-2; EP splits its NF4 experts too.
-    zero2_ep = out / "zero2_qlora_ep.json"
-    zero2_ep.write_text(
-        json.dumps({**json.loads(ZERO2_QLORA.read_text()), "expert_parallel": {"ep_size": 2}})
-    )
-    spec = out / "spec.json"
-    spec.write_text(json.dumps(_spec(out, zero2_ep)))
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [
-        sys.executable,
-        "-m",
-        "deepspeed.launcher.runner",
-        "--num_gpus",
-        "2",
-        "--master_port",
-        str(_free_port()),
-        str(REPO / "tests" / "dist_ep_driver.py"),
-        str(spec),
-    ]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    (out / "driver.log").write_text(proc.stdout + proc.stderr)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    zero2_ep = REPO / "ds_configs" / "zero2_qlora_ep.json"
+    launch_two_ranks("dist_ep_driver.py", _spec(out, zero2_ep), out)
     return out
 
 

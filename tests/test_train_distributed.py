@@ -8,14 +8,11 @@ from __future__ import annotations
 
 import functools
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from dist_launch import launch_two_ranks
 
 from emmoe_dist.adapters.lora import saved_expert_deltas
 from emmoe_dist.config import ModelConfig
@@ -149,45 +146,24 @@ def _spec(out: Path) -> list[dict]:
         )
     )
     # QLoRA: NF4 attention and experts, LoRA on top, ZeRO-2 (every rank holds the 4-bit model).
-    runs.append(_run("mixtral-qlora", out, "mixtral", [
-        "adapter.quantize=nf4", "train.lr=3e-3", "train.steps=16"], probe=True))
+    runs.append(
+        _run(
+            "mixtral-qlora",
+            out,
+            "mixtral",
+            ["adapter.quantize=nf4", "train.lr=3e-3", "train.steps=16"],
+            probe=True,
+        )
+    )
     runs[-1]["ds"] = str(REPO / "ds_configs" / "zero2_qlora.json")
     runs[0]["overrides"] += ["tracking.backend=wandb", "tracking.mode=offline"]
     return runs
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("dist_runs")
-    spec = out / "spec.json"
-    spec.write_text(json.dumps(_spec(out)))
-    env = {
-        **os.environ,
-        "DS_ACCELERATOR": "cpu",
-        "OMP_NUM_THREADS": "1",
-        "WANDB_DIR": str(out),
-        "PYTHONPATH": str(REPO),
-    }
-    cmd = [
-        sys.executable,
-        "-m",
-        "deepspeed.launcher.runner",
-        "--num_gpus",
-        "2",
-        "--master_port",
-        str(_free_port()),
-        str(REPO / "tests" / "dist_train_driver.py"),
-        str(spec),
-    ]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    (out / "driver.log").write_text(proc.stdout + proc.stderr)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    launch_two_ranks("dist_train_driver.py", _spec(out), out, WANDB_DIR=str(out))
     return out
 
 

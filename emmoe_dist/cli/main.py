@@ -50,8 +50,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"emmoe {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"emmoe {args.command}: interrupted; finished work is on disk, re-run to resume",
-              file=sys.stderr)
+        print(
+            f"emmoe {args.command}: interrupted; finished work is on disk, re-run to resume",
+            file=sys.stderr,
+        )
         return 130
 
 
