@@ -64,7 +64,9 @@ def build_tokenizer(family: MoEFamily) -> PreTrainedTokenizerFast:
         eos_token=_eos_token(family),
         pad_token="<pad>",
         chat_template=family.chat_template,
-        model_max_length=family.tiny.get("max_position_embeddings", 2048),
+        # Callers truncate to their own max_length; a small value here only makes transformers
+        # warn about every long example it is asked to encode before truncation.
+        model_max_length=1 << 20,
     )
     tok.padding_side = "left"  # generation pads on the left; training builds its own batches
     return tok
