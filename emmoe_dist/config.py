@@ -334,6 +334,20 @@ def _format_errors(
     return error
 
 
+def read_yaml_mapping(
+    path: str | os.PathLike[str], what: str
+) -> tuple[dict[str, Any], dict[Path_, int]]:
+    """A YAML file that must hold a mapping (an empty file is an empty one), with key lines."""
+    file = str(path)
+    if not Path(path).is_file():
+        raise InputError(f"{what} does not exist", file=file)
+    data, lines = load_yaml_with_lines(Path(path).read_text(encoding="utf-8"), file)
+    data = data if data is not None else {}
+    if not isinstance(data, dict):
+        raise InputError(f"the {what} must be a mapping of sections", file=file, line=1)
+    return data, lines
+
+
 def load_config(
     path: str | os.PathLike[str] | None, overrides: Sequence[str] = ()
 ) -> ExperimentConfig:
@@ -342,13 +356,7 @@ def load_config(
     data: Any = {}
     lines: dict[Path_, int] = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise InputError("experiment file does not exist", file=file)
-        data, lines = load_yaml_with_lines(p.read_text(encoding="utf-8"), file)
-        data = data if data is not None else {}
-        if not isinstance(data, dict):
-            raise InputError("the experiment file must be a mapping of sections", file=file, line=1)
+        data, lines = read_yaml_mapping(path, "experiment file")
     overridden = [apply_override(data, o) for o in overrides]
     try:
         return ExperimentConfig.model_validate(data)

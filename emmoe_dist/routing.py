@@ -11,9 +11,8 @@ Layer 1: one process. Summing counts over ranks is the workflow's job (`emmoe_di
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Any, cast
 
 import torch
@@ -23,6 +22,7 @@ from emmoe_dist.errors import EmmoeError
 from emmoe_dist.experts import ExpertProfile, LayerRouting
 from emmoe_dist.families import MoEFamily, num_experts, top_k
 from emmoe_dist.models.anatomy import model_config, moe_layers
+from emmoe_dist.models.hooks import ForwardHooks, Hook
 
 IGNORE_INDEX = -100
 
@@ -62,7 +62,7 @@ class RoutingCounts:
         )
 
 
-class RoutingCounter:
+class RoutingCounter(ForwardHooks):
     """Context manager: while open, every router call adds the masked tokens' choices.
 
     Accumulators stay on each router's device (no host sync per layer) until `counts()`.
@@ -76,26 +76,14 @@ class RoutingCounter:
         self._mask: torch.Tensor | None = None
         self._counts: dict[int, torch.Tensor] = {}
         self._gates: dict[int, torch.Tensor] = {}
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        super().__init__()
 
     def set_mask(self, mask: torch.Tensor | None) -> None:
         """Token positions that count in the next forward ([batch, seq] bool); None counts all."""
         self._mask = None if mask is None else mask.reshape(-1).bool()
 
-    def __enter__(self) -> RoutingCounter:
-        for layer in self._layers:
-            self._handles.append(layer.router.register_forward_hook(self._hook(layer.index)))
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+    def hook_targets(self) -> Iterator[tuple[nn.Module, Hook]]:
+        return ((layer.router, self._hook(layer.index)) for layer in self._layers)
 
     def _hook(self, index: int) -> Any:
         def hook(module: nn.Module, args: Any, output: tuple[torch.Tensor, ...]) -> None:

@@ -15,10 +15,9 @@ last, so an interrupted run resumes at the first answer whose shard was not fini
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, cast
 
 import numpy as np
@@ -33,6 +32,7 @@ from emmoe_dist.errors import EmmoeError, InputError
 from emmoe_dist.families import MoEFamily
 from emmoe_dist.interp.labels import question_key
 from emmoe_dist.models.anatomy import decoder_layers
+from emmoe_dist.models.hooks import ForwardHooks, Hook
 from emmoe_dist.records import GenerationRecord, JudgedRecord, atomic_path, write_text_atomic
 
 if TYPE_CHECKING:
@@ -122,7 +122,7 @@ def layer_output(output: Any) -> torch.Tensor:
     return cast(torch.Tensor, output[0] if isinstance(output, tuple) else output)
 
 
-class ResidualTap:
+class ResidualTap(ForwardHooks):
     """Context manager: while open, each forward records, per decoder layer, the mean of the
     layer's output over the answer positions and its output at the last prompt position.
 
@@ -135,7 +135,7 @@ class ResidualTap:
         self._last: torch.Tensor | None = None  # [B] last prompt position
         self._answer: dict[int, torch.Tensor] = {}
         self._prompt: dict[int, torch.Tensor] = {}
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        super().__init__()
 
     @property
     def num_layers(self) -> int:
@@ -155,20 +155,8 @@ class ResidualTap:
         self._answer.clear()
         self._prompt.clear()
 
-    def __enter__(self) -> ResidualTap:
-        for i, layer in enumerate(self._layers):
-            self._handles.append(layer.register_forward_hook(self._hook(i)))
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+    def hook_targets(self) -> Iterator[tuple[nn.Module, Hook]]:
+        return ((layer, self._hook(i)) for i, layer in enumerate(self._layers))
 
     def _hook(self, index: int) -> Any:
         def hook(module: nn.Module, args: Any, output: Any) -> None:

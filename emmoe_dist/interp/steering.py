@@ -34,6 +34,7 @@ from emmoe_dist.metrics import (
     summarize,
 )
 from emmoe_dist.models.anatomy import decoder_layers
+from emmoe_dist.models.hooks import ForwardHooks
 from emmoe_dist.records import JudgedRecord
 
 Mode = Literal["add", "subtract", "ablate"]
@@ -116,14 +117,8 @@ def steering(
             )
         if mode == "ablate" and float(v.norm()) == 0.0:
             raise EmmoeError(f"layer {i}: cannot project out a zero direction")
-    handles = [
-        blocks[i].register_forward_hook(_hook(v.detach(), alpha, mode)) for i, v in chosen.items()
-    ]
-    try:
+    with ForwardHooks((blocks[i], _hook(v.detach(), alpha, mode)) for i, v in chosen.items()):
         yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def random_like(vectors: torch.Tensor, seed: int = 0) -> torch.Tensor:

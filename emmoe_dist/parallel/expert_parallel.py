@@ -303,6 +303,16 @@ class _LocalExperts(nn.Module):
     expert_layout: ExpertLayout
     lora_scaling: float = 1.0
 
+    def _adopt(
+        self, adapter: nn.Module, shard: nn.Module, family: MoEFamily, dispatcher: ExpertDispatcher
+    ) -> None:
+        """Become `adapter` (its factors or deltas, see `_take_over`) over the local `shard`."""
+        nn.Module.__init__(self)
+        _take_over(self, adapter)
+        self.base_layer = shard
+        self.expert_layout = family.layout
+        self.dispatcher = dispatcher
+
     def local_tensors(self) -> dict[str, torch.Tensor]:
         """This rank's expert tensors (and biases) as the forward uses them."""
         return {n: getattr(self.base_layer, n) for n in _tensor_names(self.expert_layout)}
@@ -390,11 +400,7 @@ class ExpertParallelLora(_LocalExperts, GroupedLoraExperts):
         family: MoEFamily,
         dispatcher: ExpertDispatcher,
     ) -> None:
-        nn.Module.__init__(self)
-        _take_over(self, adapter)
-        self.base_layer = shard
-        self.expert_layout = family.layout
-        self.dispatcher = dispatcher
+        self._adopt(adapter, shard, family, dispatcher)
         self.lora_scaling = adapter.scaling
 
     def local_lora(self, name: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -420,11 +426,7 @@ class ExpertParallelDelta(_LocalExperts, ExpertDelta):
         family: MoEFamily,
         dispatcher: ExpertDispatcher,
     ) -> None:
-        nn.Module.__init__(self)
-        _take_over(self, adapter)
-        self.base_layer = shard
-        self.expert_layout = family.layout
-        self.dispatcher = dispatcher
+        self._adopt(adapter, shard, family, dispatcher)
         local = dispatcher.layout.local_experts
         ids: list[int] = adapter.get_buffer("expert_ids").tolist()
         rows = [i for i, e in enumerate(ids) if e in local]

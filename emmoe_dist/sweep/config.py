@@ -21,7 +21,7 @@ from emmoe_dist.config import (
     ExperimentConfig,
     TrackingConfig,
     apply_override,
-    load_yaml_with_lines,
+    read_yaml_mapping,
 )
 from emmoe_dist.errors import InputError
 
@@ -279,13 +279,7 @@ def load_sweep(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> S
     `overrides` are dotted `key=value` items for the sweep file (`trial.ranks=4`,
     `patch.judge.base_url=http://...`)."""
     file = str(path)
-    p = Path(path)
-    if not p.is_file():
-        raise InputError("sweep file does not exist", file=file)
-    data, lines = load_yaml_with_lines(p.read_text(encoding="utf-8"), file)
-    data = data if data is not None else {}
-    if not isinstance(data, dict):
-        raise InputError("a sweep file must be a mapping", file=file, line=1)
+    data, lines = read_yaml_mapping(path, "sweep file")
     overridden = [apply_override(data, o) for o in overrides]
     try:
         cfg = SweepConfig.model_validate(data)
@@ -293,9 +287,7 @@ def load_sweep(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> S
         raise _sweep_error(e, file, lines, overridden) from None
 
     exp_file = cfg.experiment
-    exp_data, exp_lines = load_yaml_with_lines(Path(exp_file).read_text(encoding="utf-8"), exp_file)
-    if not isinstance(exp_data, dict):
-        raise InputError("the experiment file must be a mapping of sections", file=exp_file, line=1)
+    exp_data, exp_lines = read_yaml_mapping(exp_file, "experiment file")
 
     def validate(
         patches: Sequence[tuple[tuple[str | int, ...], Mapping[str, Any]]],
