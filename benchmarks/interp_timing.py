@@ -1,21 +1,28 @@
 """Interpretability timings on a random model of a real shape: activation collection,
-direction + early detection, and routing shift, on constructed judged records (one GPU).
+direction + early detection, steering and routing shift, on constructed judged records (one GPU).
 
-    python benchmarks/interp_timing.py --shape qwen3 --records 400 --out interp_qwen3_l48.json
-    BENCH_DEVICE=cpu python benchmarks/interp_timing.py --shape tiny --records 48 --out /tmp/i.json
+    python benchmarks/interp_timing.py --shape qwen3 --records 400 --data-dir DATA \
+        --out interp_qwen3_l48.json
+    BENCH_DEVICE=cpu python benchmarks/interp_timing.py --shape tiny --records 48 \
+        --data-dir DATA --steer-tokens 8 --out /tmp/i.json
 
 `--shape qwen3` is Qwen3-30B-A3B (48 layers, 128 experts, top-8; `--layers` to cut depth),
 bf16 on the GPU; `--shape tiny` is the tiny Qwen3-MoE of the tests, for a CPU smoke run.
 Answers are random words of realistic length, judged with random scores, so the numbers say
 how fast the analyses run, not what they find. The routing shift compares the model with
 itself after a perturbation of every other MoE layer's router (a fine-tune never trains
-routers, but it moves what they see; the cost is the same). On the GPU machine, install the
+routers, but it moves what they see; the cost is the same). Steering (with `--data-dir`)
+generates answers to the core questions through the normal generation path (the
+transformers backend, as `emmoe interp steer` does) unsteered, and with the direction and its
+same-norm random control added at each `--steer-alphas` value at the layer of largest
+relative norm; judging is left out (its throughput is `judge_throughput.py`'s). On the GPU machine, install the
 eval wheels first (`../shared/tools/gpu-wheels eval`: pydantic for the records).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -23,6 +30,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -38,7 +46,13 @@ from emmoe_dist.interp.labels import LabelRule, balanced_indices
 from emmoe_dist.interp.routing_shift import routing_shift
 from emmoe_dist.metrics import Bootstrap
 from emmoe_dist.models.anatomy import moe_layers
-from emmoe_dist.records import GenerationRecord, JudgedRecord, SamplingParams, Score
+from emmoe_dist.records import (
+    GenerationRecord,
+    JudgedRecord,
+    SamplingParams,
+    Score,
+    read_jsonl,
+)
 from emmoe_dist.routing import profile_batches
 
 _WORDS = [
@@ -106,6 +120,71 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def time_steering(
+    model: Any, tok: Any, family: Any, directions: Any, args: argparse.Namespace, device: Any
+) -> dict[str, Any]:
+    """Seconds to generate the same answers unsteered and under each steering condition."""
+    from emmoe_dist.config import DataConfig, EvalConfig, ExperimentConfig, ModelConfig
+    from emmoe_dist.generate.runner import load_suites, run_generation
+    from emmoe_dist.generate.sources import ModelSource
+    from emmoe_dist.generate.transformers_backend import TransformersGenerator
+    from emmoe_dist.interp.directions import MISALIGNED_MINUS_ALIGNED
+    from emmoe_dist.interp.steering import random_like, steering
+
+    cfg = ExperimentConfig(
+        data=DataConfig(dir=args.data_dir),
+        eval=EvalConfig(
+            suites=["core"],
+            limit=args.steer_questions,
+            samples_per_question=args.steer_samples,
+            max_new_tokens=args.steer_tokens,
+            batch_size=64,
+        ),
+    )
+    suites = load_suites(cfg, ["core"])
+    vectors = directions.kind(MISALIGNED_MINUS_ALIGNED)
+    rel = directions.relative_norms(MISALIGNED_MINUS_ALIGNED)
+    layer = max(range(len(rel)), key=rel.__getitem__)
+    conditions = {"direction": vectors, "random": random_like(vectors, seed=0)}
+    alphas = [float(a) for a in args.steer_alphas.split(",")]
+    runs = [("unsteered", 0.0)] + [(c, a) for c in conditions for a in alphas]
+    generator = TransformersGenerator(model, tok, batch_size=64)
+    source = ModelSource(base=ModelConfig(name_or_path="random"), model_label="random")
+    out: dict[str, Any] = {"layer": layer, "max_new_tokens": args.steer_tokens, "runs": []}
+    unsteered: dict[str, str] = {}
+    with tempfile.TemporaryDirectory() as folder:
+        for condition, alpha in runs:
+            steer: Any = contextlib.nullcontext()
+            if alpha:
+                steer = steering(model, family, conditions[condition], [layer], alpha, "add")
+            _sync(device)
+            t0 = time.perf_counter()
+            path = Path(folder) / f"{condition}_{alpha:g}.jsonl"
+            with steer:
+                summary = run_generation(cfg, generator, tok, source, suites, path, progress=False)
+            _sync(device)
+            seconds = time.perf_counter() - t0
+            records = {r.key: r.answer for r in read_jsonl(path, GenerationRecord)}
+            tokens = sum(r.n_answer_tokens for r in read_jsonl(path, GenerationRecord))
+            unsteered = unsteered or records
+            changed = sum(records[k] != unsteered.get(k) for k in records)
+            out["runs"].append(
+                {
+                    "condition": condition,
+                    "alpha": alpha,
+                    "answers": summary.written,
+                    "seconds": seconds,
+                    "answers_per_s": summary.written / seconds,
+                    "generated_tokens_per_s": tokens / seconds,
+                    # same prompts and seeds: an answer differs only through the steering
+                    "answers_changed": changed,
+                }
+            )
+    base = out["runs"][0]["seconds"]
+    out["steered_over_unsteered_time"] = [r["seconds"] / base for r in out["runs"][1:]]
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--shape", default="qwen3", choices=["qwen3", "tiny"])
@@ -115,6 +194,11 @@ def main() -> int:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--max-length", type=int, default=1024)
     p.add_argument("--resamples", type=int, default=1000)
+    p.add_argument("--data-dir", default=None, help="for the steering stage (core questions)")
+    p.add_argument("--steer-alphas", default="4,8")
+    p.add_argument("--steer-questions", type=int, default=8)
+    p.add_argument("--steer-samples", type=int, default=4)
+    p.add_argument("--steer-tokens", type=int, default=64)
     p.add_argument("--out", required=True)
     args = p.parse_args()
 
@@ -197,10 +281,12 @@ def main() -> int:
         )
 
     t0 = time.perf_counter()
-    build_directions(acts, rule=rule.describe())
+    directions = build_directions(acts, rule=rule.describe())
     found = detect(acts, test_fraction=0.5, seed=0, bootstrap=Bootstrap(resamples=args.resamples))
     result["direction_and_detection_s"] = time.perf_counter() - t0
     result["detection_best_layer"] = found.best_layer
+    if args.data_dir:
+        result["steering"] = time_steering(model, tok, family, directions, args, device)
 
     encoded = sorted((it.encoded for it in items), key=len, reverse=True)
     batches = [

@@ -266,6 +266,8 @@ def main() -> int:
         results["arms"][arm] = r
         if rt.is_main:
             print(json.dumps({arm: r}), flush=True)
+            # after every arm: a later arm that runs out of time or memory loses only itself
+            Path(args.out).write_text(json.dumps(results, indent=2))
     arms = results["arms"]
     if {"zero3", "zero3_ep"} <= arms.keys():
         results["ep_speedup"] = arms["zero3_ep"]["tokens_per_s"] / arms["zero3"]["tokens_per_s"]
