@@ -142,6 +142,7 @@ def time_steering(
         ),
     )
     suites = load_suites(cfg, ["core"])
+    model.config.use_cache = True  # the shape's config is the training one (no KV cache)
     vectors = directions.kind(MISALIGNED_MINUS_ALIGNED)
     rel = directions.relative_norms(MISALIGNED_MINUS_ALIGNED)
     layer = max(range(len(rel)), key=rel.__getitem__)

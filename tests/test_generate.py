@@ -184,6 +184,26 @@ def test_samples_differ_per_seed_and_a_seed_redraws_its_answer_in_any_batch(tiny
     assert values == sorted(values, reverse=True) and values[0] <= 0
 
 
+def test_generation_uses_the_kv_cache_when_the_config_turns_it_off(tiny: Path) -> None:
+    # Training checkpoints save `use_cache: false`; generating without the cache re-runs the
+    # whole sequence every step (on GPUs through transformers' decode-time batched_mm experts,
+    # which copy expert weights per token and ran out of memory on a Qwen3-30B shape).
+    loaded = load_model(ModelConfig(name_or_path=str(tiny)), for_training=False)
+    loaded.model.config.use_cache = False
+    lengths: list[int] = []
+    first_layer = loaded.model.model.layers[0]
+    handle = first_layer.register_forward_hook(lambda m, a, o: lengths.append(a[0].shape[1]))
+    gen = TransformersGenerator(loaded.model, loaded.tokenizer, batch_size=2)
+    request = [SampleRequest(key="k", prompt_ids=(3, 40, 41, 42), seed=1)]
+    fixed = SamplingOptions(temperature=1.0, max_new_tokens=6, min_new_tokens=6)
+    try:
+        (sample,) = next(iter(gen.generate(request, fixed)))
+    finally:
+        handle.remove()
+    assert len(sample.token_ids) == 6
+    assert lengths == [4, 1, 1, 1, 1, 1]  # the prompt once, then one new token per step
+
+
 def test_min_new_tokens_suppresses_the_stop_token(tiny: Path) -> None:
     loaded = load_model(ModelConfig(name_or_path=str(tiny)), for_training=False)
     gen = TransformersGenerator(loaded.model, loaded.tokenizer, batch_size=2)

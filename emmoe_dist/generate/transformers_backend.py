@@ -78,6 +78,10 @@ class TransformersGenerator:
             max_new_tokens=options.max_new_tokens,
             min_new_tokens=options.min_new_tokens or None,
             do_sample=False,
+            # Explicit: a checkpoint saved from training carries `use_cache: false`, and without
+            # the cache every step re-runs the whole sequence (on GPUs through transformers'
+            # decode-time `batched_mm` experts, which copies expert weights per token).
+            use_cache=True,
             eos_token_id=sorted(self.stop_ids),
             pad_token_id=pad,
         )
