@@ -277,6 +277,50 @@ def test_cache_is_shared_between_connections(tmp_path: Path) -> None:
         assert "k" in b and b.get("k") == {"choices": []} and len(b) == 1
         b.put("k", {"choices": ["other"]})  # the first reply stays
         assert a.get("k") == {"choices": []}
+        assert list(b.keys()) == ["k"] and "missing" not in a and a.get("missing") is None
+    with pytest.raises(ValueError):
+        JudgeCache(tmp_path).get("../escape")
+
+
+def _race_to_store(folder: str, worker: int, keys: list[str]) -> None:
+    cache = JudgeCache(folder)
+    for key in keys:
+        # each writer's replies have their own length: a reply mixed from two writers shows
+        cache.put(key, {"writer": worker, "key": key, "pad": "x" * (20_000 + 997 * worker)})
+
+
+def test_processes_racing_on_the_same_keys_leave_one_whole_reply_each(tmp_path: Path) -> None:
+    import multiprocessing
+
+    keys = [cache_key({"n": i}) for i in range(200)]
+    ctx = multiprocessing.get_context("spawn")
+    workers = [ctx.Process(target=_race_to_store, args=(str(tmp_path), w, keys)) for w in range(4)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(timeout=120)
+        assert w.exitcode == 0
+    cache = JudgeCache(tmp_path)
+    assert sorted(cache.keys()) == sorted(keys)
+    for key in keys:
+        body = cache.get(key)
+        assert body is not None and body["key"] == key
+        assert len(body["pad"]) == 20_000 + 997 * body["writer"]
+    assert not list(tmp_path.rglob(".tmp-*"))  # every temporary file was cleaned up
+
+
+def test_a_torn_reply_is_a_miss_and_is_stored_again(tmp_path: Path) -> None:
+    cache = JudgeCache(tmp_path)
+    key = cache_key({"n": 1})
+    cache.put(key, {"ok": 1})
+    (path,) = tmp_path.rglob(f"{key}.json")
+    path.write_text('{"ok": ')  # what a power loss after the link can leave
+    assert cache.get(key) is None and key not in cache
+    cache.put(key, {"ok": 2})
+    assert cache.get(key) == {"ok": 2}
+    # a writer killed before its link leaves a temporary file that no lookup reads
+    (path.parent / ".tmp-1-dead").write_text('{"ok": 3}')
+    assert len(cache) == 1 and cache.get(key) == {"ok": 2}
 
 
 def test_judge_cli_with_the_scripted_judge(
