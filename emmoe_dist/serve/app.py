@@ -49,6 +49,9 @@ class ServeOptions:
     replicas: int = 1  # engine replicas per served model
     gpus_per_replica: float = 0.0  # 0 on CPU; vLLM's tensor_parallel_size follows it on GPUs
     cpus_per_replica: float = 1.0
+    # Requests in flight per engine replica. Ray Serve's default (5) would starve the engine:
+    # continuous batching needs every waiting request inside vLLM, which queues them itself.
+    max_ongoing_requests: int = 1024
     engine: VllmEngineOptions = field(default_factory=VllmEngineOptions)
 
 
@@ -170,6 +173,7 @@ def build_app(models: Sequence[ServedModel], options: ServeOptions) -> Any:
         m.name: server.options(
             name=f"model-{i}",
             num_replicas=options.replicas,
+            max_ongoing_requests=options.max_ongoing_requests,
             ray_actor_options={
                 "num_cpus": options.cpus_per_replica,
                 "num_gpus": options.gpus_per_replica,
@@ -178,7 +182,12 @@ def build_app(models: Sequence[ServedModel], options: ServeOptions) -> Any:
         for i, m in enumerate(models)
     }
     served = {name: m.name for m in models for name in m.names()}
-    router = cast(Any, OpenAIRouter).options(name="router", ray_actor_options={"num_cpus": 0.1})
+    router = cast(Any, OpenAIRouter).options(
+        name="router",
+        # the router only forwards: it must hold every replica's requests at once
+        max_ongoing_requests=options.max_ongoing_requests * options.replicas * len(models),
+        ray_actor_options={"num_cpus": 0.1},
+    )
     return router.bind(handles, served)
 
 
