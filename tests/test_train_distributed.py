@@ -145,6 +145,23 @@ def _spec(out: Path) -> list[dict]:
             stop_after=4,
         )
     )
+    # The same runs from a checkpoint folder (the base the tiny runs saved): transformers then
+    # loads it straight into ZeRO-3 partitions (parallel/zero_init.py).
+    for name in ("qwen3_moe-single", "qwen3_moe-full"):
+        twin = next(r for r in runs if r["name"] == name)
+        runs.append(
+            {
+                **twin,
+                "name": f"{name}-from-path",
+                "overrides": [
+                    *(o for o in twin["overrides"] if not o.startswith(("output_dir=", "name="))),
+                    f"model.name_or_path={out / name / 'base'}",
+                    f"output_dir={out / (name + '-from-path')}",
+                    f"name={name}-from-path",
+                ],
+                "probe": False,
+            }
+        )
     # QLoRA: NF4 attention and experts, LoRA on top, ZeRO-2 (every rank holds the 4-bit model).
     runs.append(
         _run(
@@ -291,3 +308,15 @@ def test_qlora_trains_on_a_4bit_base(runs: Path) -> None:
         logits = model(input_ids=probe["input_ids"]).logits
     cos = torch.nn.functional.cosine_similarity(logits.flatten(), probe["logits"].flatten(), dim=0)
     assert cos > 0.9, float(cos)
+
+
+def test_a_checkpoint_loads_into_zero3_partitions_and_trains_the_same(runs: Path) -> None:
+    for name in ("qwen3_moe-single", "qwen3_moe-full"):
+        built, loaded = runs / name, runs / f"{name}-from-path"
+        whole = json.loads((built / "manifest.json").read_text())["load"]
+        split = json.loads((loaded / "manifest.json").read_text())["load"]
+        assert not whole["partitioned"] and split["partitioned"]
+        # each of the 2 ranks held half the weights from the start, never the whole model
+        assert split["resident_elements_rank0"] <= 0.51 * whole["resident_elements_rank0"]
+        assert _losses(loaded) == pytest.approx(_losses(built), abs=1e-6)
+        assert len(_losses(loaded)) == 8

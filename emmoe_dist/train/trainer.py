@@ -46,6 +46,7 @@ from emmoe_dist.parallel.ds_config import (
 from emmoe_dist.parallel.expert_parallel import apply_expert_parallel
 from emmoe_dist.parallel.runtime import Runtime, all_reduce_sum_, barrier
 from emmoe_dist.parallel.strategy import DeepSpeedStrategy
+from emmoe_dist.parallel.zero_init import partitioned_loading, resident_elements
 from emmoe_dist.records import write_json_atomic
 from emmoe_dist.tracking import make_tracker
 from emmoe_dist.train import artifacts as art
@@ -79,14 +80,35 @@ def _router_digest(model: nn.Module, family: MoEFamily, strategy: DeepSpeedStrat
         return art.tensor_digest(named)
 
 
+@dataclass(frozen=True)
+class LoadInfo:
+    partitioned: bool  # loaded straight into ZeRO-3 partitions (parallel/zero_init.py)
+    resident_elements: int  # parameter elements this rank held once the checkpoint was in
+
+
 def _build_model(
-    cfg: ExperimentConfig, rt: Runtime, out: Path, ep: ExpertParallelConfig | None
-) -> tuple[nn.Module, Any, MoEFamily, ExpertSelection, WeightMemory | None]:
+    cfg: ExperimentConfig,
+    rt: Runtime,
+    out: Path,
+    ep: ExpertParallelConfig | None,
+    partition_with: dict[str, Any] | None,
+) -> tuple[nn.Module, Any, MoEFamily, ExpertSelection, WeightMemory | None, LoadInfo]:
+    """The model with its adapters; `partition_with` (a ZeRO-3 config) loads the checkpoint
+    straight into partitions instead of whole onto every rank's device."""
     from emmoe_dist.models.loading import load_model, model_config_dict
 
     family, hf_config = model_config_dict(cfg.model)
     selection = resolve_selection(cfg.selection, family, hf_config)
-    loaded = load_model(cfg.model, seed=cfg.seed, device=rt.device, for_training=True)
+    if partition_with is not None:
+        with partitioned_loading(partition_with):
+            loaded = load_model(cfg.model, seed=cfg.seed, for_training=True)
+    else:
+        # Expert parallelism cuts each rank's experts from the whole tensors: a checkpoint is
+        # read into host memory first and only this rank's share moves to its device (below).
+        on_host = ep is not None and not cfg.model.is_tiny
+        device = None if on_host else rt.device
+        loaded = load_model(cfg.model, seed=cfg.seed, device=device, for_training=True)
+    load_info = LoadInfo(partition_with is not None, resident_elements(loaded.model))
     model: Any = loaded.model  # an HF model, later PEFT-wrapped: HF methods are used below
     tokenizer = loaded.tokenizer
     if cfg.model.is_tiny and rt.is_main:
@@ -119,7 +141,7 @@ def _build_model(
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
     model = model.to(rt.device)
-    return model, tokenizer, family, selection, memory
+    return model, tokenizer, family, selection, memory, load_info
 
 
 def _encode(cfg: ExperimentConfig, tokenizer: Any, rt: Runtime) -> tuple[list[Any], str, int]:
@@ -225,12 +247,20 @@ def run_training(
             file=str(ds_config_path),
             field="zero_optimization.stage",
         )
-    _seed_everything(cfg.seed)
+    from emmoe_dist.models.loading import model_config_dict, resolve_dtype
 
-    model, tokenizer, family, selection, memory = _build_model(cfg, rt, out, ep)
-    bf16 = rt.device.type == "cuda" and next(model.parameters()).dtype == torch.bfloat16
+    family, _ = model_config_dict(cfg.model)  # the config only: no weights yet
+    bf16 = rt.device.type == "cuda" and resolve_dtype(cfg.model.dtype, rt.device) == torch.bfloat16
     ds_cfg = complete_ds_config(
         raw_ds, file=str(ds_config_path), train=cfg.train, family=family, bf16=bf16
+    )
+    # A checkpoint under plain ZeRO-3 loads into partitions; tiny models are built whole (no
+    # checkpoint), and expert parallelism cuts each rank's experts from the whole tensors.
+    partitioned = zero_stage(raw_ds) == 3 and ep is None and not cfg.model.is_tiny
+    _seed_everything(cfg.seed)
+
+    model, tokenizer, family, selection, memory, load_info = _build_model(
+        cfg, rt, out, ep, ds_cfg if partitioned else None
     )
     items, data_hash, dropped = _encode(cfg, tokenizer, rt)
     plan = BatchPlan(
@@ -340,6 +370,10 @@ def run_training(
             "selection": json.loads(selection.to_json()),
             "world_size": rt.world_size,
             "device": rt.device.type,
+            "load": {
+                "partitioned": load_info.partitioned,
+                "resident_elements_rank0": load_info.resident_elements,
+            },
             "versions": art.package_versions(),
             "git_revision": art.git_revision(),
             "data": {
