@@ -89,11 +89,28 @@ def apply_lora(
                 task_type="CAUSAL_LM",
             ),
         )
+        _match_base_dtype(model)
     if adapter.targets in ("attention+experts", "experts"):
         wrap_experts(model, family, adapter.rank, adapter.alpha)
         restrict_to_selection(model, selection)
     assert_router_frozen(model, family)
     return model
+
+
+def _match_base_dtype(model: nn.Module) -> None:
+    """PEFT gives a LoRA layer its base weight's dtype only when that weight holds data; a
+    ZeRO-3-partitioned weight (an empty placeholder) leaves the factors in float32, and
+    DeepSpeed needs one dtype across the trainable partitions."""
+    from peft.tuners.lora import LoraLayer
+
+    for module in model.modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        dtype = module.get_base_layer().weight.dtype
+        for factors in (module.lora_A, module.lora_B):
+            for p in factors.parameters():
+                if p.dtype != dtype:
+                    p.data = p.data.to(dtype)
 
 
 def adapter_state_dict(model: nn.Module, family: MoEFamily) -> dict[str, torch.Tensor]:
