@@ -106,7 +106,12 @@ def _match_base_dtype(model: nn.Module) -> None:
     for module in model.modules():
         if not isinstance(module, LoraLayer):
             continue
-        dtype = module.get_base_layer().weight.dtype
+        weight = module.get_base_layer().weight
+        if not isinstance(weight, torch.Tensor):
+            continue
+        if not hasattr(weight, "ds_shape") or not weight.dtype.is_floating_point:
+            continue  # PEFT placed these itself (a 4-bit base keeps its own compute dtype)
+        dtype = weight.dtype
         for factors in (module.lora_A, module.lora_B):
             for p in factors.parameters():
                 if p.dtype != dtype:
