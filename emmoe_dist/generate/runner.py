@@ -253,10 +253,10 @@ def run_generation_many(
     options = SamplingOptions.from_eval(cfg.eval)
     with contextlib.ExitStack() as stack:
         plans: list[_Target] = []
-        # key -> (target, job, sample index, seed)
-        by_key: dict[str, tuple[_Target, PromptJob, int, int]] = {}
+        # key -> (index of its target, job, sample index, seed)
+        by_key: dict[str, tuple[int, PromptJob, int, int]] = {}
         requests = []
-        for source, out in targets:
+        for t, (source, out) in enumerate(targets):
             meta = run_meta(cfg, source, generator.backend, suites)
             meta_path = out.with_name(out.name + ".run.json")
             stack.enter_context(exclusive_writer(out, "generation"))
@@ -270,13 +270,13 @@ def run_generation_many(
             )
             for job in plan_jobs(cfg, suites.suites, tokenizer, source, target.done):
                 for index, key, seed in job.samples:
-                    by_key[key] = (target, job, index, seed)
+                    by_key[key] = (t, job, index, seed)
                     requests.append(
                         SampleRequest(
                             key=key, prompt_ids=job.prompt_ids, seed=seed, adapter=adapter
                         )
                     )
-        sinks = {id(t): stack.enter_context(JsonlAppender(t.out)) for t in plans}
+        sinks = [stack.enter_context(JsonlAppender(target.out)) for target in plans]
         start = time.perf_counter()
         bar = stack.enter_context(
             tqdm(total=len(requests), unit="sample", desc="generate", disable=not progress)
@@ -284,12 +284,14 @@ def run_generation_many(
         for batch in generator.generate(requests, options):
             grouped: dict[int, list[GenerationRecord]] = {}
             for raw in batch:
-                target, job, index, seed = by_key[raw.key]
-                record = _record(cfg, generator, tokenizer, target.source, job, raw, index, seed)
-                grouped.setdefault(id(target), []).append(record)
-                target.written += 1
-            for sink_id, records in grouped.items():
-                sinks[sink_id].write_many(records)
+                t, job, index, seed = by_key[raw.key]
+                source = plans[t].source
+                grouped.setdefault(t, []).append(
+                    _record(cfg, generator, tokenizer, source, job, raw, index, seed)
+                )
+            for t, records in grouped.items():
+                sinks[t].write_many(records)  # on disk before the next batch is drawn
+                plans[t].written += len(records)
             bar.update(len(batch))
         seconds = time.perf_counter() - start
     return [
