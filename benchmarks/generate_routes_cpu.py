@@ -128,7 +128,8 @@ def _serve(model: Path, args: argparse.Namespace) -> dict[str, Any]:
         system = effective_system_prompt(q.system, cfg.eval.system_prompt)
         for p, text in enumerate(q.paraphrases):
             for s in range(args.samples):
-                prompts.append((chat_messages(text, system), sample_seed(0, "core", q.id, p, s)))
+                seed = sample_seed(cfg.seed, "core", q.id, p, s)
+                prompts.append((chat_messages(text, system), seed))
     options = ServeOptions(port=args.port, engine=VllmEngineOptions(**ENGINE))  # type: ignore[arg-type]
     t0 = time.perf_counter()
     with serving([ServedModel(name="tiny", path=str(model))], options, num_cpus=4) as url:

@@ -165,8 +165,9 @@ def time_steering(
                 summary = run_generation(cfg, generator, tok, source, suites, path, progress=False)
             _sync(device)
             seconds = time.perf_counter() - t0
-            records = {r.key: r.answer for r in read_jsonl(path, GenerationRecord)}
-            tokens = sum(r.n_answer_tokens for r in read_jsonl(path, GenerationRecord))
+            generated = read_jsonl(path, GenerationRecord)
+            records = {r.key: r.answer for r in generated}
+            tokens = sum(r.n_answer_tokens for r in generated)
             unsteered = unsteered or records
             changed = sum(records[k] != unsteered.get(k) for k in records)
             out["runs"].append(

@@ -342,6 +342,20 @@ def read_jsonl(
 # Atomic whole-file writes
 
 
+def read_json_object(
+    path: str | os.PathLike[str], not_object: str = "expected a JSON object"
+) -> dict[str, Any]:
+    """A JSON file that must hold an object; errors name the file and line."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise InputError(f"invalid JSON: {e.msg}", file=str(path), line=e.lineno) from None
+    if not isinstance(data, dict):
+        raise InputError(not_object, file=str(path), line=1)
+    return data
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """A temporary path beside `path` for any writer (safetensors, savefig, ...); when the

@@ -15,6 +15,7 @@ import os
 import socket
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -62,6 +63,22 @@ def merged(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+def _generation_config(model: Path) -> Any:
+    """2 core questions x 3 samples of 8 tokens on the vLLM backend."""
+    from emmoe_dist.config import load_config
+
+    return load_config(
+        None,
+        [
+            f"model.name_or_path={model}",
+            "eval.limit=2",
+            "eval.samples_per_question=3",
+            "eval.max_new_tokens=8",
+            "eval.backend=vllm",
+        ],
+    )
+
+
 @pytest.fixture(scope="module")
 def adapter_folder(merged: Path) -> Path:
     return merged.parent / "adapter"
@@ -72,7 +89,6 @@ def test_vllm_generates_n_samples_with_top20_logprobs_and_records(
 ) -> None:
     from transformers import AutoModelForCausalLM
 
-    from emmoe_dist.config import load_config
     from emmoe_dist.generate.interface import SampleRequest, SamplingOptions
     from emmoe_dist.generate.runner import load_suites, run_generation
     from emmoe_dist.generate.seeded_sampling import SeededSampler
@@ -130,16 +146,7 @@ def test_vllm_generates_n_samples_with_top20_logprobs_and_records(
         assert max(abs(a - b) for a, b in zip(hf_top, vllm_top, strict=True)) < 1e-3
 
         # records through the runner: the transformers backend's schema, backend "vllm"
-        cfg = load_config(
-            None,
-            [
-                f"model.name_or_path={merged}",
-                "eval.limit=2",
-                "eval.samples_per_question=3",
-                "eval.max_new_tokens=8",
-                "eval.backend=vllm",
-            ],
-        )
+        cfg = _generation_config(merged)
         out = tmp_path / "gen.jsonl"
         source = resolve_source(cfg)
         run_generation(
@@ -277,23 +284,13 @@ def test_ray_data_job_draws_the_in_process_engines_samples_and_resumes(
 
     import ray
 
-    from emmoe_dist.config import load_config
     from emmoe_dist.generate.ray_data_backend import RayDataGenerator
     from emmoe_dist.generate.runner import load_suites, run_generation
     from emmoe_dist.generate.sources import resolve_source
     from emmoe_dist.generate.vllm_backend import VllmEngineOptions, VllmGenerator
     from emmoe_dist.records import GenerationRecord, read_jsonl
 
-    cfg = load_config(
-        None,
-        [
-            f"model.name_or_path={merged}",
-            "eval.limit=2",
-            "eval.samples_per_question=3",
-            "eval.max_new_tokens=8",
-            "eval.backend=vllm",
-        ],
-    )
+    cfg = _generation_config(merged)
     source, suites = resolve_source(cfg), load_suites(cfg, ["core"])
     engine = VllmEngineOptions(**ENGINE)  # type: ignore[arg-type]
     direct = tmp_path / "direct.jsonl"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -45,6 +46,12 @@ print(json.dumps({"partitioned": partitioned, "zero3_after": after, "trainable_d
 """
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 def test_checkpoint_loads_partitioned_and_adapters_take_its_dtype(tmp_path: Path) -> None:
     env = {
         **os.environ,
@@ -53,7 +60,7 @@ def test_checkpoint_loads_partitioned_and_adapters_take_its_dtype(tmp_path: Path
         "LOCAL_RANK": "0",
         "WORLD_SIZE": "1",
         "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": "29781",
+        "MASTER_PORT": str(_free_port()),
     }
     out = subprocess.run(
         [sys.executable, "-c", _PROBE, str(tmp_path / "tiny")],

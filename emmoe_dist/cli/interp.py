@@ -321,32 +321,10 @@ def load_subject(spec: str, args: argparse.Namespace) -> Subject:
     from emmoe_dist.generate.sources import load_for_generation
 
     source = model_source(spec)
-    if args.device_map is None:
-        loaded = load_for_generation(source, seed=args.seed, dtype=args.dtype, device=_device(args))
-        return Subject(loaded, source)
-    # load_for_generation takes one device; a model larger than a GPU is loaded here instead.
-    from emmoe_dist.models.loading import LoadedModel, load_model
-
-    loaded = load_model(
-        source.base,
-        seed=args.seed,
-        dtype=args.dtype,
-        device_map=args.device_map,
-        for_training=False,
+    loaded = load_for_generation(
+        source, seed=args.seed, dtype=args.dtype, device=_device(args), device_map=args.device_map
     )
-    model = loaded.model
-    if source.adapter is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, str(source.adapter)).merge_and_unload()
-    elif source.expert_delta is not None:
-        from safetensors.torch import load_file
-
-        from emmoe_dist.adapters.expert_delta import DELTA_FILE, merge_expert_delta
-
-        merge_expert_delta(model, load_file(str(source.expert_delta / DELTA_FILE)))
-    model.eval()
-    return Subject(LoadedModel(model, loaded.tokenizer, loaded.family), source)
+    return Subject(loaded, source)
 
 
 def _selection_of(spec: str) -> ExpertSelection | None:

@@ -80,8 +80,9 @@ class RayDataGenerator:
     """A `Generator` whose samples come from a Ray Data job over vLLM engine replicas.
 
     `replicas` actors, each with `gpus_per_replica` GPUs (default: vLLM's tensor parallel
-    size on a cluster with GPUs, none on a CPU cluster). `batch_rows` rows go to an actor at a time: large enough to keep an
-    engine's continuous batching full, small enough that records reach the disk often.
+    size on a cluster with GPUs, none on a CPU cluster). `batch_rows` rows go to an actor at
+    a time: large enough to keep an engine's continuous batching full, small enough that
+    records reach the disk often.
     """
 
     backend = "vllm"  # the same samples as the in-process vLLM backend (module docstring)

@@ -8,13 +8,13 @@ merged model folder; and how records name them.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from emmoe_dist.config import ExperimentConfig, ModelConfig
 from emmoe_dist.errors import EmmoeError, InputError
+from emmoe_dist.records import read_json_object
 
 if TYPE_CHECKING:
     from emmoe_dist.models.loading import LoadedModel
@@ -43,21 +43,11 @@ class ModelSource:
         return str(folder) if folder is not None else None
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise InputError(f"invalid JSON: {e.msg}", file=str(path), line=e.lineno) from None
-    if not isinstance(data, dict):
-        raise InputError("expected a JSON object", file=str(path), line=1)
-    return data
-
-
 def _selection_label(folder: Path) -> str | None:
     path = folder / _SELECTION
     if not path.is_file():
         return None
-    rule = _read_json(path).get("rule")
+    rule = read_json_object(path).get("rule")
     return str(rule) if rule else "file"
 
 
@@ -67,7 +57,7 @@ def from_run(run_dir: str | Path) -> ModelSource:
     manifest_path = run / _MANIFEST
     if not manifest_path.is_file():
         raise EmmoeError(f"{run} is not a finished training run (no {_MANIFEST})")
-    manifest = _read_json(manifest_path)
+    manifest = read_json_object(manifest_path)
     for key in ("base_model", "family", "artifact", "config"):
         if key not in manifest:
             raise InputError("missing", file=str(manifest_path), field=key)
@@ -129,11 +119,20 @@ def load_for_generation(
     seed: int = 0,
     dtype: str | None = None,
     device: str | None = None,
+    device_map: str | None = None,
 ) -> LoadedModel:
-    """The base with the adapter (or expert deltas) merged in, in eval mode on `device`."""
+    """The base with the adapter (or expert deltas) merged in, in eval mode on `device` (or
+    spread over the GPUs by `device_map="auto"`, for a model larger than one)."""
     from emmoe_dist.models.loading import LoadedModel, load_model
 
-    loaded = load_model(source.base, seed=seed, dtype=dtype, device=device, for_training=False)
+    loaded = load_model(
+        source.base,
+        seed=seed,
+        dtype=dtype,
+        device=device,
+        device_map=device_map,
+        for_training=False,
+    )
     model = loaded.model
     if source.adapter is not None:
         from peft import PeftModel

@@ -7,7 +7,6 @@ hub id read with `from_pretrained`. The family comes from the config or the chec
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,6 +17,7 @@ from emmoe_dist.config import TINY_PREFIX, ModelConfig
 from emmoe_dist.errors import EmmoeError, InputError
 from emmoe_dist.families import FAMILIES, MoEFamily, get_family
 from emmoe_dist.models.tiny import build_tiny, tiny_config
+from emmoe_dist.records import read_json_object
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -59,21 +59,11 @@ def checkpoint_config_file(name_or_path: str, revision: str | None = None) -> Pa
     return Path(found)
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise InputError(f"invalid JSON: {e.msg}", file=str(path), line=e.lineno) from None
-    if not isinstance(data, dict):
-        raise InputError("expected a JSON object", file=str(path), line=1)
-    return data
-
-
 def checkpoint_family(model_cfg: ModelConfig) -> tuple[MoEFamily, Path, dict[str, Any]]:
     """The family of a checkpoint, from its `config.json` `model_type` (or `model_cfg.family`,
     which must agree), with the path and contents of that config.json."""
     path = checkpoint_config_file(model_cfg.name_or_path, model_cfg.revision)
-    raw = _read_json(path)
+    raw = read_json_object(path)
     model_type = raw.get("model_type")
     known = {f.model_type: f for f in FAMILIES.values()}
     if model_cfg.family is not None:

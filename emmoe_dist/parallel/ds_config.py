@@ -14,7 +14,6 @@ DeepSpeed reads the same key as the section of its own AutoEP, which swaps MoE l
 from __future__ import annotations
 
 import copy
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any
 from emmoe_dist.config import TrainConfig
 from emmoe_dist.errors import InputError
 from emmoe_dist.families import MoEFamily
+from emmoe_dist.records import read_json_object
 
 AUTO = "auto"
 EXPERT_PARALLEL = "expert_parallel"
@@ -99,12 +99,7 @@ def read_ds_config(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise InputError("DeepSpeed config does not exist", file=str(p))
-    try:
-        raw = json.loads(p.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise InputError(f"invalid JSON: {e.msg}", file=str(p), line=e.lineno) from None
-    if not isinstance(raw, dict):
-        raise InputError("a DeepSpeed config must be a JSON object", file=str(p), line=1)
+    raw = read_json_object(p, "a DeepSpeed config must be a JSON object")
     for key in ("_launch", "_tested_on"):
         if key not in raw:
             raise InputError(

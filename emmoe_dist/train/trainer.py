@@ -92,12 +92,13 @@ def _build_model(
     out: Path,
     ep: ExpertParallelConfig | None,
     partition_with: dict[str, Any] | None,
-) -> tuple[nn.Module, Any, MoEFamily, ExpertSelection, WeightMemory | None, LoadInfo]:
+    family: MoEFamily,
+    hf_config: dict[str, Any],
+) -> tuple[nn.Module, Any, ExpertSelection, WeightMemory | None, LoadInfo]:
     """The model with its adapters; `partition_with` (a ZeRO-3 config) loads the checkpoint
     straight into partitions instead of whole onto every rank's device."""
-    from emmoe_dist.models.loading import load_model, model_config_dict
+    from emmoe_dist.models.loading import load_model
 
-    family, hf_config = model_config_dict(cfg.model)
     selection = resolve_selection(cfg.selection, family, hf_config)
     if partition_with is not None:
         with partitioned_loading(partition_with):
@@ -141,7 +142,7 @@ def _build_model(
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
     model = model.to(rt.device)
-    return model, tokenizer, family, selection, memory, load_info
+    return model, tokenizer, selection, memory, load_info
 
 
 def _encode(cfg: ExperimentConfig, tokenizer: Any, rt: Runtime) -> tuple[list[Any], str, int]:
@@ -249,7 +250,7 @@ def run_training(
         )
     from emmoe_dist.models.loading import model_config_dict, resolve_dtype
 
-    family, _ = model_config_dict(cfg.model)  # the config only: no weights yet
+    family, hf_config = model_config_dict(cfg.model)  # the config only: no weights yet
     bf16 = rt.device.type == "cuda" and resolve_dtype(cfg.model.dtype, rt.device) == torch.bfloat16
     ds_cfg = complete_ds_config(
         raw_ds, file=str(ds_config_path), train=cfg.train, family=family, bf16=bf16
@@ -259,8 +260,8 @@ def run_training(
     partitioned = zero_stage(raw_ds) == 3 and ep is None and not cfg.model.is_tiny
     _seed_everything(cfg.seed)
 
-    model, tokenizer, family, selection, memory, load_info = _build_model(
-        cfg, rt, out, ep, ds_cfg if partitioned else None
+    model, tokenizer, selection, memory, load_info = _build_model(
+        cfg, rt, out, ep, ds_cfg if partitioned else None, family, hf_config
     )
     items, data_hash, dropped = _encode(cfg, tokenizer, rt)
     plan = BatchPlan(
