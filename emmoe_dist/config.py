@@ -41,6 +41,10 @@ class ModelConfig(_Section):
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     experts_implementation: Literal["grouped_mm", "batched_mm", "eager"] | None = None
     revision: str | None = None
+    # "random": the checkpoint's config.json and tokenizer with randomly initialised weights,
+    # built on the device: size and time a real shape (memory plan, tokens/s) before any
+    # weights are downloaded. Never for a study: its answers mean nothing.
+    init: Literal["checkpoint", "random"] = "checkpoint"
 
     @field_validator("family")
     @classmethod
@@ -165,7 +169,16 @@ class TrainConfig(_Section):
     warmup_steps: int = Field(0, ge=0)
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
-    gradient_checkpointing: bool = False
+    # true: recompute every decoder layer in backward; false: none; auto: measured on the GPU,
+    # the fewest layers whose recompute leaves the rest within memory (models/checkpointing.py).
+    gradient_checkpointing: bool | Literal["auto"] = "auto"
+    # auto: the fast paths where they apply (fused expert pass everywhere; packed flash
+    # attention, fused cross-entropy and compiled layers on CUDA); reference: plain PyTorch.
+    kernels: Literal["auto", "reference"] = "auto"
+    compile: bool | Literal["auto"] = "auto"
+    # Profile this optimizer step: GPU time by category (train/step_profile.py), written to
+    # the run folder as step_profile.md/.json and printed.
+    profile_step: int | None = Field(None, gt=0)
     save_every: int = Field(0, ge=0, description="checkpoint every N optimizer steps; 0: end only")
     log_every: int = Field(1, gt=0)
 

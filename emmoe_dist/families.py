@@ -53,6 +53,9 @@ class MoEFamily:
     layout: ExpertLayout = field(default_factory=ExpertLayout)
     # Real checkpoints that ship MXFP4 weights must be dequantized to train (GPT-oss).
     mxfp4_checkpoint: bool = False
+    # Attention with learned sinks or sliding windows (GPT-oss) keeps the model's own attention
+    # kernel; the others can run packed rows through variable-length flash attention.
+    packed_attention: bool = True
     chat_template: str = ""  # used by the locally built tokenizer of tiny models
     tiny: Mapping[str, Any] = field(default_factory=dict)
 
@@ -163,6 +166,7 @@ FAMILIES: Mapping[str, MoEFamily] = MappingProxyType(
                 activation="clamped_swiglu",
             ),
             mxfp4_checkpoint=True,
+            packed_attention=False,
             chat_template=_HARMONY,
             tiny={
                 **_TINY_COMMON,

@@ -5,7 +5,8 @@ so each MoE layer materialises a full `[E, out, in]` tensor and its backward com
 full-size weight gradient before reducing it to the factors: about 1.2 GB per layer for
 Qwen3-30B-A3B in bf16 and a third more expert FLOPs. Here the frozen base runs through
 `torch.nn.functional.grouped_mm` exactly as transformers' `grouped_mm` experts do, and the
-adapter adds `scaling · (x·A_eᵀ)·B_eᵀ` per expert group, so ΔW never exists.
+adapter adds `scaling · (x·A_eᵀ)·B_eᵀ` per expert group, so ΔW never exists; the pass itself
+(sorting pairs, GEMMs, backward) is `expert_pass.py`.
 
 The factors live in PEFT's fused layout (`lora_A [r·E, in]`, expert e owning rows
 e·r..(e+1)·r; `lora_B [out, r·E]`, expert e owning columns k·E+e), so the adapter is saved
@@ -21,13 +22,28 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from emmoe_dist.adapters.expert_pass import (
+    ExpertWeights,
+    LoraFactors,
+    fused_pass,
+    reference_pass,
+    sort_pairs,
+    weighted_sum,
+)
 from emmoe_dist.families import MoEFamily
 
 _ALIGN_BYTES = 16  # grouped_mm wants every stride a multiple of 16 bytes
 
 
 class GroupedLoraExperts(nn.Module):
-    """Wraps one fused experts module (as `base_layer`, PEFT's name) with per-expert LoRA."""
+    """Wraps one fused experts module (as `base_layer`, PEFT's name) with per-expert LoRA.
+
+    `implementation` picks the expert pass: "fused" (the default everywhere: its own
+    backward, no host sync; `expert_pass.py`) or "reference" (plain PyTorch and autograd,
+    the function the fused pass is tested against).
+    """
+
+    implementation: str = "fused"
 
     def __init__(self, experts: nn.Module, family: MoEFamily, rank: int, alpha: float) -> None:
         super().__init__()
@@ -71,17 +87,23 @@ class GroupedLoraExperts(nn.Module):
             b = F.pad(b, (0, 0, 0, pad))
         return a.contiguous(), b.contiguous()
 
-    def _project(
-        self, x: torch.Tensor, name: str, offs: torch.Tensor, ids: torch.Tensor
-    ) -> torch.Tensor:
-        w = getattr(self.base_layer, name)
-        x = x.to(w.dtype)
-        out = F.grouped_mm(x, w if self.layout.transposed else w.transpose(-2, -1), offs=offs)
-        if self.layout.biases:
-            bias = self.layout.biases[self.names.index(name)]
-            out = out + getattr(self.base_layer, bias)[ids]
-        a, b = self._grouped_factors(name, w.dtype)
-        return out + self.scaling * F.grouped_mm(F.grouped_mm(x, a, offs=offs), b, offs=offs)
+    def expert_weights(self) -> ExpertWeights:
+        base = self.base_layer
+        biases = [getattr(base, b) for b in self.layout.biases] or [None, None]
+        return ExpertWeights(
+            gate_up_stored=getattr(base, self.names[0]),
+            down_stored=getattr(base, self.names[1]),
+            transposed=self.layout.transposed,
+            gate_up_bias=biases[0],
+            down_bias=biases[1],
+        )
+
+    def grouped_lora(self, dtype: torch.dtype, experts: range | None = None) -> LoraFactors:
+        """The factors in grouped layout, of `experts` only when given (expert parallelism)."""
+        (a1, b1), (a2, b2) = (self._grouped_factors(n, dtype) for n in self.names)
+        if experts is not None:
+            a1, b1, a2, b2 = (t[experts.start : experts.stop] for t in (a1, b1, a2, b2))
+        return LoraFactors(a1=a1, b1=b1, a2=a2, b2=b2, scaling=self.scaling)
 
     def forward(
         self,
@@ -91,17 +113,12 @@ class GroupedLoraExperts(nn.Module):
         *args: Any,
         **kwargs: Any,
     ) -> torch.Tensor:
-        k = top_k_index.shape[-1]
-        flat = top_k_index.reshape(-1)
-        ids, perm = torch.sort(flat, stable=True)
-        rows = perm // k
-        offs = torch.cumsum(torch.bincount(ids, minlength=self.num_experts), 0).to(torch.int32)
-        h = self._project(hidden_states[rows], self.names[0], offs, ids)
-        h = cast(Any, self.base_layer)._apply_gate(h)
-        y = self._project(h, self.names[1], offs, ids)
-        y = y * top_k_weights.reshape(-1)[perm].unsqueeze(-1).to(y.dtype)
-        out = torch.zeros_like(hidden_states)
-        return out.index_add_(0, rows, y.to(hidden_states.dtype))
+        weights = self.expert_weights()
+        pairs = sort_pairs(top_k_index, self.num_experts)
+        lora = self.grouped_lora(weights.gate_up_stored.dtype)
+        run = fused_pass if self.implementation == "fused" else reference_pass
+        y = run(hidden_states, pairs, weights, lora, cast(Any, self.base_layer)._apply_gate)
+        return weighted_sum(y, pairs, top_k_weights).to(hidden_states.dtype)
 
 
 def wrap_experts(

@@ -150,6 +150,16 @@ def load_model(
     from transformers import AutoModelForCausalLM
 
     family, _, raw = checkpoint_family(model_cfg)
+    if model_cfg.init == "random":
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(model_cfg.name_or_path, revision=model_cfg.revision)
+        extra = {k: overrides.pop(k) for k in list(overrides) if k == "experts_implementation"}
+        for key, value in overrides.items():
+            setattr(config, key, value)
+        with torch.device(device or "cpu"):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, **extra)
+        return LoadedModel(model=model, tokenizer=_load_tokenizer(model_cfg), family=family)
     if device_map is None and device is not None:
         device_map = str(torch.device(device))
     model = AutoModelForCausalLM.from_pretrained(

@@ -14,6 +14,7 @@ DeepSpeed reads the same key as the section of its own AutoEP, which swaps MoE l
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,10 +34,19 @@ _AUTOEP_KEYS = frozenset({"enabled", "autoep_size", "preset_model", "expert_tens
 
 @dataclass(frozen=True)
 class ExpertParallelConfig:
-    """The `expert_parallel` section: experts split over groups of `ep_size` ranks."""
+    """The `expert_parallel` section: experts split over groups of `ep_size` ranks.
 
-    ep_size: int
+    `"auto"` is the largest group that divides both the experts of a layer and the ranks of
+    a node: every rank of a node holds different experts, and the all-to-all never leaves it.
+    """
+
+    ep_size: int | str
     source: str  # the config file, named in every error about this section
+
+    def resolve(self, *, num_experts: int, local_world_size: int) -> int:
+        if isinstance(self.ep_size, int):
+            return self.ep_size
+        return math.gcd(num_experts, max(1, local_world_size))
 
     def error(self, message: str) -> InputError:
         """An error about `ep_size`, pointing at its line in the config file when found."""
@@ -85,9 +95,9 @@ def expert_parallel_config(raw: Mapping[str, Any], *, file: str) -> ExpertParall
             field=EXPERT_PARALLEL,
         )
     size = section.get("ep_size")
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+    if size != AUTO and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
         raise InputError(
-            f"must be a positive integer, got {size!r}",
+            f'must be a positive integer or "auto", got {size!r}',
             file=file,
             line=_key_line(file, "ep_size") or line,
             field=f"{EXPERT_PARALLEL}.ep_size",

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from emmoe_dist.adapters.expert_delta import ExpertDelta
+from emmoe_dist.adapters.expert_pass import ExpertWeights, LoraFactors, Pairs, fused_pass
 from emmoe_dist.adapters.grouped_lora import GroupedLoraExperts
 from emmoe_dist.adapters.qlora import NF4Weight
 from emmoe_dist.errors import EmmoeError
@@ -118,7 +119,7 @@ def plan_expert_parallel(
     local_world_size: int,
 ) -> ExpertParallelLayout:
     """The layout for `config`, or an error naming the config file when it cannot be built."""
-    p = config.ep_size
+    p = config.resolve(num_experts=num_experts, local_world_size=local_world_size)
     if world_size % p:
         raise config.error(
             f"{p} does not divide the world size {world_size}: every EP group needs {p} ranks"
@@ -149,7 +150,7 @@ def ep_process_group(layout: ExpertParallelLayout) -> Any:
     return mine
 
 
-def _local_world_size(world_size: int) -> int:
+def local_world_size(world_size: int) -> int:
     # torchrun sets LOCAL_WORLD_SIZE, the deepspeed launcher LOCAL_SIZE.
     for key in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE"):
         if key in os.environ:
@@ -195,6 +196,13 @@ def all_to_all(
     return out
 
 
+def _histogram(values: torch.Tensor, bins: int) -> torch.Tensor:
+    """Counts of 0..bins-1 without a host sync (`bincount` sizes its output on the host)."""
+    return torch.zeros(bins, dtype=torch.long, device=values.device).index_add_(
+        0, values, torch.ones_like(values)
+    )
+
+
 @dataclass(frozen=True)
 class Routed:
     """What `dispatch` sent where, so that `combine` can bring the results back."""
@@ -225,7 +233,8 @@ class ExpertDispatcher:
     def dispatch(
         self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> tuple[torch.Tensor, Routed]:
-        """The hidden rows of this rank's (token, expert) pairs, grouped by local expert."""
+        """The rows received from every rank of the group; `Routed.pair_rows` lists the row of
+        each local (token, expert) pair, grouped by local expert."""
         p, n_local = self.layout.ep_size, self.layout.experts_per_rank
         k = top_k_index.shape[-1]
         experts = top_k_index.reshape(-1)
@@ -236,9 +245,7 @@ class ExpertDispatcher:
         first = torch.ones_like(dest, dtype=torch.bool)
         first[1:] = (dest[1:] != dest[:-1]) | (token[1:] != token[:-1])
         row = torch.cumsum(first, 0) - 1  # sent row of each pair
-        counts = torch.stack(
-            [torch.bincount(dest[first], minlength=p), torch.bincount(dest, minlength=p)], 1
-        )
+        counts = torch.stack([_histogram(dest[first], p), _histogram(dest, p)], 1)
         got = _exchange(counts, [1] * p, [1] * p, self.group)  # [source, (rows, pairs)]
         # One host sync for every split size: all_to_all_single takes Python ints.
         sent, sent_pairs, received, received_pairs = torch.cat([counts.T, got.T]).tolist()
@@ -259,9 +266,10 @@ class ExpertDispatcher:
         )
         local_ids, by_expert = torch.sort(meta[:, 1], stable=True)
         pair_rows = (meta[:, 0] + source_start[source])[by_expert]
-        offs = torch.cumsum(torch.bincount(local_ids, minlength=n_local), 0).to(torch.int32)
+        bounds = torch.arange(n_local, device=local_ids.device, dtype=local_ids.dtype)
+        offs = torch.searchsorted(local_ids, bounds, right=True).to(torch.int32)
         routed = Routed(tokens, sent, received, pair_rows, offs, local_ids, weights[by_expert])
-        return x[pair_rows], routed
+        return x, routed
 
     def combine(self, y: torch.Tensor, routed: Routed, hidden: torch.Tensor) -> torch.Tensor:
         """Weighted expert outputs summed per received row, sent home, summed per token."""
@@ -317,10 +325,6 @@ class _LocalExperts(nn.Module):
         """This rank's expert tensors (and biases) as the forward uses them."""
         return {n: getattr(self.base_layer, n) for n in _tensor_names(self.expert_layout)}
 
-    def local_lora(self, name: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Factors (A [El, in, r'], B [El, r', out]) of the local experts, if any."""
-        return None
-
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -331,14 +335,40 @@ class _LocalExperts(nn.Module):
     ) -> torch.Tensor:
         x, routed = self.dispatcher.dispatch(hidden_states, top_k_index, top_k_weights)
         tensors = self.local_tensors()
-        h = self._local_project(x, 0, tensors, routed)
+        lay = self.expert_layout
+        w = tensors[lay.gate_up]
+        lora = self.local_lora(w.dtype)
+        if lora is not None and x.shape[0] > 0:
+            # The local experts through the same fused pass as one process (expert_pass.py):
+            # received rows are the sources, their local pairs are grouped by expert.
+            weights = ExpertWeights(
+                gate_up_stored=w,
+                down_stored=tensors[lay.down],
+                transposed=lay.transposed,
+                gate_up_bias=tensors[lay.biases[0]] if lay.biases else None,
+                down_bias=tensors[lay.biases[1]] if lay.biases else None,
+            )
+            pairs = Pairs(rows=routed.pair_rows, ids=routed.local_ids, offs=routed.offs)
+            y = fused_pass(x, pairs, weights, lora, self.base_layer._apply_gate)  # type: ignore[operator]
+            return self.dispatcher.combine(y, routed, hidden_states)
+        xs = x[routed.pair_rows]
+        h = self._local_project(xs, 0, tensors, routed, lora)
         apply_gate: Any = self.base_layer._apply_gate
         h = apply_gate(h)
-        y = self._local_project(h, 1, tensors, routed)
+        y = self._local_project(h, 1, tensors, routed, lora)
         return self.dispatcher.combine(y, routed, hidden_states)
 
+    def local_lora(self, dtype: torch.dtype) -> LoraFactors | None:
+        """Grouped factors of the local experts, if this module has an expert adapter."""
+        return None
+
     def _local_project(
-        self, x: torch.Tensor, which: int, tensors: Mapping[str, torch.Tensor], routed: Routed
+        self,
+        x: torch.Tensor,
+        which: int,
+        tensors: Mapping[str, torch.Tensor],
+        routed: Routed,
+        lora: LoraFactors | None,
     ) -> torch.Tensor:
         lay = self.expert_layout
         name = (lay.gate_up, lay.down)[which]
@@ -347,11 +377,9 @@ class _LocalExperts(nn.Module):
         out = _grouped_mm(x, w if lay.transposed else w.transpose(-2, -1), routed.offs)
         if lay.biases:
             out = out + tensors[lay.biases[which]][routed.local_ids]
-        lora = self.local_lora(name, w.dtype)
         if lora is not None:
-            a, b = lora
-            lora_out = _grouped_mm(_grouped_mm(x, a, routed.offs), b, routed.offs)
-            out = out + self.lora_scaling * lora_out
+            a, b = (lora.a1, lora.b1) if which == 0 else (lora.a2, lora.b2)
+            out = out + lora.scaling * _grouped_mm(_grouped_mm(x, a, routed.offs), b, routed.offs)
         return out
 
 
@@ -403,10 +431,8 @@ class ExpertParallelLora(_LocalExperts, GroupedLoraExperts):
         self._adopt(adapter, shard, family, dispatcher)
         self.lora_scaling = adapter.scaling
 
-    def local_lora(self, name: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        local = self.dispatcher.layout.local_experts
-        a, b = self._grouped_factors(name, dtype)
-        return a[local.start : local.stop], b[local.start : local.stop]
+    def local_lora(self, dtype: torch.dtype) -> LoraFactors:
+        return self.grouped_lora(dtype, self.dispatcher.layout.local_experts)
 
 
 class ExpertParallelDelta(_LocalExperts, ExpertDelta):
@@ -515,7 +541,7 @@ def apply_expert_parallel(
         num_experts=num_experts(family, model_config(model)),
         world_size=world,
         rank=rank,
-        local_world_size=_local_world_size(world),
+        local_world_size=local_world_size(world),
     )
     layers = moe_layers(model, family)
     if rank == 0:

@@ -6,13 +6,16 @@ The transformations are applied in one order, for these reasons:
 3. adapter: LoRA (unchosen experts' factors zeroed) or trainable expert deltas;
    then expert parallelism, when the DeepSpeed config asks for it: it adopts the adapters'
    expert modules and cuts the frozen experts to this rank's share;
-4. gradient checkpointing and input grads: every expert-subset run has its only trainable
-   tensors inside MoE blocks, and ZeRO-3 then needs `enable_input_require_grads`;
-5. the DeepSpeed engine last, because it partitions whatever parameters exist at that point.
+4. input grads: every expert-subset run has its only trainable tensors inside MoE blocks,
+   and ZeRO-3 then needs `enable_input_require_grads`;
+5. fast paths (models/fast_paths.py) and the loss module around the model, then activation
+   checkpointing sized by a measured forward of the model as it will train;
+6. the DeepSpeed engine last, because it partitions whatever parameters exist at that point.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import time
@@ -36,6 +39,16 @@ from emmoe_dist.config import ExperimentConfig, dump_config
 from emmoe_dist.errors import EmmoeError, InputError
 from emmoe_dist.experts import ExpertSelection
 from emmoe_dist.families import MoEFamily
+from emmoe_dist.models.anatomy import decoder_layers, model_config
+from emmoe_dist.models.causal_loss import CausalLMLoss
+from emmoe_dist.models.checkpointing import (
+    GIB,
+    CheckpointPlan,
+    checkpoint_layers,
+    measure_activation_bytes,
+    plan_checkpointing,
+)
+from emmoe_dist.models.fast_paths import FastPaths, apply_fast_paths, to_device
 from emmoe_dist.parallel.ds_config import (
     ExpertParallelConfig,
     complete_ds_config,
@@ -43,7 +56,8 @@ from emmoe_dist.parallel.ds_config import (
     read_ds_config,
     zero_stage,
 )
-from emmoe_dist.parallel.expert_parallel import apply_expert_parallel
+from emmoe_dist.parallel.expert_parallel import apply_expert_parallel, local_world_size
+from emmoe_dist.parallel.memory_plan import ParamCounts, plan_memory
 from emmoe_dist.parallel.runtime import Runtime, all_reduce_sum_, barrier
 from emmoe_dist.parallel.strategy import DeepSpeedStrategy
 from emmoe_dist.parallel.zero_init import partitioned_loading, resident_elements
@@ -52,6 +66,7 @@ from emmoe_dist.tracking import make_tracker
 from emmoe_dist.train import artifacts as art
 from emmoe_dist.train.batches import BatchPlan
 from emmoe_dist.train.selection import resolve_selection
+from emmoe_dist.train.step_profile import profile_step, write_profile
 
 if TYPE_CHECKING:
     from emmoe_dist.adapters.qlora import WeightMemory
@@ -84,6 +99,7 @@ def _router_digest(model: nn.Module, family: MoEFamily, strategy: DeepSpeedStrat
 class LoadInfo:
     partitioned: bool  # loaded straight into ZeRO-3 partitions (parallel/zero_init.py)
     resident_elements: int  # parameter elements this rank held once the checkpoint was in
+    ep_size: int = 1  # resolved expert-parallel group size
 
 
 def _build_model(
@@ -137,9 +153,8 @@ def _build_model(
         apply_expert_delta(model, family, selection)
     assert_router_frozen(model, family)
     if ep is not None:
-        apply_expert_parallel(model, family, ep)
-    if cfg.train.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        layout = apply_expert_parallel(model, family, ep)
+        load_info = dataclasses.replace(load_info, ep_size=layout.ep_size)
     model.enable_input_require_grads()
     model = model.to(rt.device)
     return model, tokenizer, selection, memory, load_info
@@ -166,21 +181,57 @@ def _encode(cfg: ExperimentConfig, tokenizer: Any, rt: Runtime) -> tuple[list[An
 
 
 def _model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """Packed batches carry position ids that restart per example; transformers then builds a
-    block-diagonal mask itself, but only without an attention mask and without a KV cache."""
+    """Packed batches carry position ids that restart per example; the attention then keeps
+    examples apart by their segments, which needs no attention mask (models/packed_attention.py)."""
     if "position_ids" in batch:
         return {
             "input_ids": batch["input_ids"],
             "labels": batch["labels"],
             "position_ids": batch["position_ids"],
-            "use_cache": False,
         }
     return {
         "input_ids": batch["input_ids"],
         "attention_mask": batch["attention_mask"],
         "labels": batch["labels"],
-        "use_cache": False,
     }
+
+
+def _plan_checkpointing(
+    cfg: ExperimentConfig,
+    wrapper: CausalLMLoss,
+    family: MoEFamily,
+    sample: dict[str, torch.Tensor],
+    fast: FastPaths,
+    rt: Runtime,
+) -> CheckpointPlan:
+    """`train.gradient_checkpointing` as layers to recompute; `auto` measures on the GPU."""
+    setting = cfg.train.gradient_checkpointing
+    hf_layers = len(decoder_layers(wrapper.lm, family))
+    hidden = int(model_config(wrapper.lm)["hidden_size"])
+    input_bytes = cfg.train.micro_batch_size * sample["input_ids"].shape[1] * hidden * 2
+    if setting is not True and (setting is False or rt.device.type != "cuda"):
+        plan = CheckpointPlan(hf_layers, 0, 0, input_bytes, None, "not requested")
+    elif setting is True:
+        plan = CheckpointPlan(hf_layers, hf_layers, 0, input_bytes, None, "requested")
+    else:
+        inputs = {k: v.to(rt.device) for k, v in _model_inputs(sample).items()}
+        inputs.update(fast.batch_kwargs(sample, rt.device))
+        measured = measure_activation_bytes(lambda: wrapper(**inputs), rt.device)
+        trainable = sum(p.numel() for p in wrapper.parameters() if p.requires_grad)
+        total = torch.cuda.get_device_properties(rt.device).total_memory
+        per_row_layer = measured // hf_layers
+        reserve = 2 * GIB + 2 * per_row_layer * cfg.train.micro_batch_size
+        budget = int(0.9 * total) - torch.cuda.memory_allocated(rt.device)
+        budget -= 18 * trainable + reserve  # bf16 grads, fp32 master and AdamW moments
+        plan = plan_checkpointing(
+            layers=hf_layers,
+            measured_bytes_one_row=measured,
+            rows=cfg.train.micro_batch_size,
+            input_bytes_per_layer=input_bytes,
+            budget_bytes=max(0, budget),
+        )
+    checkpoint_layers(wrapper.lm, family, plan.checkpointed)
+    return plan
 
 
 def base_model_id(cfg: ExperimentConfig) -> str:
@@ -192,7 +243,7 @@ def base_model_id(cfg: ExperimentConfig) -> str:
 
 def _save_artifact(
     cfg: ExperimentConfig,
-    model: nn.Module,
+    module: nn.Module,
     family: MoEFamily,
     selection: ExpertSelection,
     strategy: DeepSpeedStrategy,
@@ -200,7 +251,6 @@ def _save_artifact(
     out: Path,
 ) -> Path:
     """Gather the trained tensors (every rank takes part) and write them on rank 0."""
-    module = strategy.engine.module
     if cfg.adapter.mode == "lora":
         lora = [p for n, p in module.named_parameters() if "lora_" in n]
         with strategy.gathered(lora):
@@ -226,6 +276,45 @@ def _save_artifact(
             art.replace_dir(tmp, final)
     barrier()
     return final
+
+
+def _check_memory_plan(
+    cfg: ExperimentConfig,
+    raw_ds: dict[str, Any],
+    ep: ExpertParallelConfig | None,
+    family: MoEFamily,
+    hf_config: dict[str, Any],
+    rt: Runtime,
+) -> None:
+    """Print the plan's expected memory per GPU (rank 0) and stop before loading if it cannot
+    fit (parallel/memory_plan.py)."""
+    from emmoe_dist.families import num_experts
+
+    local = local_world_size(rt.world_size)
+    ep_size = (
+        1
+        if ep is None
+        else ep.resolve(num_experts=num_experts(family, hf_config), local_world_size=local)
+    )
+    capacity = None
+    if rt.device.type == "cuda":
+        capacity = torch.cuda.get_device_properties(rt.device).total_memory
+    memory = plan_memory(
+        ParamCounts.from_config(hf_config, family, cfg.adapter),
+        stage=zero_stage(raw_ds),
+        world_size=rt.world_size,
+        ep_size=ep_size,
+        nf4=cfg.adapter.quantize == "nf4",
+        tokens_per_micro_batch=cfg.train.micro_batch_size * cfg.data.max_length,
+        hidden=int(hf_config["hidden_size"]),
+        layers=int(hf_config["num_hidden_layers"]),
+        capacity_bytes=capacity,
+    )
+    if rt.is_main:
+        print(memory.describe(), flush=True)
+    problem = memory.problem()
+    if problem is not None:
+        raise EmmoeError(problem)
 
 
 def run_training(
@@ -258,6 +347,7 @@ def run_training(
     # A checkpoint under plain ZeRO-3 loads into partitions; tiny models are built whole (no
     # checkpoint), and expert parallelism cuts each rank's experts from the whole tensors.
     partitioned = zero_stage(raw_ds) == 3 and ep is None and not cfg.model.is_tiny
+    _check_memory_plan(cfg, raw_ds, ep, family, hf_config, rt)
     _seed_everything(cfg.seed)
 
     model, tokenizer, selection, memory, load_info = _build_model(
@@ -273,9 +363,28 @@ def run_training(
     )
     total = plan.total_steps(cfg.train.steps, cfg.train.epochs)
 
+    from emmoe_dist.data.collate import pad_batch
+
+    pad_id = tokenizer.pad_token_id
+    wrapper, fast = apply_fast_paths(
+        model,
+        family,
+        kernels=cfg.train.kernels,
+        compile=cfg.train.compile,
+        device=rt.device,
+        packed=cfg.data.pack,
+        zero3=zero_stage(raw_ds) == 3,
+    )
+    longest = max(range(len(items)), key=lambda i: len(items[i]))
+    ckpt_plan = _plan_checkpointing(
+        cfg, wrapper, family, pad_batch([items[longest]], pad_id), fast, rt
+    )
+    if rt.is_main:
+        print(f"[emmoe] {fast.describe()}; {ckpt_plan.describe()}", flush=True)
+
     strategy = DeepSpeedStrategy(ds_cfg, rt)
-    strategy.setup(model, cfg.train, total)
-    router_before = _router_digest(strategy.engine.module, family, strategy)
+    strategy.setup(wrapper, cfg.train, total)
+    router_before = _router_digest(wrapper.lm, family, strategy)
     ckpt_dir = out / art.CHECKPOINTS
     state = strategy.load_checkpoint(ckpt_dir) or {}
     start = int(state.get("step", 0))
@@ -294,9 +403,6 @@ def run_training(
 
     from tqdm import tqdm
 
-    from emmoe_dist.data.collate import pad_batch
-
-    pad_id = tokenizer.pad_token_id
     strategy.engine.train()
     last_loss = float("nan")
     bar = tqdm(
@@ -308,22 +414,47 @@ def run_training(
         disable=not rt.is_main,
         dynamic_ncols=True,
     )
-    for step in bar:
-        t0 = time.perf_counter()
-        sums = torch.zeros(3, dtype=torch.float64)  # loss*tokens, label tokens, input tokens
+
+    def one_step(step: int) -> torch.Tensor:
+        """Loss*tokens, label tokens, input tokens of one optimizer step, summed over ranks.
+
+        The loss stays on the device until the step ends, so no micro-batch waits for the
+        GPU to drain.
+        """
+        loss_sum = torch.zeros((), dtype=torch.float64, device=rt.device)
+        counts = torch.zeros(2, dtype=torch.float64)
         for idx in plan.micro_batches(step, rt.rank):
-            batch = {
-                k: v.to(rt.device) for k, v in pad_batch([items[i] for i in idx], pad_id).items()
-            }
-            loss = strategy.forward(**_model_inputs(batch)).loss
+            host = pad_batch([items[i] for i in idx], pad_id)
+            n_label = float((host["labels"][:, 1:] != -100).sum())
+            counts += torch.tensor([n_label, float(host["attention_mask"].sum())])
+            batch = {k: to_device(v, rt.device) for k, v in _model_inputs(host).items()}
+            loss = strategy.forward(**batch, **fast.batch_kwargs(host, rt.device))
             strategy.backward(loss)
             strategy.step()
-            n_label = float((batch["labels"][:, 1:] != -100).sum())
-            sums += torch.tensor(
-                [float(loss.detach()) * n_label, n_label, float(batch["attention_mask"].sum())],
-                dtype=torch.float64,
+            loss_sum += loss.detach().double() * n_label
+        return all_reduce_sum_(torch.cat([loss_sum.reshape(1).cpu(), counts]))
+
+    cuda = rt.device.type == "cuda"
+    for step in bar:
+        t0 = time.perf_counter()
+        if cfg.train.profile_step == step + 1:
+            holder: list[torch.Tensor] = []
+
+            def profiled_step(step: int = step, holder: list[torch.Tensor] = holder) -> None:
+                holder.append(one_step(step))
+
+            profiled = profile_step(
+                profiled_step,
+                lora_rank=cfg.adapter.rank,
+                vocab=int(hf_config.get("vocab_size", 0)) or None,
+                device=rt.device,
             )
-        all_reduce_sum_(sums)
+            sums = holder[0]
+            if rt.is_main:
+                write_profile(profiled, f"{cfg.name} step {step + 1}", out)
+                print(profiled.markdown(f"[emmoe] profile of step {step + 1}"), flush=True)
+        else:
+            sums = one_step(step)
         dt = time.perf_counter() - t0
         last_loss = float(sums[0]) / max(float(sums[1]), 1.0)
         row = {
@@ -335,6 +466,8 @@ def run_training(
             "tokens_per_s": float(sums[2]) / dt,
             "step_time_s": dt,
         }
+        if cuda:
+            row["peak_memory_gib"] = torch.cuda.max_memory_allocated(rt.device) / GIB
         if log is not None:
             log.write(row)
         if (step + 1) % cfg.train.log_every == 0:
@@ -353,10 +486,10 @@ def run_training(
             return TrainResult(out, done, last_loss, out / art.CHECKPOINTS)
     bar.close()
 
-    router_after = _router_digest(strategy.engine.module, family, strategy)
+    router_after = _router_digest(wrapper.lm, family, strategy)
     if router_after != router_before:
         raise EmmoeError("router weights changed during training; the router must never train")
-    artifact = _save_artifact(cfg, strategy.engine.module, family, selection, strategy, rt, out)
+    artifact = _save_artifact(cfg, wrapper.lm, family, selection, strategy, rt, out)
     if rt.is_main:
         assert log is not None
         log.close()
@@ -366,7 +499,9 @@ def run_training(
             "config": cfg.model_dump(mode="json"),
             "config_yaml": dump_config(cfg),
             "ds_config": ds_cfg,
-            "expert_parallel": None if ep is None else {"ep_size": ep.ep_size},
+            "expert_parallel": None
+            if ep is None
+            else {"ep_size": ep.ep_size, "resolved": load_info.ep_size},
             "family": family.name,
             "selection": json.loads(selection.to_json()),
             "world_size": rt.world_size,
@@ -395,4 +530,4 @@ def run_training(
         write_json_atomic(out / art.MANIFEST, manifest)
         tracker.summary({"final_loss": last_loss, "steps": total})
     tracker.finish()
-    return TrainResult(out, total, last_loss, artifact, strategy.engine.module)
+    return TrainResult(out, total, last_loss, artifact, wrapper.lm)

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# One call on one GPU: the fast paths against their references, then train_speed.py arm by arm
+# (each in its own process) for every shape, with profiles of the torch-loop and launch arms.
+#   benchmarks/train_speed_gpu.sh DATA OUT "qwen3:12 mixtral:4" [ARMS] [BEFORE_SRC]
+# BEFORE_SRC: a checkout of the revision the "before" arm measures (its emmoe_dist/ folder).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+data=$1 out=$2 shapes=$3 arms=${4:-torch,launch_ft,before,plain} before=${5:-}
+mkdir -p "$out/profiles"
+python3 benchmarks/fast_paths_check.py --out "$out/fast_paths_check.json"
+for spec in $shapes; do
+  shape=${spec%%:*} layers=${spec##*:}
+  for arm in ${arms//,/ }; do
+    echo "=== $shape $layers layers: $arm ($(date +%T))"
+    if [[ $arm == before ]]; then export EMMOE_BEFORE_SRC=$before; else unset EMMOE_BEFORE_SRC; fi
+    python3 benchmarks/train_speed.py --shape "$shape" --layers "$layers" --data-dir "$data" \
+      --arms "$arm" --profile "$out/profiles" --out "$out/train_speed.json"
+  done
+done
+cat "$out"/profiles/*.md > "$out/profiles.md" 2>/dev/null && rm -r "$out/profiles"
+python3 - "$out/train_speed.json" <<'PY'
+import json, sys
+for r in json.load(open(sys.argv[1]))["runs"]:
+    print(f"{r['shape']:8} {r['layers']:3} {r['arm']:12} tok/s {r.get('tok_s', 0):9.0f}  MFU {100 * r.get('mfu', 0):5.1f}%  peak {r.get('peak_gib', 0):5.1f} GiB  {r.get('error', '')}")
+PY

@@ -1,0 +1,109 @@
+"""The training forward: decoder hidden states, then next-token cross-entropy.
+
+A causal LM's own forward computes `logits = lm_head(hidden)` for every position and then the
+loss: for Qwen3's 151,936-token vocabulary at 8,192 tokens a micro-batch that is 2.5 GB of
+bf16 logits, upcast to 5 GB of float32, read and written by several memory-bound kernels.
+`CausalLMLoss` runs the decoder and hands the hidden states and the head's weight to a loss
+function instead; on CUDA with liger-kernel installed that is its fused linear
+cross-entropy (chunks of logits that never exist all at once, the input gradient computed in
+the same pass). `reference_loss` is the plain computation, the same numbers the model's own
+`loss` gives: the mean over label tokens of the float32 cross-entropy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from emmoe_dist.data.chat import IGNORE_INDEX
+from emmoe_dist.families import MoEFamily
+from emmoe_dist.models.anatomy import base_model
+
+LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def reference_loss(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
+) -> torch.Tensor:
+    logits = F.linear(hidden, weight).float()
+    return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX)
+
+
+def fused_loss_available(device: torch.device) -> bool:
+    if device.type != "cuda":
+        return False
+    try:
+        import liger_kernel.transformers  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def fused_loss() -> LossFn:
+    """liger-kernel's fused linear cross-entropy (CUDA)."""
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+    loss = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="mean")
+
+    def run(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = loss(weight, hidden, targets)
+        return out
+
+    return run
+
+
+class CausalLMLoss(nn.Module):
+    """Wraps a (PEFT-adapted) causal LM; `forward(**batch)` returns the mean next-token loss.
+
+    The wrapped model is `lm`; adapters, checkpoints and saves address `lm`, so its parameter
+    names are the ones a plain model has. With `head_module` the head runs as a module call
+    (ZeRO-3 gathers a partitioned weight in its hooks) and the loss is the reference.
+    """
+
+    def __init__(
+        self,
+        lm: nn.Module,
+        family: MoEFamily,
+        loss_fn: LossFn = reference_loss,
+        *,
+        head_module: bool = False,
+    ) -> None:
+        super().__init__()
+        self.lm = lm
+        self.loss_fn = loss_fn
+        self.head_module = head_module
+        self.decoder_path = family.layers_path.rsplit(".", 1)[0]  # "model" of "model.layers"
+        head = getattr(base_model(lm), "lm_head", None)
+        if not isinstance(head, nn.Linear) or head.bias is not None:
+            raise TypeError(f"expected a bias-free nn.Linear lm_head, found {type(head).__name__}")
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        hf = base_model(self.lm)
+        decoder = hf.get_submodule(self.decoder_path)
+        hidden = decoder(
+            input_ids=input_ids,
+            position_ids=position_ids,
+            attention_mask=attention_mask,
+            use_cache=False,
+            **kwargs,
+        ).last_hidden_state
+        # Position t predicts label t+1: shift the labels, not the hidden states (no copy).
+        targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+        head = hf.get_submodule("lm_head")
+        hidden, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+        if self.head_module:
+            logits = head(hidden).float()
+            return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX)
+        weight: Any = head.weight
+        return self.loss_fn(hidden, weight, targets)

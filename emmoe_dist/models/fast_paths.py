@@ -1,0 +1,104 @@
+"""Which fast path each part of a training step takes, chosen from the device and the model.
+
+| part | fast path | taken when | reference |
+|---|---|---|---|
+| expert LoRA | fused pass, own backward (`adapters/expert_pass.py`) | always | autograd over grouped GEMMs |
+| attention | varlen flash attention over packed rows (`packed_attention.py`) | CUDA, packed data, family without sinks | the model's sdpa with a block-diagonal mask |
+| loss | liger-kernel fused linear cross-entropy (`causal_loss.py`) | CUDA, liger-kernel installed, head not ZeRO-3-partitioned | float32 logits, then cross-entropy |
+| decoder layers | `torch.compile` (`compile.py`) | CUDA, not ZeRO-3 (its hooks re-gather weights per module) | eager |
+
+`kernels: reference` turns every row to its reference; each fast path has a CPU test that it
+computes the reference's outputs and gradients.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from emmoe_dist.adapters.grouped_lora import GroupedLoraExperts
+from emmoe_dist.families import MoEFamily
+from emmoe_dist.models.causal_loss import (
+    CausalLMLoss,
+    LossFn,
+    fused_loss,
+    fused_loss_available,
+    reference_loss,
+)
+from emmoe_dist.models.compile import compile_decoder_layers
+from emmoe_dist.models.packed_attention import (
+    flash_varlen,
+    segment_kwargs,
+    use_packed_attention,
+    varlen_available,
+)
+
+
+@dataclass(frozen=True)
+class FastPaths:
+    expert_pass: str
+    attention: str
+    loss: str
+    compiled_layers: int
+
+    def describe(self) -> str:
+        return (
+            f"kernels: expert LoRA {self.expert_pass}, attention {self.attention}, "
+            f"loss {self.loss}, compiled layers {self.compiled_layers}"
+        )
+
+    def batch_kwargs(self, batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, Any]:
+        """Extra forward arguments for one micro-batch, computed on the host."""
+        if self.attention != "varlen" or "position_ids" not in batch:
+            return {}
+        extra = segment_kwargs(batch["position_ids"])
+        for key in ("cu_seq_lens_q", "cu_seq_lens_k"):
+            extra[key] = to_device(extra[key], device)
+        return extra
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device` without a stream sync: a copy from pageable memory waits for
+    the GPU queue to drain, one from pinned memory does not."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+def apply_fast_paths(
+    model: nn.Module,
+    family: MoEFamily,
+    *,
+    kernels: Literal["auto", "reference"],
+    compile: bool | Literal["auto"],
+    device: torch.device,
+    packed: bool,
+    zero3: bool,
+) -> tuple[CausalLMLoss, FastPaths]:
+    """Switch `model` to its fast paths in place; returns the loss module that trains it."""
+    fast = kernels == "auto"
+    cuda = device.type == "cuda"
+    expert_pass = "fused" if fast else "reference"
+    for module in model.modules():
+        if isinstance(module, GroupedLoraExperts):
+            module.implementation = expert_pass
+
+    attention = "model default"
+    if fast and packed and family.packed_attention and varlen_available(device):
+        use_packed_attention(model, flash_varlen())
+        attention = "varlen"
+
+    loss_name = "reference"
+    loss_fn: LossFn = reference_loss
+    if fast and not zero3 and fused_loss_available(device):
+        loss_fn, loss_name = fused_loss(), "fused"
+    wrapper = CausalLMLoss(model, family, loss_fn, head_module=zero3)
+
+    compiled = 0
+    want_compile = compile is True or (compile == "auto" and fast and cuda)
+    if want_compile and not zero3:
+        compiled = compile_decoder_layers(model, family)
+    return wrapper, FastPaths(expert_pass, attention, loss_name, compiled)
