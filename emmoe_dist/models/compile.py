@@ -17,7 +17,14 @@ from emmoe_dist.models.anatomy import decoder_layers
 
 
 def compile_decoder_layers(model: nn.Module, family: MoEFamily) -> int:
-    """Compile every decoder layer in place (lazily, at its first call); returns how many."""
+    """Compile every decoder layer in place (lazily, at its first call); returns how many.
+
+    A layer the compiler cannot handle runs eagerly (with the compiler's warning) rather than
+    stopping a run: compilation is a speed-up, never a requirement.
+    """
+    import torch._dynamo
+
+    torch._dynamo.config.suppress_errors = True
     layers = decoder_layers(model, family)
     for layer in layers:
         layer.compile(dynamic=None)
