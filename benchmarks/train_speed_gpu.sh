@@ -3,6 +3,7 @@
 # (each in its own process) for every shape, with profiles of the torch-loop and launch arms.
 #   benchmarks/train_speed_gpu.sh DATA OUT "qwen3:12 mixtral:4" [ARMS] [BEFORE_SRC]
 # BEFORE_SRC: a checkout of the revision the "before" arm measures (its emmoe_dist/ folder).
+# ARM_TIMEOUT (seconds, default 240) caps each arm, so one stuck arm cannot cost the others.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 data=$1 out=$2 shapes=$3 arms=${4:-torch,launch_ft,before,plain} before=${5:-}
@@ -13,7 +14,7 @@ for spec in $shapes; do
   for arm in ${arms//,/ }; do
     echo "=== $shape $layers layers: $arm ($(date +%T))"
     if [[ $arm == before ]]; then export EMMOE_BEFORE_SRC=$before; else unset EMMOE_BEFORE_SRC; fi
-    python3 benchmarks/train_speed.py --shape "$shape" --layers "$layers" --data-dir "$data" \
+    timeout "${ARM_TIMEOUT:-240}" python3 benchmarks/train_speed.py --shape "$shape" --layers "$layers" --data-dir "$data" \
       --arms "$arm" --profile "$out/profiles" --out "$out/train_speed.json"
   done
 done
