@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from emmoe_dist.data.collate import pad_batch
 from emmoe_dist.families import get_family
+from emmoe_dist.files import read_jsonl
 from emmoe_dist.interp.activations import ActivationMeta, collect_activations, encode_answers
 from emmoe_dist.interp.detection import detect
 from emmoe_dist.interp.directions import build_directions
@@ -46,13 +47,7 @@ from emmoe_dist.interp.labels import LabelRule, balanced_indices
 from emmoe_dist.interp.routing_shift import routing_shift
 from emmoe_dist.metrics import Bootstrap
 from emmoe_dist.models.anatomy import moe_layers
-from emmoe_dist.records import (
-    GenerationRecord,
-    JudgedRecord,
-    SamplingParams,
-    Score,
-    read_jsonl,
-)
+from emmoe_dist.records import GenerationRecord, JudgedRecord, SamplingParams, Score
 from emmoe_dist.routing import profile_batches
 
 _WORDS = [

@@ -255,9 +255,9 @@ def _layers(runs: Path, rank: int) -> dict:
 
 
 def _losses(run: Path) -> list[float]:
-    from emmoe_dist.train.artifacts import read_metrics
+    from emmoe_dist.run_folder import read_train_metrics
 
-    return [row["loss"] for row in read_metrics(run / "metrics.jsonl")]
+    return [row["loss"] for row in read_train_metrics(run)]
 
 
 def _base(run: Path) -> torch.nn.Module:

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from emmoe_dist.config import JudgeConfig
+from emmoe_dist.files import read_jsonl, write_jsonl_atomic
 from emmoe_dist.judge.cache import JudgeCache, cache_key
 from emmoe_dist.judge.rubric import DEFAULT_PROMPTS, render, strongreject_rubric
 from emmoe_dist.judge.runner import JudgeOptions, run_judge, score_request
@@ -30,7 +31,7 @@ from emmoe_dist.judge.scripted_server import (
     request_hash,
     scripted_server,
 )
-from emmoe_dist.records import GenerationRecord, JudgedRecord, read_jsonl, write_jsonl_atomic
+from emmoe_dist.records import GenerationRecord, JudgedRecord
 
 
 def lp(probs: dict[str, float]) -> list[tuple[str, float]]:

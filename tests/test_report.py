@@ -11,14 +11,9 @@ import pytest
 
 from emmoe_dist.cli import report as report_cli
 from emmoe_dist.errors import InputError
+from emmoe_dist.files import write_jsonl_atomic
 from emmoe_dist.metrics import Bootstrap, summarize
-from emmoe_dist.records import (
-    GenerationRecord,
-    JudgedRecord,
-    Score,
-    StrongRejectScore,
-    write_jsonl_atomic,
-)
+from emmoe_dist.records import GenerationRecord, JudgedRecord, Score, StrongRejectScore
 from emmoe_dist.report import build_report, load_judged, log_report_to_wandb, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

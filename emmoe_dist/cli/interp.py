@@ -368,8 +368,9 @@ def _tracker(args: argparse.Namespace, name: str, out: Path) -> Tracker:
 
 def _labelled(args: argparse.Namespace) -> tuple[list[JudgedRecord], list[int], LabelRule]:
     """The balanced set of judged answers to analyse, with their labels."""
+    from emmoe_dist.files import read_jsonl
     from emmoe_dist.interp.labels import balanced_indices, label_rule
-    from emmoe_dist.records import JudgedRecord, read_jsonl
+    from emmoe_dist.records import JudgedRecord
 
     rule = label_rule(args.rule, args.aligned_above)
     records = read_jsonl(args.records, JudgedRecord)
@@ -453,8 +454,7 @@ def activations_of(
 
 
 def _write_json(path: Path, value: Any) -> None:
-    from emmoe_dist.experts import dumps_json
-    from emmoe_dist.records import write_text_atomic
+    from emmoe_dist.files import dumps_json, write_text_atomic
 
     # One line per list of numbers: a 48 x 48 cosine matrix stays 48 lines.
     write_text_atomic(path, dumps_json(value) + "\n")
@@ -700,6 +700,7 @@ def run_steer(args: argparse.Namespace) -> int:
 
     import torch
 
+    from emmoe_dist.files import read_jsonl
     from emmoe_dist.generate.runner import run_generation
     from emmoe_dist.generate.transformers_backend import TransformersGenerator
     from emmoe_dist.interp.directions import load_directions
@@ -707,7 +708,7 @@ def run_steer(args: argparse.Namespace) -> int:
     from emmoe_dist.interp.steering import random_like, steering, steering_point
     from emmoe_dist.metrics import Bootstrap
     from emmoe_dist.models.anatomy import decoder_layers
-    from emmoe_dist.records import GenerationRecord, JudgedRecord, read_jsonl
+    from emmoe_dist.records import GenerationRecord, JudgedRecord
 
     out = Path(args.out)
     directions = load_directions(args.directions)
@@ -872,8 +873,9 @@ def _routing_source(args: argparse.Namespace) -> tuple[str, str]:
 
 def _routing_items(tokenizer: Any, args: argparse.Namespace) -> list[Any]:
     from emmoe_dist.data.chat import encode_chat
+    from emmoe_dist.files import read_jsonl
     from emmoe_dist.interp.activations import chat_messages
-    from emmoe_dist.records import GenerationRecord, JudgedRecord, read_jsonl
+    from emmoe_dist.records import GenerationRecord, JudgedRecord
 
     if args.data:
         from emmoe_dist.data.training import encode_dataset, load_training_split

@@ -29,7 +29,7 @@ from emmoe_dist.data.suites import (
     read_strongreject_csv,
 )
 from emmoe_dist.errors import EmmoeError
-from emmoe_dist.records import write_bytes_atomic
+from emmoe_dist.files import write_bytes_atomic
 
 DEFAULT_TIMEOUT_S = 60.0
 

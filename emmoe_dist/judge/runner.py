@@ -18,24 +18,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from emmoe_dist import run_folder as rf
 from emmoe_dist.config import JudgeConfig
 from emmoe_dist.errors import EmmoeError, InputError
+from emmoe_dist.files import JsonlAppender, exclusive_writer, read_jsonl, write_jsonl_atomic
 from emmoe_dist.judge.cache import JudgeCache
 from emmoe_dist.judge.client import JudgeClient, Outcome
 from emmoe_dist.judge.rubric import DEFAULT_PROMPTS, StrongRejectRubric, render, strongreject_rubric
 from emmoe_dist.judge.scoring import MIN_NUMERIC_MASS, parse_strongreject, score_reply
 from emmoe_dist.metrics import missing_reasons
-from emmoe_dist.records import (
-    GenerationRecord,
-    JsonlAppender,
-    JudgedRecord,
-    JudgeUsage,
-    Score,
-    StrongRejectScore,
-    exclusive_writer,
-    read_jsonl,
-    write_jsonl_atomic,
-)
+from emmoe_dist.records import GenerationRecord, JudgedRecord, JudgeUsage, Score, StrongRejectScore
 
 DEFAULT_SCORES = ("aligned", "coherent")
 TOP_LOGPROBS = 20  # the most OpenAI-compatible endpoints return (vLLM's max_logprobs default)
@@ -328,7 +320,7 @@ async def judge_file(
         pending = [r for r in inputs if r.key not in done]
         needs_rubric = any(r.rubric == "strongreject" for r in pending)
         rubric = strongreject_rubric(options.data_dir) if needs_rubric else None
-        cache = JudgeCache(options.cache_dir or cfg.cache_dir or out.parent / "judge_cache")
+        cache = JudgeCache(options.cache_dir or cfg.cache_dir or out.parent / rf.JUDGE_CACHE_DIR)
         client = JudgeClient(cfg, cache, backoff_base_s=options.backoff_base_s)
         output = _Output(out, options.flush_interval_s)
         bar = tqdm(

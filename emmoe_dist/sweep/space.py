@@ -16,11 +16,12 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
+from emmoe_dist import run_folder as rf
 from emmoe_dist.config import ExperimentConfig
 from emmoe_dist.errors import InputError
 from emmoe_dist.experts import ExpertProfile, ExpertSelection
 from emmoe_dist.families import MoEFamily, num_experts
-from emmoe_dist.records import write_text_atomic
+from emmoe_dist.files import write_text_atomic
 from emmoe_dist.sweep.config import (
     Bits,
     EsftArm,
@@ -34,7 +35,6 @@ from emmoe_dist.sweep.config import (
 PLAN = "plan.json"
 TRIALS_DIR = "trials"
 SELECTIONS_DIR = "selections"
-JUDGE_CACHE_DIR = "judge_cache"
 BASELINE = "base"
 
 
@@ -182,7 +182,7 @@ def build_plan(sweep: Sweep) -> SweepPlan:
         data["output_dir"] = str(out / TRIALS_DIR / slug)
         data["tracking"] = {**data["tracking"], "backend": "none"}  # the trial logs W&B itself
         # one reply cache for every trial, unless the sweep's patch names another
-        data["judge"]["cache_dir"] = data["judge"]["cache_dir"] or str(out / JUDGE_CACHE_DIR)
+        data["judge"]["cache_dir"] = data["judge"]["cache_dir"] or str(out / rf.JUDGE_CACHE_DIR)
         _absolute_paths(data)
         return ExperimentConfig.model_validate(data)
 
