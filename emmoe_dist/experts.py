@@ -412,6 +412,82 @@ class ExpertSelection:
 _SELECTION_KEYS = {"experts", "rule", "family", "num_experts", "schema_version"}
 
 
+# ---------------------------------------------------------------------------------------------
+# Choosing experts: one entry point for training, `emmoe select` and sweeps
+
+SelectionRule = Literal["all", "single", "top_k", "esft", "explicit", "file"]
+
+# What each rule needs. `model` is the model's family and config, for the rules that read its
+# shape; an experiment always names its model, so only `emmoe select` asks for it.
+RULE_NEEDS: Mapping[SelectionRule, tuple[str, ...]] = MappingProxyType(
+    {
+        "all": ("model",),
+        "single": ("expert", "model"),
+        "top_k": ("k", "profile"),
+        "esft": ("p", "profile"),
+        "explicit": ("experts",),
+        "file": ("file",),
+    }
+)
+
+
+def missing_fields(rule: SelectionRule, given: Mapping[str, Any]) -> list[str]:
+    """The fields `rule` needs that `given` leaves unset (None or absent), in table order."""
+    return [name for name in RULE_NEEDS[rule] if given.get(name) is None]
+
+
+def select_experts(
+    rule: SelectionRule,
+    *,
+    model: tuple[MoEFamily, Mapping[str, Any]] | None = None,
+    expert: int | None = None,
+    k: int | None = None,
+    p: float | None = None,
+    score: Literal["token", "gate"] = "token",
+    profile: ExpertProfile | str | os.PathLike[str] | None = None,
+    experts: Mapping[int, Sequence[int]] | None = None,
+    file: str | os.PathLike[str] | None = None,
+) -> ExpertSelection:
+    """The experts `rule` chooses, checked against the model whenever `model` is given.
+
+    all: every expert of every MoE layer; single: `expert` in every MoE layer; top_k: the `k`
+    most-routed experts per layer of `profile`; esft: ESFT's cumulative `score` share `p`;
+    explicit: `experts` by hand; file: a selection file (ours or ESFT's)."""
+    given = {"model": model, "expert": expert, "k": k, "p": p, "profile": profile}
+    missing = missing_fields(rule, {**given, "experts": experts, "file": file})
+    if missing:
+        raise InputError(f"rule {rule!r} needs {', '.join(missing)}", field="rule")
+    source = None  # the file the selection came from, named by validation errors
+    if rule == "all":
+        assert model is not None
+        chosen = ExpertSelection.all(*model)
+    elif rule == "single":
+        assert model is not None and expert is not None
+        chosen = ExpertSelection.single(expert, *model)
+    elif rule == "explicit":
+        assert experts is not None
+        family, config = model if model is not None else (None, None)
+        chosen = ExpertSelection.explicit(experts, family, config)
+    elif rule == "file":
+        assert file is not None
+        source = str(file)
+        chosen = ExpertSelection.load(file)
+    else:
+        assert profile is not None
+        if not isinstance(profile, ExpertProfile):
+            source = str(profile)
+            profile = ExpertProfile.load(profile)
+        if rule == "top_k":
+            assert k is not None
+            chosen = ExpertSelection.top_k(profile, k)
+        else:
+            assert p is not None
+            chosen = ExpertSelection.esft(profile, score, p)
+    if model is not None:
+        chosen.validate(*model, file=source)
+    return chosen
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 

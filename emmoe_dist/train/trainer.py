@@ -37,7 +37,7 @@ from emmoe_dist.adapters.lora import (
 )
 from emmoe_dist.config import ExperimentConfig, dump_config
 from emmoe_dist.errors import EmmoeError, InputError
-from emmoe_dist.experts import ExpertSelection
+from emmoe_dist.experts import ExpertSelection, select_experts
 from emmoe_dist.families import MoEFamily
 from emmoe_dist.files import replace_dir
 from emmoe_dist.parallel.ds_config import (
@@ -54,7 +54,6 @@ from emmoe_dist.parallel.zero_init import partitioned_loading, resident_elements
 from emmoe_dist.tracking import make_tracker
 from emmoe_dist.train import artifacts as art
 from emmoe_dist.train.batches import BatchPlan
-from emmoe_dist.train.selection import resolve_selection
 
 if TYPE_CHECKING:
     from emmoe_dist.adapters.qlora import WeightMemory
@@ -102,7 +101,10 @@ def _build_model(
     straight into partitions instead of whole onto every rank's device."""
     from emmoe_dist.models.loading import load_model
 
-    selection = resolve_selection(cfg.selection, family, hf_config)
+    rule = cfg.selection
+    selection = select_experts(
+        rule.rule, model=(family, hf_config), **rule.model_dump(exclude={"rule"})
+    )
     if partition_with is not None:
         with partitioned_loading(partition_with):
             loaded = load_model(cfg.model, seed=cfg.seed, for_training=True)
