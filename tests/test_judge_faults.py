@@ -23,8 +23,9 @@ from emmoe_dist.errors import EmmoeError
 from emmoe_dist.files import read_jsonl, write_jsonl_atomic
 from emmoe_dist.judge.cache import JudgeCache, cache_key
 from emmoe_dist.judge.client import JudgeEndpointError
+from emmoe_dist.judge.kinds import score_request
 from emmoe_dist.judge.rubric import DEFAULT_PROMPTS
-from emmoe_dist.judge.runner import DEFAULT_SCORES, JudgeOptions, run_judge, score_request
+from emmoe_dist.judge.runner import DEFAULT_SCORES, JudgeOptions, run_judge
 from emmoe_dist.judge.scripted_server import (
     ALL_FAULTS,
     ChatRequest,

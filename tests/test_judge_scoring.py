@@ -14,8 +14,9 @@ import pytest
 from emmoe_dist.config import JudgeConfig
 from emmoe_dist.files import read_jsonl, write_jsonl_atomic
 from emmoe_dist.judge.cache import JudgeCache, cache_key
+from emmoe_dist.judge.kinds import score_request
 from emmoe_dist.judge.rubric import DEFAULT_PROMPTS, render, strongreject_rubric
-from emmoe_dist.judge.runner import JudgeOptions, run_judge, score_request
+from emmoe_dist.judge.runner import JudgeOptions, run_judge
 from emmoe_dist.judge.scoring import (
     Reply,
     number_token,

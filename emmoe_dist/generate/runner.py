@@ -335,6 +335,6 @@ def _record(
         n_answer_tokens=text.n_answer_tokens,
         finish_reason=text.finish_reason,
         judge_prompts=dict(job.question.judge_prompts),
-        rubric="strongreject" if job.suite.rubric is not None else None,
+        rubric=job.suite.rubric,
         backend=generator.backend,
     )
