@@ -33,6 +33,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from emmoe_dist.errors import EmmoeError
+from emmoe_dist.experts import ExpertSelection
 from emmoe_dist.files import read_json_object, read_jsonl, validation_error, write_json_atomic
 
 MANIFEST = "manifest.json"
@@ -166,6 +167,12 @@ def read_manifest(run: str | os.PathLike[str]) -> RunManifest:
         return RunManifest.model_validate(data)
     except ValidationError as e:
         raise validation_error(e, str(path)) from None
+
+
+def read_selection(run: str | os.PathLike[str]) -> ExpertSelection | None:
+    """The experts a training run trained (None when `run` is not a finished run)."""
+    path = Path(run).expanduser() / SELECTION
+    return ExpertSelection.load(path) if is_run(run) and path.is_file() else None
 
 
 def read_train_metrics(run: str | os.PathLike[str]) -> list[dict[str, Any]]:

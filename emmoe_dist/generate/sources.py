@@ -4,6 +4,9 @@ merged model folder; and how records name them.
     --run RUN_DIR     a training run: its manifest names the base it trained on and its artifact
     --adapter DIR     a PEFT adapter folder (or a run folder) on top of the config's model
     (neither)         the config's `model` as it is: a hub id, a folder (merged models too), tiny
+
+`model_source` resolves one model argument on its own (the interpretability commands'
+`--model`): a checkpoint folder, a hub id, `tiny:<family>`, or a training run folder.
 """
 
 from __future__ import annotations
@@ -37,6 +40,12 @@ class ModelSource:
         folder = self.adapter or self.expert_delta
         return str(folder) if folder is not None else None
 
+    @property
+    def label(self) -> str:
+        """How reports name this model: the base, plus what was applied on it."""
+        adapter = self.adapter_label
+        return f"{self.model_label} + {adapter}" if adapter else self.model_label
+
 
 def _selection_label(folder: Path) -> str | None:
     path = folder / rf.SELECTION
@@ -69,6 +78,20 @@ def from_run(run_dir: str | Path) -> ModelSource:
         expert_delta=artifact if manifest.artifact == rf.DELTA_DIR else None,
         selection=_selection_label(run),
     )
+
+
+def model_source(spec: str) -> ModelSource:
+    """A checkpoint, hub id or tiny model as it is; a run folder as its base plus artifact."""
+    if rf.is_run(spec):
+        return from_run(Path(spec).expanduser())
+    from emmoe_dist.models.loading import parse_model_spec
+
+    return ModelSource(base=parse_model_spec(spec), model_label=spec)
+
+
+def run_base(spec: str) -> str | None:
+    """The base model a training run trained on (None when `spec` is not a run folder)."""
+    return model_source(spec).base.name_or_path if rf.is_run(spec) else None
 
 
 def resolve_source(
