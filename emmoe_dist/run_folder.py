@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
@@ -54,7 +54,7 @@ WANDB_MARKER = "wandb_run.json"
 
 # 1: the untyped manifest of the first releases; 2 adds `completed_at` and requires every
 # field training writes. Version 1 files still load, with what they lack left unset.
-MANIFEST_SCHEMA_VERSION = 2
+MANIFEST_SCHEMA_VERSION: Final = 2
 Artifact = Literal["adapter", "expert_delta"]
 
 
