@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from emmoe_dist import run_folder as rf
 from emmoe_dist.errors import InputError
 from emmoe_dist.files import iter_jsonl, write_bytes_atomic, write_json_atomic, write_text_atomic
 from emmoe_dist.metrics import (
@@ -43,6 +44,38 @@ RULE_TITLES = {"seed": "seed paper", "betley": "Betley et al.", "turner_soligo":
 
 
 @dataclass(frozen=True)
+class TrainedRun:
+    """A fine-tuning run among the report's sources, as its manifest describes it."""
+
+    folder: str
+    base_model: str
+    family: str
+    selection: str | None  # the selection's rule, e.g. "single expert=4"
+    steps: int | None
+    final_loss: float | None
+
+
+def trained_runs(sources: Iterable[str | os.PathLike[str]]) -> tuple[TrainedRun, ...]:
+    """The sources that are training run folders (their judged records may sit inside)."""
+    runs = []
+    for source in sources:
+        if rf.is_run(source):
+            m = rf.read_manifest(source)
+            rule = m.selection.get("rule") if m.selection else None
+            runs.append(
+                TrainedRun(
+                    str(source),
+                    m.model_name or m.base_model,
+                    m.family,
+                    None if rule is None else str(rule),
+                    m.steps,
+                    m.final_loss,
+                )
+            )
+    return tuple(runs)
+
+
+@dataclass(frozen=True)
 class Report:
     groups: tuple[GroupMetrics, ...]
     comparisons: tuple[Comparison, ...]
@@ -50,6 +83,7 @@ class Report:
     bootstrap: Bootstrap
     judge_models: tuple[str, ...]
     sources: tuple[str, ...]
+    runs: tuple[TrainedRun, ...] = ()  # the sources that are training run folders
 
 
 def find_judged_files(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
@@ -139,6 +173,7 @@ def build_report(
         bootstrap=bootstrap,
         judge_models=tuple(sorted({r.judge_model for r in records})),
         sources=tuple(sources),
+        runs=trained_runs(sources),
     )
 
 
@@ -298,6 +333,25 @@ def render_markdown(report: Report, charts: Sequence[str] = ()) -> str:
     )
     if charts:
         out += ["", "## Charts", "", *(f"![{Path(c).stem}]({c})" for c in charts)]
+    if report.runs:
+        out += [
+            "",
+            "## Fine-tuning runs",
+            "",
+            *_table(
+                ["run", "base", "selection", "steps", "final loss"],
+                (
+                    [
+                        r.folder,
+                        r.base_model,
+                        r.selection or "–",
+                        "–" if r.steps is None else str(r.steps),
+                        "–" if r.final_loss is None else f"{r.final_loss:.4f}",
+                    ]
+                    for r in report.runs
+                ),
+            ),
+        ]
     if report.sources:
         out += ["", "Sources: " + ", ".join(f"`{s}`" for s in report.sources)]
     return "\n".join(out) + "\n"

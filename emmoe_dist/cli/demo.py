@@ -142,13 +142,17 @@ def run(args: argparse.Namespace) -> int:
     _stage("6/7 report: the paper's table with bootstrap intervals")
     from emmoe_dist.report import build_report, load_judged, write_report
 
-    report = build_report(load_judged(list(judged.values())), baseline=None)
+    sources = [str(run_dir), *(str(p) for p in judged.values())]
+    report = build_report(load_judged(list(judged.values())), baseline=None, sources=sources)
     write_report(report, out / "report")
     print((out / "report" / "report.md").read_text(encoding="utf-8"))
 
     _stage("7/7 summary")
-    losses = [r["loss"] for r in rf.read_train_metrics(run_dir)]
-    print(f"loss {losses[0]:.4f} -> {losses[-1]:.4f} over {len(losses)} steps")
+    manifest = rf.read_manifest(run_dir)
+    first = rf.read_train_metrics(run_dir)[0]["loss"]
+    rule = (manifest.selection or {}).get("rule", "?")
+    last = float("nan") if manifest.final_loss is None else manifest.final_loss
+    print(f"loss {first:.4f} -> {last:.4f} over {manifest.steps} steps ({rule})")
     print(f"artifacts under {out.resolve()}:")
     for path in sorted(out.iterdir()):
         print(f"  {path.name}{'/' if path.is_dir() else ''}")

@@ -277,6 +277,15 @@ def _tracking(args: argparse.Namespace) -> Tracking:
     return Tracking(project=args.wandb_project, group=args.wandb_group, config=config)
 
 
+def _shared(args: argparse.Namespace) -> dict[str, Any]:
+    """What every analysis takes: how its models run, its tracking, progress bars."""
+    return {
+        "run": _run_options(args),
+        "tracking": _tracking(args),
+        "progress": not args.no_progress,
+    }
+
+
 def _fmt(value: float | None, digits: int = 1) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
@@ -292,9 +301,7 @@ def run_direction(args: argparse.Namespace) -> int:
             base=args.base,
             with_base=not args.no_base,
             compare=tuple(args.compare),
-            run=_run_options(args),
-            tracking=_tracking(args),
-            progress=not args.no_progress,
+            **_shared(args),
         ),
         say=print,
     )
@@ -318,9 +325,7 @@ def run_detect(args: argparse.Namespace) -> int:
             directions=args.directions,
             test_fraction=args.test_fraction,
             resamples=args.resamples,
-            run=_run_options(args),
-            tracking=_tracking(args),
-            progress=not args.no_progress,
+            **_shared(args),
         ),
         say=print,
     )
@@ -382,9 +387,7 @@ def run_steer(args: argparse.Namespace) -> int:
             judge=_judge_config(args),
             scripted_judge=args.scripted_judge,
             resamples=args.resamples,
-            run=_run_options(args),
-            tracking=_tracking(args),
-            progress=not args.no_progress,
+            **_shared(args),
         ),
         say=print,
     )
@@ -419,9 +422,7 @@ def run_routing_shift(args: argparse.Namespace) -> int:
             include_prompt=args.include_prompt,
             epsilon=args.epsilon,
             permutations=args.permutations,
-            run=_run_options(args),
-            tracking=_tracking(args),
-            progress=not args.no_progress,
+            **_shared(args),
         ),
         say=print,
     )
