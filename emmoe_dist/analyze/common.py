@@ -113,6 +113,11 @@ def make_tracker(tracking: Tracking, name: str, out: Path) -> Tracker:
     )
 
 
+def nan_if_none(value: float | None) -> float:
+    """A metric for a tracker's chart, where a missing value is a gap."""
+    return float("nan") if value is None else value
+
+
 def write_json(path: Path, value: Any, say: Say = quiet) -> None:
     # One line per list of numbers: a 48 x 48 cosine matrix stays 48 lines.
     write_text_atomic(path, dumps_json(value) + "\n")

@@ -17,6 +17,7 @@ from emmoe_dist.analyze.common import (
     activations_of,
     labelled_answers,
     make_tracker,
+    nan_if_none,
     quiet,
     write_json,
 )
@@ -36,10 +37,6 @@ class DetectOptions:
     run: ModelOptions = field(default_factory=ModelOptions)
     tracking: Tracking = field(default_factory=Tracking)
     progress: bool = True
-
-
-def _nan(value: float | None) -> float:
-    return float("nan") if value is None else value
 
 
 def run_detect(options: DetectOptions, say: Say = quiet) -> Detection:
@@ -96,8 +93,8 @@ def run_detect(options: DetectOptions, say: Say = quiet) -> Detection:
     for d in result.layers:
         tracker.log(
             {
-                "detect/prompt_auroc": _nan(d.prompt.value),
-                "detect/answer_auroc": _nan(d.answer.value),
+                "detect/prompt_auroc": nan_if_none(d.prompt.value),
+                "detect/answer_auroc": nan_if_none(d.answer.value),
             },
             d.layer,
         )

@@ -24,6 +24,7 @@ from emmoe_dist.analyze.common import (
     free_memory,
     load_subject,
     make_tracker,
+    nan_if_none,
     quiet,
     write_json,
 )
@@ -198,10 +199,6 @@ def _judge_all(
             say(f"{folder.relative_to(out)}: {summary.format()}")
 
 
-def _nan(value: float | None) -> float:
-    return float("nan") if value is None else value
-
-
 def run_steer(options: SteerOptions, say: Say = quiet) -> SteeringResult:
     from emmoe_dist.files import read_jsonl
     from emmoe_dist.generate.transformers_backend import TransformersGenerator
@@ -297,8 +294,8 @@ def run_steer(options: SteerOptions, say: Say = quiet) -> SteeringResult:
             tracker.log(
                 {
                     f"steer/{p.condition}/alpha": p.alpha,
-                    f"steer/{p.condition}/misaligned": _nan(p.misaligned.value),
-                    f"steer/{p.condition}/alignment": _nan(p.alignment.value),
+                    f"steer/{p.condition}/misaligned": nan_if_none(p.misaligned.value),
+                    f"steer/{p.condition}/alignment": nan_if_none(p.alignment.value),
                 },
                 step,
             )
