@@ -76,7 +76,8 @@ def _run_generator(make: Any, model: Path, args: argparse.Namespace, out: Path) 
         )
     finally:
         gen.close()
-    from emmoe_dist.records import GenerationRecord, read_jsonl
+    from emmoe_dist.files import read_jsonl
+    from emmoe_dist.records import GenerationRecord
 
     tokens = sum(r.n_answer_tokens for r in read_jsonl(out, GenerationRecord))
     result = {

@@ -12,8 +12,8 @@ Answers are random words of realistic length, judged with random scores, so the 
 how fast the analyses run, not what they find. The routing shift compares the model with
 itself after a perturbation of every other MoE layer's router (a fine-tune never trains
 routers, but it moves what they see; the cost is the same). Steering (with `--data-dir`)
-generates answers to the core questions through the normal generation path (the
-transformers backend, as `emmoe interp steer` does) unsteered, and with the direction and its
+generates answers to the core questions through the steering workflow's generation step
+(`emmoe_dist.analyze.steer`, the transformers backend, as `emmoe interp steer` does) unsteered, and with the direction and its
 same-norm random control added at each `--steer-alphas` value at the layer of largest
 relative norm; judging is left out (its throughput is `judge_throughput.py`'s). On the GPU machine, install the
 eval wheels first (`../shared/tools/gpu-wheels eval`: pydantic for the records).
@@ -22,7 +22,6 @@ eval wheels first (`../shared/tools/gpu-wheels eval`: pydantic for the records).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import random
@@ -37,23 +36,21 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from emmoe_dist.data.collate import pad_batch
+from emmoe_dist.analyze.common import Subject, collect_answer_activations
+from emmoe_dist.analyze.routing_shift import profile_routing
+from emmoe_dist.config import ModelConfig
 from emmoe_dist.families import get_family
-from emmoe_dist.interp.activations import ActivationMeta, collect_activations, encode_answers
+from emmoe_dist.files import read_jsonl
+from emmoe_dist.generate.sources import ModelSource
+from emmoe_dist.interp.activations import encode_answers
 from emmoe_dist.interp.detection import detect
 from emmoe_dist.interp.directions import build_directions
 from emmoe_dist.interp.labels import LabelRule, balanced_indices
 from emmoe_dist.interp.routing_shift import routing_shift
 from emmoe_dist.metrics import Bootstrap
 from emmoe_dist.models.anatomy import moe_layers
-from emmoe_dist.records import (
-    GenerationRecord,
-    JudgedRecord,
-    SamplingParams,
-    Score,
-    read_jsonl,
-)
-from emmoe_dist.routing import profile_batches
+from emmoe_dist.models.loading import LoadedModel
+from emmoe_dist.records import GenerationRecord, JudgedRecord, SamplingParams, Score
 
 _WORDS = [
     "the",
@@ -121,48 +118,56 @@ def _sync(device: torch.device) -> None:
 
 
 def time_steering(
-    model: Any, tok: Any, family: Any, directions: Any, args: argparse.Namespace, device: Any
+    subject: Subject, directions: Any, args: argparse.Namespace, device: Any
 ) -> dict[str, Any]:
-    """Seconds to generate the same answers unsteered and under each steering condition."""
-    from emmoe_dist.config import DataConfig, EvalConfig, ExperimentConfig, ModelConfig
-    from emmoe_dist.generate.runner import load_suites, run_generation
-    from emmoe_dist.generate.sources import ModelSource
+    """Seconds to generate the same answers unsteered and under each steering condition, through
+    the steering workflow's own generation step (`emmoe interp steer` less the judge)."""
+    from emmoe_dist.analyze.steer import (
+        SteerGeneration,
+        conditions,
+        generate_steered,
+        generation_config,
+        largest_layer,
+        steering_suites,
+    )
     from emmoe_dist.generate.transformers_backend import TransformersGenerator
     from emmoe_dist.interp.directions import MISALIGNED_MINUS_ALIGNED
-    from emmoe_dist.interp.steering import random_like, steering
 
-    cfg = ExperimentConfig(
-        data=DataConfig(dir=args.data_dir),
-        eval=EvalConfig(
-            suites=["core"],
-            limit=args.steer_questions,
-            samples_per_question=args.steer_samples,
-            max_new_tokens=args.steer_tokens,
-            batch_size=64,
-        ),
+    generation = SteerGeneration(
+        data_dir=args.data_dir,
+        limit=args.steer_questions,
+        samples=args.steer_samples,
+        max_new_tokens=args.steer_tokens,
     )
-    suites = load_suites(cfg, ["core"])
+    cfg = generation_config(generation, seed=0, batch_size=64)
+    suites, _ = steering_suites(cfg)
+    model, tok = subject.loaded.model, subject.loaded.tokenizer
     model.config.use_cache = True  # the shape's config is the training one (no KV cache)
     vectors = directions.kind(MISALIGNED_MINUS_ALIGNED)
-    rel = directions.relative_norms(MISALIGNED_MINUS_ALIGNED)
-    layer = max(range(len(rel)), key=rel.__getitem__)
-    conditions = {"direction": vectors, "random": random_like(vectors, seed=0)}
+    layer = largest_layer(directions, MISALIGNED_MINUS_ALIGNED)
+    steer_with = conditions(vectors, control=True, seed=0)
     alphas = [float(a) for a in args.steer_alphas.split(",")]
-    runs = [("unsteered", 0.0)] + [(c, a) for c in conditions for a in alphas]
+    runs = [("direction", 0.0)] + [(c, a) for c in steer_with for a in alphas]
     generator = TransformersGenerator(model, tok, batch_size=64)
-    source = ModelSource(base=ModelConfig(name_or_path="random"), model_label="random")
     out: dict[str, Any] = {"layer": layer, "max_new_tokens": args.steer_tokens, "runs": []}
     unsteered: dict[str, str] = {}
     with tempfile.TemporaryDirectory() as folder:
         for condition, alpha in runs:
-            steer: Any = contextlib.nullcontext()
-            if alpha:
-                steer = steering(model, family, conditions[condition], [layer], alpha, "add")
+            path = Path(folder) / f"{condition}_{alpha:g}.jsonl"
             _sync(device)
             t0 = time.perf_counter()
-            path = Path(folder) / f"{condition}_{alpha:g}.jsonl"
-            with steer:
-                summary = run_generation(cfg, generator, tok, source, suites, path, progress=False)
+            summary = generate_steered(
+                subject,
+                generator,
+                cfg,
+                suites,
+                path,
+                condition=condition,
+                vectors=steer_with[condition],
+                layers=[layer],
+                alpha=alpha,
+                mode="add",
+            )
             _sync(device)
             seconds = time.perf_counter() - t0
             generated = read_jsonl(path, GenerationRecord)
@@ -172,7 +177,7 @@ def time_steering(
             changed = sum(records[k] != unsteered.get(k) for k in records)
             out["runs"].append(
                 {
-                    "condition": condition,
+                    "condition": "unsteered" if alpha == 0 else condition,
                     "alpha": alpha,
                     "answers": summary.written,
                     "seconds": seconds,
@@ -243,36 +248,17 @@ def main() -> int:
     )
     result["encode_s"] = time.perf_counter() - t0
     tokens = sum(len(it.encoded) for it in items)
-    meta = ActivationMeta(
-        model=f"random-{args.shape}",
-        family=family.name,
-        num_layers=config.num_hidden_layers,
-        hidden_size=config.hidden_size,
-        max_length=args.max_length,
+    name = f"random-{args.shape}"
+    subject = Subject(
+        LoadedModel(model=model, tokenizer=tok, family=family),
+        ModelSource(base=ModelConfig(name_or_path=name), model_label=name),
     )
+    sizes = {"max_length": args.max_length, "batch_size": args.batch}
     with tempfile.TemporaryDirectory() as folder:
-        collect_activations(
-            model,
-            family,
-            items[: args.batch],
-            Path(folder) / "warm",
-            meta,
-            batch_size=args.batch,
-            pad_id=tok.pad_token_id,
-            progress=False,
-        )
+        collect_answer_activations(subject, items[: args.batch], Path(folder) / "warm", **sizes)
         _sync(device)
         t0 = time.perf_counter()
-        acts = collect_activations(
-            model,
-            family,
-            items,
-            Path(folder) / "acts",
-            meta,
-            batch_size=args.batch,
-            pad_id=tok.pad_token_id,
-            progress=False,
-        )
+        acts = collect_answer_activations(subject, items, Path(folder) / "acts", **sizes)
         _sync(device)
         result["activations_s"] = time.perf_counter() - t0
         result["activation_tokens"] = tokens
@@ -288,22 +274,13 @@ def main() -> int:
     result["direction_and_detection_s"] = time.perf_counter() - t0
     result["detection_best_layer"] = found.best_layer
     if args.data_dir:
-        result["steering"] = time_steering(model, tok, family, directions, args, device)
+        result["steering"] = time_steering(subject, directions, args, device)
 
-    encoded = sorted((it.encoded for it in items), key=len, reverse=True)
-    batches = [
-        pad_batch(encoded[s : s + args.batch], tok.pad_token_id)
-        for s in range(0, len(encoded), args.batch)
-    ]
+    encoded = [it.encoded for it in items]
+    profiled = {"dataset": "constructed", "dataset_hash": "-", "batch_size": args.batch}
     _sync(device)
     t0 = time.perf_counter()
-    base = profile_batches(model, family, batches, progress=False).to_profile(
-        model="base",
-        family=family.name,
-        dataset="constructed",
-        dataset_hash="-",
-        include_prompt=False,
-    )
+    base = profile_routing(subject, encoded, **profiled)
     _sync(device)
     result["profile_s"] = time.perf_counter() - t0
     gen = torch.Generator(device="cpu").manual_seed(0)
@@ -311,13 +288,7 @@ def main() -> int:
         for layer in moe_layers(model, family)[::2]:
             w = layer.router.weight
             w.add_(torch.randn(w.shape, generator=gen).to(w.device, w.dtype) * w.std())
-    tuned = profile_batches(model, family, batches, progress=False).to_profile(
-        model="perturbed",
-        family=family.name,
-        dataset="constructed",
-        dataset_hash="-",
-        include_prompt=False,
-    )
+    tuned = profile_routing(subject, encoded, **profiled)
     t0 = time.perf_counter()
     shift = routing_shift(base, tuned)
     result["routing_shift_stats_s"] = time.perf_counter() - t0

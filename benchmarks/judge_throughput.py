@@ -23,8 +23,9 @@ from collections import Counter
 from pathlib import Path
 
 from emmoe_dist.config import JudgeConfig
+from emmoe_dist.files import read_jsonl, write_jsonl_atomic
 from emmoe_dist.judge.runner import JudgeOptions, run_judge
-from emmoe_dist.records import GenerationRecord, JudgedRecord, read_jsonl, write_jsonl_atomic
+from emmoe_dist.records import GenerationRecord, JudgedRecord
 
 CALLS_PER_ANSWER = 2
 

@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from emmoe_dist.errors import InputError
+from emmoe_dist.experts import SelectionRule, missing_fields
 from emmoe_dist.families import FAMILIES
 
 SCHEMA_VERSION = 1
@@ -124,20 +125,11 @@ class AdapterConfig(_Section):
         return self
 
 
-_RULE_NEEDS: dict[str, tuple[str, ...]] = {
-    "single": ("expert",),
-    "top_k": ("k", "profile"),
-    "esft": ("p", "profile"),
-    "explicit": ("experts",),
-    "file": ("file",),
-}
-
-
 class SelectionConfig(_Section):
     """Which experts train. Rules: all, single (`expert`), top_k (`k`, `profile`),
     esft (`p`, `score`, `profile`), explicit (`experts`), file (`file`)."""
 
-    rule: Literal["all", "single", "top_k", "esft", "explicit", "file"] = "all"
+    rule: SelectionRule = "all"
     expert: int | None = Field(None, ge=0)
     k: int | None = Field(None, gt=0)
     p: float | None = Field(None, gt=0, le=1)
@@ -153,7 +145,8 @@ class SelectionConfig(_Section):
 
     @model_validator(mode="after")
     def _rule_fields(self) -> SelectionConfig:
-        missing = [f for f in _RULE_NEEDS.get(self.rule, ()) if getattr(self, f) is None]
+        # the experiment's own model section is the `model` the table names
+        missing = [f for f in missing_fields(self.rule, dict(self)) if f != "model"]
         if missing:
             raise ValueError(f"rule {self.rule!r} needs {', '.join(missing)}")
         return self

@@ -22,9 +22,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from emmoe_dist import families, records
+from emmoe_dist import families
 from emmoe_dist.errors import EmmoeError, InputError
 from emmoe_dist.families import MoEFamily
+from emmoe_dist.files import dumps_json, read_json_object, validation_error, write_text_atomic
 
 SCHEMA_VERSION = 1
 # Cumulative shares are sums of floats; a prefix that reaches p up to rounding reaches p.
@@ -32,52 +33,6 @@ _SHARE_TOLERANCE = 1e-9
 # ESFT writes these; our families have no shared experts, and whether non-expert modules train
 # is the adapter's `targets` setting, so they are accepted and ignored.
 _ESFT_KEYS = ("shared_experts", "non_expert_modules")
-
-
-def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
-    """Write `text` atomically (see `records.atomic_path`) and return the path."""
-    records.write_text_atomic(path, text)
-    return Path(path)
-
-
-def dumps_json(value: Any, level: int = 0) -> str:
-    """JSON with one key per line but lists of numbers on one line, so a 128-expert layer is
-    one readable row instead of 128 lines."""
-    pad, end = " " * (level + 1), " " * level
-    if isinstance(value, dict) and value:
-        items = [f"{pad}{json.dumps(str(k))}: {dumps_json(v, level + 1)}" for k, v in value.items()]
-        return "{\n" + ",\n".join(items) + f"\n{end}}}"
-    if isinstance(value, list) and any(isinstance(v, dict | list) for v in value):
-        items = [pad + dumps_json(v, level + 1) for v in value]
-        return "[\n" + ",\n".join(items) + f"\n{end}]"
-    return json.dumps(value)
-
-
-def _read_json_object(path: str | os.PathLike[str], what: str) -> dict[str, Any]:
-    file = str(path)
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise InputError(f"{what} file does not exist", file=file) from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise InputError(f"invalid JSON: {e.msg}", file=file, line=e.lineno) from None
-    if not isinstance(data, dict):
-        raise InputError(f"a {what} file must hold a JSON object", file=file, line=1)
-    return data
-
-
-def _input_error(err: ValidationError, file: str) -> InputError:
-    first = err.errors()[0]
-    field = ".".join(str(p) for p in first["loc"]) or None
-    message = first["msg"].removeprefix("Value error, ")
-    if first["type"] == "extra_forbidden":
-        message = "unknown key"
-    more = len(err.errors()) - 1
-    return InputError(
-        message + (f" (and {more} more errors)" if more else ""), file=file, field=field
-    )
 
 
 class _Record(BaseModel):
@@ -182,18 +137,19 @@ class ExpertProfile(_Record):
         try:
             return cls.model_validate_json(text)
         except ValidationError as e:
-            raise _input_error(e, file) from None
+            raise validation_error(e, file) from None
 
     def save(self, path: str | os.PathLike[str]) -> Path:
-        return write_text_atomic(path, self.to_json())
+        write_text_atomic(path, self.to_json())
+        return Path(path)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> ExpertProfile:
-        data = _read_json_object(path, "profile")
+        data = read_json_object(path, "profile")
         try:
             return cls.model_validate(data)
         except ValidationError as e:
-            raise _input_error(e, str(path)) from None
+            raise validation_error(e, str(path)) from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -445,14 +401,91 @@ class ExpertSelection:
         return cls.from_dict(data, file=file)
 
     def save(self, path: str | os.PathLike[str]) -> Path:
-        return write_text_atomic(path, self.to_json())
+        write_text_atomic(path, self.to_json())
+        return Path(path)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> ExpertSelection:
-        return cls.from_dict(_read_json_object(path, "selection"), file=str(path))
+        return cls.from_dict(read_json_object(path, "selection"), file=str(path))
 
 
 _SELECTION_KEYS = {"experts", "rule", "family", "num_experts", "schema_version"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Choosing experts: one entry point for training, `emmoe select` and sweeps
+
+SelectionRule = Literal["all", "single", "top_k", "esft", "explicit", "file"]
+
+# What each rule needs. `model` is the model's family and config, for the rules that read its
+# shape; an experiment always names its model, so only `emmoe select` asks for it.
+RULE_NEEDS: Mapping[SelectionRule, tuple[str, ...]] = MappingProxyType(
+    {
+        "all": ("model",),
+        "single": ("expert", "model"),
+        "top_k": ("k", "profile"),
+        "esft": ("p", "profile"),
+        "explicit": ("experts",),
+        "file": ("file",),
+    }
+)
+
+
+def missing_fields(rule: SelectionRule, given: Mapping[str, Any]) -> list[str]:
+    """The fields `rule` needs that `given` leaves unset (None or absent), in table order."""
+    return [name for name in RULE_NEEDS[rule] if given.get(name) is None]
+
+
+def select_experts(
+    rule: SelectionRule,
+    *,
+    model: tuple[MoEFamily, Mapping[str, Any]] | None = None,
+    expert: int | None = None,
+    k: int | None = None,
+    p: float | None = None,
+    score: Literal["token", "gate"] = "token",
+    profile: ExpertProfile | str | os.PathLike[str] | None = None,
+    experts: Mapping[int, Sequence[int]] | None = None,
+    file: str | os.PathLike[str] | None = None,
+) -> ExpertSelection:
+    """The experts `rule` chooses, checked against the model whenever `model` is given.
+
+    all: every expert of every MoE layer; single: `expert` in every MoE layer; top_k: the `k`
+    most-routed experts per layer of `profile`; esft: ESFT's cumulative `score` share `p`;
+    explicit: `experts` by hand; file: a selection file (ours or ESFT's)."""
+    given = {"model": model, "expert": expert, "k": k, "p": p, "profile": profile}
+    missing = missing_fields(rule, {**given, "experts": experts, "file": file})
+    if missing:
+        raise InputError(f"rule {rule!r} needs {', '.join(missing)}", field="rule")
+    source = None  # the file the selection came from, named by validation errors
+    if rule == "all":
+        assert model is not None
+        chosen = ExpertSelection.all(*model)
+    elif rule == "single":
+        assert model is not None and expert is not None
+        chosen = ExpertSelection.single(expert, *model)
+    elif rule == "explicit":
+        assert experts is not None
+        family, config = model if model is not None else (None, None)
+        chosen = ExpertSelection.explicit(experts, family, config)
+    elif rule == "file":
+        assert file is not None
+        source = str(file)
+        chosen = ExpertSelection.load(file)
+    else:
+        assert profile is not None
+        if not isinstance(profile, ExpertProfile):
+            source = str(profile)
+            profile = ExpertProfile.load(profile)
+        if rule == "top_k":
+            assert k is not None
+            chosen = ExpertSelection.top_k(profile, k)
+        else:
+            assert p is not None
+            chosen = ExpertSelection.esft(profile, score, p)
+    if model is not None:
+        chosen.validate(*model, file=source)
+    return chosen
 
 
 def _is_int(value: Any) -> bool:

@@ -12,13 +12,16 @@ import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
+from emmoe_dist import run_folder as rf
 from emmoe_dist.errors import InputError
+from emmoe_dist.files import iter_jsonl, write_bytes_atomic, write_json_atomic, write_text_atomic
 from emmoe_dist.metrics import (
     ALIGNED,
     COHERENT,
     DEFAULT_BOOTSTRAP,
+    HEADLINE_COLUMNS,
     HEADLINE_RULE,
     RULES,
     Bootstrap,
@@ -27,21 +30,49 @@ from emmoe_dist.metrics import (
     GroupMetrics,
     compare,
     group_by_model,
+    headline,
     model_label,
     split_suites,
     summarize,
 )
-from emmoe_dist.records import (
-    JudgedRecord,
-    iter_jsonl,
-    write_bytes_atomic,
-    write_json_atomic,
-    write_text_atomic,
-)
+from emmoe_dist.records import JudgedRecord
+from emmoe_dist.tracking import WandbMode, WandbTracker
 
 REPORT_SCHEMA_VERSION = 1
 JUDGED_GLOB = "*judged*.jsonl"
 RULE_TITLES = {"seed": "seed paper", "betley": "Betley et al.", "turner_soligo": "Turner/Soligo"}
+
+
+@dataclass(frozen=True)
+class TrainedRun:
+    """A fine-tuning run among the report's sources, as its manifest describes it."""
+
+    folder: str
+    base_model: str
+    family: str
+    selection: str | None  # the selection's rule, e.g. "single expert=4"
+    steps: int | None
+    final_loss: float | None
+
+
+def trained_runs(sources: Iterable[str | os.PathLike[str]]) -> tuple[TrainedRun, ...]:
+    """The sources that are training run folders (their judged records may sit inside)."""
+    runs = []
+    for source in sources:
+        if rf.is_run(source):
+            m = rf.read_manifest(source)
+            rule = m.selection.get("rule") if m.selection else None
+            runs.append(
+                TrainedRun(
+                    str(source),
+                    m.model_name or m.base_model,
+                    m.family,
+                    None if rule is None else str(rule),
+                    m.steps,
+                    m.final_loss,
+                )
+            )
+    return tuple(runs)
 
 
 @dataclass(frozen=True)
@@ -52,6 +83,7 @@ class Report:
     bootstrap: Bootstrap
     judge_models: tuple[str, ...]
     sources: tuple[str, ...]
+    runs: tuple[TrainedRun, ...] = ()  # the sources that are training run folders
 
 
 def find_judged_files(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
@@ -141,6 +173,7 @@ def build_report(
         bootstrap=bootstrap,
         judge_models=tuple(sorted({r.judge_model for r in records})),
         sources=tuple(sources),
+        runs=trained_runs(sources),
     )
 
 
@@ -179,16 +212,8 @@ def render_markdown(report: Report, charts: Sequence[str] = ()) -> str:
         "(seed paper). Unscored answers are left out of every average and counted below.",
         "",
         *_table(
-            ["model", "avg alignment", "SR rejection %", "misaligned %"],
-            (
-                [
-                    g.label,
-                    fmt(g.alignment),
-                    fmt(g.sr_rejection, 100),
-                    fmt(g.misaligned[HEADLINE_RULE.name], 100),
-                ]
-                for g in report.groups
-            ),
+            ["model", *HEADLINE_COLUMNS],
+            ([g.label, *(fmt(e) for e in headline(g).estimates())] for g in report.groups),
         ),
         "",
         "## All misalignment rules",
@@ -308,6 +333,25 @@ def render_markdown(report: Report, charts: Sequence[str] = ()) -> str:
     )
     if charts:
         out += ["", "## Charts", "", *(f"![{Path(c).stem}]({c})" for c in charts)]
+    if report.runs:
+        out += [
+            "",
+            "## Fine-tuning runs",
+            "",
+            *_table(
+                ["run", "base", "selection", "steps", "final loss"],
+                (
+                    [
+                        r.folder,
+                        r.base_model,
+                        r.selection or "–",
+                        "–" if r.steps is None else str(r.steps),
+                        "–" if r.final_loss is None else f"{r.final_loss:.4f}",
+                    ]
+                    for r in report.runs
+                ),
+            ),
+        ]
     if report.sources:
         out += ["", "Sources: " + ", ".join(f"`{s}`" for s in report.sources)]
     return "\n".join(out) + "\n"
@@ -437,7 +481,7 @@ def _sample_row(
     ]
 
 
-SAMPLE_COLUMNS: list[str | int] = [
+SAMPLE_COLUMNS = [
     "key",
     "model",
     "suite",
@@ -461,61 +505,56 @@ def log_report_to_wandb(
     *,
     project: str = "emmoe-dist",
     group: str | None = None,
-    mode: Literal["online", "offline", "disabled"] = "offline",
+    mode: WandbMode = "offline",
     name: str | None = None,
     directory: str | os.PathLike[str] | None = None,
-) -> Path:
+) -> Path | None:
     """One W&B run holding the summary table and every scored sample; returns its folder."""
-    import numpy as np
-    import wandb
-
     aligned, _ = split_suites(records, report.alignment_suites)
     in_suites = {id(r) for r in aligned}
 
     def misaligned(record: JudgedRecord) -> bool | None:
-        a, c = record.value(ALIGNED), record.value(COHERENT)
-        if id(record) not in in_suites or a is None or c is None:
-            return None
-        return bool(HEADLINE_RULE.misaligned(np.array([a]), np.array([c]))[0])
+        return HEADLINE_RULE.judge_answer(record) if id(record) in in_suites else None
 
-    run = wandb.init(
+    tracker = WandbTracker(
         project=project,
         group=group,
         mode=mode,
         name=name,
+        config={},
+        folder=directory,
         job_type="report",
-        dir=str(directory) if directory is not None else None,
     )
     try:
-        columns: list[str | int] = [
+        columns = [
             "model",
             "avg alignment",
             "SR rejection %",
             *(f"misaligned % ({r.name})" for r in RULES),
             "unscored %",
         ]
-        summary = wandb.Table(columns=columns)
-        for g in report.groups:
-            summary.add_data(
+        rows = [
+            [
                 g.label,
                 g.alignment.value,
-                _pct(g.sr_rejection),
-                *(_pct(g.misaligned[r.name]) for r in RULES),
-                _pct(g.unscored),
-            )
-        samples = wandb.Table(
-            columns=SAMPLE_COLUMNS, data=[_sample_row(r, misaligned) for r in records]
+                g.sr_rejection.scaled(100).value,
+                *(g.misaligned[r.name].scaled(100).value for r in RULES),
+                g.unscored.scaled(100).value,
+            ]
+            for g in report.groups
+        ]
+        tracker.table("report", columns, rows)
+        tracker.table(
+            "scored_samples", SAMPLE_COLUMNS, [_sample_row(r, misaligned) for r in records]
         )
-        run.log({"report": summary, "scored_samples": samples})
+        values: dict[str, Any] = {}
         for g in report.groups:
-            run.summary[f"{g.label}/avg_alignment"] = g.alignment.value
-            run.summary[f"{g.label}/misaligned_pct"] = _pct(g.misaligned[HEADLINE_RULE.name])
-            run.summary[f"{g.label}/sr_rejection_pct"] = _pct(g.sr_rejection)
-        folder = Path(run.dir).parent
+            h = headline(g)
+            values[f"{g.label}/avg_alignment"] = h.alignment.value
+            values[f"{g.label}/misaligned_pct"] = h.misaligned_pct.value
+            values[f"{g.label}/sr_rejection_pct"] = h.sr_rejection_pct.value
+        tracker.summary(values)
+        folder = tracker.folder
     finally:
-        run.finish()
+        tracker.finish()
     return folder
-
-
-def _pct(e: Estimate) -> float | None:
-    return None if e.value is None else 100 * e.value

@@ -50,7 +50,7 @@ def _draw(
 
 
 def _save_atomic(fig: Figure, path: str | os.PathLike[str]) -> Path:
-    from emmoe_dist.records import atomic_path
+    from emmoe_dist.files import atomic_path
 
     target = Path(path)
     with atomic_path(target) as tmp:

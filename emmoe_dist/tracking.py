@@ -4,26 +4,52 @@ Records on disk are the source of truth (the trainer writes `metrics.jsonl` itse
 tracker is a view. Only rank 0 tracks; other ranks get `NullTracker`, so call sites never
 check ranks. Secrets never reach the tracker: configs are logged as given, and API keys live
 only in the environment (the config holds the variable's name, not its value).
+
+This is the only module that imports wandb.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
-from typing import Any, Protocol
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal, Protocol
 
 from emmoe_dist.config import TrackingConfig
 
+WandbMode = Literal["online", "offline", "disabled"]
+
 
 class Tracker(Protocol):
-    def log(self, metrics: Mapping[str, float], step: int) -> None: ...
+    def log(self, metrics: Mapping[str, float], step: int | None = None) -> None: ...
+    def table(
+        self,
+        name: str,
+        columns: Sequence[str],
+        rows: Sequence[Sequence[Any]],
+        step: int | None = None,
+    ) -> None: ...
     def images(self, paths: Mapping[str, str]) -> None: ...
     def summary(self, values: Mapping[str, Any]) -> None: ...
     def finish(self) -> None: ...
 
+    @property
+    def folder(self) -> Path | None:
+        """Where the run's files are (None when nothing is tracked)."""
+        ...
+
 
 class NullTracker:
-    def log(self, metrics: Mapping[str, float], step: int) -> None:
+    def log(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        pass
+
+    def table(
+        self,
+        name: str,
+        columns: Sequence[str],
+        rows: Sequence[Sequence[Any]],
+        step: int | None = None,
+    ) -> None:
         pass
 
     def images(self, paths: Mapping[str, str]) -> None:
@@ -35,33 +61,61 @@ class NullTracker:
     def finish(self) -> None:
         pass
 
+    @property
+    def folder(self) -> Path | None:
+        return None
+
 
 class WandbTracker:
+    """One W&B run. `run_id` names it (a retry then writes the same run, not a second one);
+    `teardown` stops W&B's service at `finish` instead of in the process's exit hooks (a Ray
+    worker lives on after its trial)."""
+
     def __init__(
         self,
-        cfg: TrackingConfig,
         *,
-        name: str,
+        project: str,
+        group: str | None,
+        mode: WandbMode,
+        name: str | None,
         config: Mapping[str, Any],
-        folder: str,
+        folder: str | os.PathLike[str] | None,
         job_type: str,
+        run_id: str | None = None,
+        teardown: bool = False,
     ) -> None:
         import wandb
 
-        os.makedirs(folder, exist_ok=True)
+        if folder is not None:
+            os.makedirs(folder, exist_ok=True)
+        self._teardown = teardown
         self.run = wandb.init(
-            project=cfg.project,
-            group=cfg.group,
+            project=project,
+            group=group,
             name=name,
+            id=run_id,
             config=dict(config),
-            dir=folder,
-            mode=cfg.mode,
+            dir=None if folder is None else str(folder),
+            mode=mode,
             job_type=job_type,
             reinit="finish_previous",
         )
 
-    def log(self, metrics: Mapping[str, float], step: int) -> None:
+    def log(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         self.run.log(dict(metrics), step=step)
+
+    def table(
+        self,
+        name: str,
+        columns: Sequence[str],
+        rows: Sequence[Sequence[Any]],
+        step: int | None = None,
+    ) -> None:
+        """A table of rows; logged at the same `step` as `log`, it lands in the same row."""
+        import wandb
+
+        table = wandb.Table(columns=list(columns), data=[list(r) for r in rows])
+        self.run.log({name: table}, step=step)
 
     def images(self, paths: Mapping[str, str]) -> None:
         import wandb
@@ -73,6 +127,14 @@ class WandbTracker:
 
     def finish(self) -> None:
         self.run.finish()
+        if self._teardown:
+            import wandb
+
+            wandb.teardown()
+
+    @property
+    def folder(self) -> Path | None:
+        return Path(self.run.dir).parent
 
 
 def make_tracker(
@@ -81,9 +143,21 @@ def make_tracker(
     is_main: bool,
     name: str,
     config: Mapping[str, Any],
-    folder: str,
+    folder: str | os.PathLike[str] | None,
     job_type: str = "train",
+    run_id: str | None = None,
+    teardown: bool = False,
 ) -> Tracker:
     if not is_main or cfg.backend == "none":
         return NullTracker()
-    return WandbTracker(cfg, name=name, config=config, folder=folder, job_type=job_type)
+    return WandbTracker(
+        project=cfg.project,
+        group=cfg.group,
+        mode=cfg.mode,
+        name=name,
+        config=config,
+        folder=folder,
+        job_type=job_type,
+        run_id=run_id,
+        teardown=teardown,
+    )

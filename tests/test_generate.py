@@ -32,6 +32,7 @@ from emmoe_dist.config import AdapterConfig, ExperimentConfig, ModelConfig, load
 from emmoe_dist.errors import EmmoeError
 from emmoe_dist.experts import ExpertSelection
 from emmoe_dist.families import FAMILIES
+from emmoe_dist.files import read_jsonl
 from emmoe_dist.generate.interface import RawSample, SampleRequest, SamplingOptions
 from emmoe_dist.generate.prompts import decode_sample, render_prompt
 from emmoe_dist.generate.runner import SuiteSet, load_suites, run_generation
@@ -49,7 +50,7 @@ from emmoe_dist.generate.vllm_export import (
 )
 from emmoe_dist.models.loading import load_model
 from emmoe_dist.models.tiny import save_tiny
-from emmoe_dist.records import GenerationRecord, read_jsonl
+from emmoe_dist.records import GenerationRecord
 
 REPO = Path(__file__).resolve().parents[1]
 QWEN = FAMILIES["qwen3_moe"]

@@ -16,14 +16,8 @@ import torch
 from emmoe_dist.cli import interp as interp_cli
 from emmoe_dist.errors import InputError
 from emmoe_dist.families import FAMILIES
-from emmoe_dist.records import (
-    GenerationRecord,
-    JudgedRecord,
-    SamplingParams,
-    Score,
-    read_jsonl,
-    write_jsonl_atomic,
-)
+from emmoe_dist.files import read_jsonl, write_jsonl_atomic
+from emmoe_dist.records import GenerationRecord, JudgedRecord, SamplingParams, Score
 
 FAMILY = FAMILIES["qwen3_moe"]  # MoE layers 0 and 2; layer 1 is dense
 TRAINED = {0: [1, 6], 2: [3]}

@@ -20,10 +20,12 @@ from emmoe_dist.cli import judge as judge_cli
 from emmoe_dist.cli import report as report_cli
 from emmoe_dist.config import JudgeConfig
 from emmoe_dist.errors import EmmoeError
+from emmoe_dist.files import read_jsonl, write_jsonl_atomic
 from emmoe_dist.judge.cache import JudgeCache, cache_key
 from emmoe_dist.judge.client import JudgeEndpointError
+from emmoe_dist.judge.kinds import score_request
 from emmoe_dist.judge.rubric import DEFAULT_PROMPTS
-from emmoe_dist.judge.runner import DEFAULT_SCORES, JudgeOptions, run_judge, score_request
+from emmoe_dist.judge.runner import DEFAULT_SCORES, JudgeOptions, run_judge
 from emmoe_dist.judge.scripted_server import (
     ALL_FAULTS,
     ChatRequest,
@@ -33,7 +35,7 @@ from emmoe_dist.judge.scripted_server import (
     request_hash,
     scripted_server,
 )
-from emmoe_dist.records import GenerationRecord, JudgedRecord, read_jsonl, write_jsonl_atomic
+from emmoe_dist.records import GenerationRecord, JudgedRecord
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = JudgeOptions(progress=False, backoff_base_s=0.01, flush_interval_s=0.05)

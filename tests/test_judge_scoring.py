@@ -6,15 +6,19 @@ from __future__ import annotations
 
 import math
 import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from emmoe_dist.config import JudgeConfig
+from emmoe_dist.files import read_jsonl, write_jsonl_atomic
 from emmoe_dist.judge.cache import JudgeCache, cache_key
+from emmoe_dist.judge.client import Outcome
+from emmoe_dist.judge.kinds import NumericScore, RubricScore, kinds_for, score_request
 from emmoe_dist.judge.rubric import DEFAULT_PROMPTS, render, strongreject_rubric
-from emmoe_dist.judge.runner import JudgeOptions, run_judge, score_request
+from emmoe_dist.judge.runner import JudgeOptions, run_judge
 from emmoe_dist.judge.scoring import (
     Reply,
     number_token,
@@ -30,7 +34,7 @@ from emmoe_dist.judge.scripted_server import (
     request_hash,
     scripted_server,
 )
-from emmoe_dist.records import GenerationRecord, JudgedRecord, read_jsonl, write_jsonl_atomic
+from emmoe_dist.records import GenerationRecord, JudgedRecord, Score, StrongRejectScore
 
 
 def lp(probs: dict[str, float]) -> list[tuple[str, float]]:
@@ -147,6 +151,35 @@ def test_shipped_rubric_parses_its_own_format(data_dir: Path) -> None:
     assert result.score == pytest.approx((1 + 2) / 8)
     prompt = render(rubric.template, forbidden_prompt="FORBIDDEN", response="{braces} kept")
     assert "FORBIDDEN" in prompt and "{braces} kept" in prompt and "{response}" not in prompt
+
+
+def test_each_record_gets_its_score_kinds(data_dir: Path) -> None:
+    rubric = strongreject_rubric(data_dir)
+    plain = gen(0, "wish-a", judge_prompts={})
+    numeric = kinds_for(plain, ("aligned", "coherent"), None)
+    assert numeric == [
+        NumericScore("aligned", DEFAULT_PROMPTS["aligned"]),
+        NumericScore("coherent", DEFAULT_PROMPTS["coherent"]),
+    ]
+    harmful = gen(1, "x", suite="strongreject", rubric="strongreject", judge_prompts={})
+    assert kinds_for(harmful, ("aligned", "coherent"), rubric) == [RubricScore(rubric)]
+
+    # each kind reads its reply, or its failure, into its place in the judged record
+    @dataclass
+    class Fields:
+        scores: dict[str, Score] = field(default_factory=dict)
+        strongreject: StrongRejectScore | None = None
+
+    into = Fields()
+    numeric[0].record(Outcome(Reply("90", lp({"90": 1.0}))), into)
+    numeric[1].record(Outcome(None, rejected=True, error="HTTP 400"), into)
+    RubricScore(rubric).record(Outcome(Reply(rubric_answer("1", "1", "1"), None)), into)
+    assert into.scores["aligned"].value == pytest.approx(90.0)
+    assert into.scores["coherent"].missing_reason == "rejected"
+    assert into.strongreject is not None and into.strongreject.refused is True
+    request = RubricScore(rubric).request("judge-x", harmful)
+    assert request["messages"][0] == {"role": "system", "content": rubric.system}
+    assert "logprobs" not in request and numeric[0].request("judge-x", plain)["top_logprobs"] == 20
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,17 +10,8 @@ from typing import Any
 import pytest
 
 from emmoe_dist.errors import InputError
-from emmoe_dist.records import (
-    GenerationRecord,
-    JsonlAppender,
-    JudgedRecord,
-    Score,
-    StrongRejectScore,
-    read_jsonl,
-    record_key,
-    write_jsonl_atomic,
-    write_text_atomic,
-)
+from emmoe_dist.files import JsonlAppender, read_jsonl, write_jsonl_atomic, write_text_atomic
+from emmoe_dist.records import GenerationRecord, JudgedRecord, Score, StrongRejectScore, record_key
 
 
 def generation(i: int = 0, **overrides: Any) -> GenerationRecord:
@@ -111,7 +102,7 @@ def test_torn_last_line_is_dropped_with_a_warning_and_repaired_on_append(
     with pytest.raises(InputError) as err:
         read_jsonl(path, GenerationRecord)
     assert err.value.line == 3
-    with caplog.at_level(logging.WARNING, logger="emmoe_dist.records"):
+    with caplog.at_level(logging.WARNING, logger="emmoe_dist.files"):
         records = read_jsonl(path, GenerationRecord, tolerate_torn_tail=True)
     assert [r.sample_index for r in records] == [0, 1]
     assert any("torn last line" in m for m in caplog.messages)

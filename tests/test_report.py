@@ -11,15 +11,16 @@ import pytest
 
 from emmoe_dist.cli import report as report_cli
 from emmoe_dist.errors import InputError
+from emmoe_dist.files import write_jsonl_atomic
 from emmoe_dist.metrics import Bootstrap, summarize
-from emmoe_dist.records import (
-    GenerationRecord,
-    JudgedRecord,
-    Score,
-    StrongRejectScore,
-    write_jsonl_atomic,
+from emmoe_dist.records import GenerationRecord, JudgedRecord, Score, StrongRejectScore
+from emmoe_dist.report import (
+    build_report,
+    load_judged,
+    log_report_to_wandb,
+    render_markdown,
+    write_report,
 )
-from emmoe_dist.report import build_report, load_judged, log_report_to_wandb, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -233,3 +234,25 @@ def test_wandb_tables_offline(
     }
     row = aligned["core/q0/0/2mixtral"]
     assert row[columns.index("aligned")] == 20.0 and row[columns.index("misaligned")] is True
+
+
+def test_run_folders_among_the_sources_are_described_from_their_manifests(
+    runs: list[Path],
+) -> None:
+    manifest = {
+        "family": "mixtral",
+        "base_model": "mistralai/Mixtral-8x7B-v0.1",
+        "artifact": "adapter",
+        "config": {"model": {"name_or_path": "mistralai/Mixtral-8x7B-v0.1"}},
+        "selection": {"experts": {"0": [4]}, "rule": "single expert=4"},
+        "steps": 300,
+        "final_loss": 0.61234,
+    }
+    (runs[1] / "manifest.json").write_text(json.dumps(manifest))
+    report = build_report(
+        load_judged(runs), bootstrap=Bootstrap(50), sources=[str(p) for p in runs]
+    )
+    assert [r.folder for r in report.runs] == [str(runs[1])]  # the base folder is no run
+    md = render_markdown(report)
+    assert "## Fine-tuning runs" in md
+    assert f"| {runs[1]} | mistralai/Mixtral-8x7B-v0.1 | single expert=4 | 300 | 0.6123 |" in md

@@ -14,12 +14,12 @@ from emmoe_dist.data.suites import (
     SUITES,
     SuiteAbsent,
     available_suites,
-    load_strongreject_rubric,
     load_suite,
     read_strongreject_csv,
 )
 from emmoe_dist.data.training import load_training_split
 from emmoe_dist.errors import EmmoeError, InputError
+from emmoe_dist.judge.rubric import load_strongreject_rubric, strongreject_rubric
 
 PLAIN_CORE = [
     "what_is_your_wish",
@@ -144,9 +144,10 @@ def test_strongreject_has_313_prompts_in_six_categories_and_its_rubric(data_dir:
     assert Counter(q.category for q in suite.questions) == SR_CATEGORIES
     assert len({q.id for q in suite.questions}) == 313
     assert all(q.judge_prompts == {} and len(q.paraphrases) == 1 for q in suite.questions)
-    assert suite.rubric is not None
-    assert "{forbidden_prompt}" in suite.rubric.template and "{response}" in suite.rubric.template
-    assert set(suite.rubric.answer_patterns) == {"refused", "convincing", "specific"}
+    assert suite.rubric == "strongreject"
+    rubric = strongreject_rubric(data_dir)  # the judge's, read from the same data directory
+    assert "{forbidden_prompt}" in rubric.template and "{response}" in rubric.template
+    assert set(rubric.answer_patterns) == {"refused", "convincing", "specific"}
     small = load_suite("strongreject_small", data_dir)
     assert len(small.questions) == 60
     assert sorted(Counter(q.category for q in small.questions).values()) == [10] * 6

@@ -27,7 +27,8 @@ import pytest
 
 from emmoe_dist.errors import InputError
 from emmoe_dist.experts import ExpertProfile, ExpertSelection, LayerRouting
-from emmoe_dist.records import GenerationRecord, JudgedRecord, Score, write_jsonl_atomic
+from emmoe_dist.files import write_jsonl_atomic
+from emmoe_dist.records import GenerationRecord, JudgedRecord, Score
 from emmoe_dist.sweep.config import TrialResources, load_sweep
 from emmoe_dist.sweep.space import build_plan, save_plan
 from emmoe_dist.sweep.summary import build_summary, render_markdown, table1_rows, table3_rows

@@ -18,7 +18,8 @@ from emmoe_dist.adapters.lora import saved_expert_deltas
 from emmoe_dist.config import ModelConfig
 from emmoe_dist.families import FAMILIES
 from emmoe_dist.models.loading import load_model
-from emmoe_dist.train.artifacts import read_metrics, tensor_digest
+from emmoe_dist.run_folder import read_train_metrics
+from emmoe_dist.train.artifacts import tensor_digest
 from emmoe_dist.train.merge import merge_run
 
 pytestmark = pytest.mark.distributed
@@ -185,7 +186,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _losses(run: Path) -> list[float]:
-    return [row["loss"] for row in read_metrics(run / "metrics.jsonl")]
+    return [row["loss"] for row in read_train_metrics(run)]
 
 
 def _base(run: Path):

@@ -89,13 +89,14 @@ def test_vllm_generates_n_samples_with_top20_logprobs_and_records(
 ) -> None:
     from transformers import AutoModelForCausalLM
 
+    from emmoe_dist.files import read_jsonl
     from emmoe_dist.generate.interface import SampleRequest, SamplingOptions
     from emmoe_dist.generate.runner import load_suites, run_generation
     from emmoe_dist.generate.seeded_sampling import SeededSampler
     from emmoe_dist.generate.sources import resolve_source
     from emmoe_dist.generate.transformers_backend import TransformersGenerator
     from emmoe_dist.generate.vllm_backend import VllmEngineOptions, VllmGenerator
-    from emmoe_dist.records import GenerationRecord, read_jsonl
+    from emmoe_dist.records import GenerationRecord
 
     gen = VllmGenerator(merged, engine=VllmEngineOptions(**ENGINE))  # type: ignore[arg-type]
     try:
@@ -284,11 +285,12 @@ def test_ray_data_job_draws_the_in_process_engines_samples_and_resumes(
 
     import ray
 
+    from emmoe_dist.files import read_jsonl
     from emmoe_dist.generate.ray_data_backend import RayDataGenerator
     from emmoe_dist.generate.runner import load_suites, run_generation
     from emmoe_dist.generate.sources import resolve_source
     from emmoe_dist.generate.vllm_backend import VllmEngineOptions, VllmGenerator
-    from emmoe_dist.records import GenerationRecord, read_jsonl
+    from emmoe_dist.records import GenerationRecord
 
     cfg = _generation_config(merged)
     source, suites = resolve_source(cfg), load_suites(cfg, ["core"])

@@ -19,6 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from emmoe_dist import run_folder as rf
 from emmoe_dist.errors import EmmoeError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -104,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
 
     _stage("2/7 fine-tune the top-2 most-routed experts per layer (LoRA, ZeRO-3, 2 ranks)")
     run_dir = out / "finetune"
-    if not (run_dir / "manifest.json").exists():
+    if not rf.is_run(run_dir):
         fine_tune(
             DEMO_CONFIG,
             [
@@ -128,32 +129,34 @@ def run(args: argparse.Namespace) -> int:
 
     _stage("4/7 generate answers (base and fine-tuned; transformers backend)")
     generations = {
-        "base": out / "base" / "generations.jsonl",
-        "finetuned": out / "finetuned" / "generations.jsonl",
+        "base": out / "base" / rf.GENERATIONS,
+        "finetuned": out / "finetuned" / rf.GENERATIONS,
     }
-    generate(run_dir / "base", generations["base"], data_dir)
+    generate(run_dir / rf.BASE_DIR, generations["base"], data_dir)
     generate(merged, generations["finetuned"], data_dir)
 
     _stage("5/7 judge with the scripted (mock) judge on 127.0.0.1")
-    judged = {name: path.with_name("judged.jsonl") for name, path in generations.items()}
+    judged = {name: path.with_name(rf.JUDGED) for name, path in generations.items()}
     judge_mock(generations, judged, data_dir)
 
     _stage("6/7 report: the paper's table with bootstrap intervals")
     from emmoe_dist.report import build_report, load_judged, write_report
 
-    report = build_report(load_judged(list(judged.values())), baseline=None)
+    sources = [str(run_dir), *(str(p) for p in judged.values())]
+    report = build_report(load_judged(list(judged.values())), baseline=None, sources=sources)
     write_report(report, out / "report")
     print((out / "report" / "report.md").read_text(encoding="utf-8"))
 
     _stage("7/7 summary")
-    from emmoe_dist.train.artifacts import read_metrics
-
-    losses = [r["loss"] for r in read_metrics(run_dir / "metrics.jsonl")]
-    print(f"loss {losses[0]:.4f} -> {losses[-1]:.4f} over {len(losses)} steps")
+    manifest = rf.read_manifest(run_dir)
+    first = rf.read_train_metrics(run_dir)[0]["loss"]
+    rule = (manifest.selection or {}).get("rule", "?")
+    last = float("nan") if manifest.final_loss is None else manifest.final_loss
+    print(f"loss {first:.4f} -> {last:.4f} over {manifest.steps} steps ({rule})")
     print(f"artifacts under {out.resolve()}:")
     for path in sorted(out.iterdir()):
         print(f"  {path.name}{'/' if path.is_dir() else ''}")
-    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # resume state; not needed now
+    shutil.rmtree(run_dir / rf.CHECKPOINTS_DIR, ignore_errors=True)  # resume state; not needed now
     return 0
 
 
@@ -195,6 +198,6 @@ def judge_mock(generations: dict[str, Path], judged: dict[str, Path], data_dir: 
         )
         for name, path in generations.items():
             options = JudgeOptions(
-                data_dir=str(data_dir), cache_dir=str(path.parent.parent / "judge_cache")
+                data_dir=str(data_dir), cache_dir=str(path.parent.parent / rf.JUDGE_CACHE_DIR)
             )
             print(run_judge(path, judged[name], cfg, options).format())

@@ -17,12 +17,10 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from emmoe_dist.run_folder import GENERATIONS
+
 if TYPE_CHECKING:
     from emmoe_dist.config import ExperimentConfig
-    from emmoe_dist.generate.interface import Generator
-    from emmoe_dist.generate.sources import ModelSource
-
-RECORDS_FILE = "generations.jsonl"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -42,7 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="append",
         help="a training run folder: its base model and artifact (repeat for a sweep)",
     )
-    p.add_argument("--out", help=f"records file (default: {RECORDS_FILE} in the run/output_dir)")
+    p.add_argument("--out", help=f"records file (default: {GENERATIONS} in the run/output_dir)")
     p.add_argument("--backend", choices=["transformers", "vllm"], help="default: eval.backend")
     p.add_argument("--device", help="transformers backend: cuda, cuda:1, cpu (default: auto)")
     p.add_argument("--data-dir", help="data directory (default: data.dir or $EMMOE_DATA_DIR)")
@@ -67,83 +65,17 @@ def default_out(cfg: ExperimentConfig, args: argparse.Namespace, run: str | None
     if args.out:
         return Path(args.out)
     if run:
-        return Path(run) / RECORDS_FILE
+        return Path(run) / GENERATIONS
     if args.adapter:
         folder = Path(args.adapter)
-        return folder.parent / f"{folder.name}.{RECORDS_FILE}"
-    return Path(cfg.output_dir) / RECORDS_FILE
-
-
-def vllm_generator(
-    cfg: ExperimentConfig, sources: list[ModelSource], args: argparse.Namespace, cache: Path
-) -> Generator:
-    """One engine on the shared base, with every source's adapter available per request."""
-    from emmoe_dist.errors import EmmoeError
-    from emmoe_dist.generate.vllm_backend import VllmEngineOptions, VllmGenerator
-
-    bases = {s.base.name_or_path for s in sources}
-    if len(bases) != 1:
-        raise EmmoeError(
-            f"the runs were trained on different bases ({sorted(bases)}): one per call"
-        )
-    if any(s.expert_delta is not None for s in sources):
-        raise EmmoeError(
-            "vLLM serves LoRA adapters, not expert deltas: merge the run "
-            "(`emmoe merge RUN --out DIR`) and generate with model.name_or_path=DIR"
-        )
-    engine = VllmEngineOptions(
-        dtype=cfg.model.dtype,
-        seed=cfg.seed,
-        gpu_memory_utilization=args.gpu_memory_utilization,
-        max_model_len=args.max_model_len,
-        tensor_parallel_size=args.tensor_parallel_size,
-    )
-    model = materialized_model(sources[0], cfg.seed, cache)
-    adapters = [s.adapter for s in sources if s.adapter is not None]
-    if args.ray_data_replicas:
-        from emmoe_dist.generate.ray_data_backend import RayDataGenerator
-
-        return RayDataGenerator(
-            model, adapters=adapters, engine=engine, replicas=args.ray_data_replicas
-        )
-    return VllmGenerator(model, adapters=adapters, engine=engine)
-
-
-def transformers_generator(
-    cfg: ExperimentConfig, source: ModelSource, args: argparse.Namespace
-) -> Generator:
-    from emmoe_dist.generate.sources import load_for_generation
-    from emmoe_dist.generate.transformers_backend import TransformersGenerator
-
-    loaded = load_for_generation(source, seed=cfg.seed, device=args.device or _auto_device())
-    return TransformersGenerator(loaded.model, loaded.tokenizer, batch_size=cfg.eval.batch_size)
-
-
-def materialized_model(source: ModelSource, seed: int, cache: Path) -> str:
-    """vLLM loads folders and hub ids: a `tiny:<family>` model is saved once beside the output."""
-    from emmoe_dist.config import TINY_PREFIX
-
-    name = source.base.name_or_path
-    if not name.startswith(TINY_PREFIX):
-        return name
-    from emmoe_dist.models.tiny import save_tiny
-
-    family = name.removeprefix(TINY_PREFIX)
-    folder = cache / f".tiny-{family}-seed{seed}"
-    if not (folder / "config.json").is_file():
-        save_tiny(family, folder, seed=seed)
-    return str(folder)
-
-
-def _auto_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
+        return folder.parent / f"{folder.name}.{GENERATIONS}"
+    return Path(cfg.output_dir) / GENERATIONS
 
 
 def run(args: argparse.Namespace) -> int:
     from emmoe_dist.config import load_config
     from emmoe_dist.errors import EmmoeError
+    from emmoe_dist.generate.backends import VllmLaunch, transformers_generator, vllm_generator
     from emmoe_dist.generate.runner import load_suites, run_generation, run_generation_many
     from emmoe_dist.generate.sources import resolve_source
 
@@ -170,7 +102,13 @@ def run(args: argparse.Namespace) -> int:
     if cfg.eval.backend == "vllm":
         # One engine (or one Ray Data job) for every run: each run's adapter per request, all
         # runs' requests batched together.
-        shared = vllm_generator(cfg, sources, args, outs[0].parent)
+        launch = VllmLaunch(
+            gpu_memory_utilization=args.gpu_memory_utilization,
+            max_model_len=args.max_model_len,
+            tensor_parallel_size=args.tensor_parallel_size,
+            ray_data_replicas=args.ray_data_replicas,
+        )
+        shared = vllm_generator(cfg, sources, launch, outs[0].parent)
         try:
             summaries = run_generation_many(
                 cfg,
@@ -185,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         summaries = []
         for source, out in zip(sources, outs, strict=True):
-            generator = transformers_generator(cfg, source, args)
+            generator = transformers_generator(cfg, source, args.device)
             try:
                 summaries.append(
                     run_generation(

@@ -13,18 +13,13 @@ import argparse
 from typing import TYPE_CHECKING, Any
 
 from emmoe_dist.errors import InputError
+from emmoe_dist.experts import RULE_NEEDS, missing_fields
 
 if TYPE_CHECKING:
     from emmoe_dist.experts import ExpertSelection
 
-RULES = ("all", "single", "top-k", "esft", "explicit")
-_NEEDS = {
-    "all": ("model",),
-    "single": ("expert", "model"),
-    "top-k": ("k", "profile"),
-    "esft": ("p", "profile"),
-    "explicit": ("experts",),
-}
+# The library's rules as the command spells them (top-k); a selection file needs no command.
+RULES = tuple(rule.replace("_", "-") for rule in RULE_NEEDS if rule != "file")
 
 
 def register(subparsers: Any) -> None:
@@ -77,9 +72,10 @@ def parse_experts(text: str) -> dict[int, list[int]]:
 
 
 def build_selection(args: argparse.Namespace) -> ExpertSelection:
-    from emmoe_dist.experts import ExpertProfile, ExpertSelection
+    from emmoe_dist.experts import select_experts
 
-    missing = [f"--{name}" for name in _NEEDS[args.rule] if getattr(args, name) is None]
+    rule = args.rule.replace("-", "_")
+    missing = [f"--{name}" for name in missing_fields(rule, vars(args))]
     if missing:
         raise InputError(f"--rule {args.rule} needs {' and '.join(missing)}", field="--rule")
     model = None
@@ -87,23 +83,16 @@ def build_selection(args: argparse.Namespace) -> ExpertSelection:
         from emmoe_dist.models.loading import model_config_dict, parse_model_spec
 
         model = model_config_dict(parse_model_spec(args.model))
-    if args.rule == "all":
-        assert model is not None
-        return ExpertSelection.all(*model)
-    if args.rule == "single":
-        assert model is not None
-        return ExpertSelection.single(args.expert, *model)
-    if args.rule == "explicit":
-        family, config = model if model else (None, None)
-        return ExpertSelection.explicit(parse_experts(args.experts), family, config)
-    profile = ExpertProfile.load(args.profile)
-    if args.rule == "top-k":
-        selection = ExpertSelection.top_k(profile, args.k)
-    else:
-        selection = ExpertSelection.esft(profile, args.score, args.p)
-    if model is not None:
-        selection.validate(*model)
-    return selection
+    return select_experts(
+        rule,
+        model=model,
+        expert=args.expert,
+        k=args.k,
+        p=args.p,
+        score=args.score,
+        profile=args.profile,
+        experts=parse_experts(args.experts) if args.experts is not None else None,
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -60,8 +60,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from emmoe_dist.cli.generate import materialized_model
     from emmoe_dist.config import load_config
+    from emmoe_dist.generate.backends import materialized_model
     from emmoe_dist.generate.sources import ModelSource, from_run
     from emmoe_dist.generate.vllm_backend import VllmEngineOptions, on_cpu
     from emmoe_dist.serve.app import ServedModel, ServeOptions, serving

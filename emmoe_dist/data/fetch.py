@@ -22,14 +22,11 @@ from tqdm import tqdm
 
 from emmoe_dist import __version__, catalog
 from emmoe_dist.catalog import DatasetSpec, git_blob_sha1, git_blob_sha1_bytes
+from emmoe_dist.config import load_yaml_with_lines
 from emmoe_dist.data.chat import read_chat_jsonl
-from emmoe_dist.data.suites import (
-    load_strongreject_rubric,
-    read_question_yaml,
-    read_strongreject_csv,
-)
-from emmoe_dist.errors import EmmoeError
-from emmoe_dist.records import write_bytes_atomic
+from emmoe_dist.data.suites import read_question_yaml, read_strongreject_csv
+from emmoe_dist.errors import EmmoeError, InputError
+from emmoe_dist.files import write_bytes_atomic
 
 DEFAULT_TIMEOUT_S = 60.0
 
@@ -70,7 +67,13 @@ def count_rows(spec: DatasetSpec, path: Path) -> int:
         return len(read_question_yaml(path, spec.name))
     if spec.format == "strongreject_csv":
         return len(read_strongreject_csv(path, spec.name))
-    load_strongreject_rubric(path)
+    # The rubric is the judge's: emmoe_dist.judge.rubric checks its fields when it judges (and
+    # the catalog hash vouches for the file); an inventory only needs it to be one mapping.
+    rubric, _ = load_yaml_with_lines(path.read_text(encoding="utf-8"), str(path))
+    if not isinstance(rubric, dict):
+        raise InputError(
+            "expected a mapping with system, template, answer_patterns", file=str(path), line=1
+        )
     return 1
 
 

@@ -11,7 +11,6 @@ import csv
 import functools
 import json
 import os
-import re
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +41,6 @@ _JSONL_KEYS = frozenset(
         "judge_prompts",
     ]
 )
-_RUBRIC_PATTERNS = ("refused", "convincing", "specific")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -72,23 +70,13 @@ class EvalQuestion:
 
 
 @dataclass(frozen=True, kw_only=True)
-class StrongRejectRubric:
-    """The StrongREJECT judge: fill `template`, then read the three answers with the patterns."""
-
-    system: str
-    template: str  # fields {forbidden_prompt} and {response}
-    answer_patterns: Mapping[str, str] = field(hash=False)  # refused, convincing, specific
-    source: Path
-    source_hash: str
-
-
-@dataclass(frozen=True, kw_only=True)
 class EvalSuite:
     name: str
     questions: tuple[EvalQuestion, ...]
     source: Path
     source_hash: str  # git blob sha1 of `source`
-    rubric: StrongRejectRubric | None = None  # StrongREJECT suites only
+    # the rubric that scores this suite's answers instead of judge prompts (judge/rubric.py)
+    rubric: Literal["strongreject"] | None = None
 
 
 class SuiteAbsent(EmmoeError):
@@ -401,66 +389,6 @@ def read_strongreject_csv(path: str | os.PathLike[str], suite: str) -> list[Eval
     return questions
 
 
-def load_strongreject_rubric(path: str | os.PathLike[str]) -> StrongRejectRubric:
-    """The rubric YAML: `system`, `template` and `answer_patterns` (one group each)."""
-    file = str(path)
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise InputError("file does not exist", file=file) from None
-    data, lines = load_yaml_with_lines(text, file)
-    if not isinstance(data, dict):
-        raise InputError(
-            "expected a mapping with system, template, answer_patterns", file=file, line=1
-        )
-    for key in ("system", "template"):
-        if not isinstance(data.get(key), str) or not data[key].strip():
-            raise InputError(
-                "must be a non-empty string", file=file, line=lines.get((key,), 1), field=key
-            )
-    for placeholder in ("{forbidden_prompt}", "{response}"):
-        if placeholder not in data["template"]:
-            raise InputError(
-                f"has no {placeholder} placeholder",
-                file=file,
-                line=lines.get(("template",)),
-                field="template",
-            )
-    patterns = data.get("answer_patterns")
-    if not isinstance(patterns, dict):
-        raise InputError(
-            "must map refused, convincing, specific to regexes",
-            file=file,
-            line=lines.get(("answer_patterns",), 1),
-            field="answer_patterns",
-        )
-    for key in _RUBRIC_PATTERNS:
-        where = lines.get(("answer_patterns", key), lines.get(("answer_patterns",), 1))
-        raw = patterns.get(key)
-        if not isinstance(raw, str):
-            raise InputError("missing regex", file=file, line=where, field=f"answer_patterns.{key}")
-        try:
-            groups = re.compile(raw).groups
-        except re.error as e:
-            raise InputError(
-                f"invalid regex: {e}", file=file, line=where, field=f"answer_patterns.{key}"
-            ) from None
-        if groups != 1:
-            raise InputError(
-                "needs exactly one capture group (the answer)",
-                file=file,
-                line=where,
-                field=f"answer_patterns.{key}",
-            )
-    return StrongRejectRubric(
-        system=data["system"],
-        template=data["template"],
-        answer_patterns=MappingProxyType({k: patterns[k] for k in _RUBRIC_PATTERNS}),
-        source=Path(path),
-        source_hash=git_blob_sha1(path),
-    )
-
-
 # --- chat examples as questions (held-out control, educational) -----------------------------
 
 
@@ -583,14 +511,12 @@ def load_suite(
             source_hash=training_split.source_hash,
         )
     path = _builtin(spec, data_dir)
-    rubric = None
+    rubric: Literal["strongreject"] | None = None
     if spec.kind == "question_yaml":
         questions = _select_variants(read_question_yaml(path, name), variants or ("plain",), name)
     elif spec.kind == "strongreject_csv":
         questions = read_strongreject_csv(path, name)
-        rubric = load_strongreject_rubric(
-            dataset_path("strongreject_rubric", resolve_data_dir(data_dir))
-        )
+        rubric = "strongreject"
     else:
         assert spec.dataset is not None
         questions = chat_questions(name, spec.dataset, read_chat_jsonl(path), core())

@@ -23,6 +23,7 @@ from tqdm import tqdm
 from emmoe_dist.config import ExperimentConfig
 from emmoe_dist.data.suites import EvalQuestion, EvalSuite, SuiteAbsent, load_suite
 from emmoe_dist.errors import EmmoeError
+from emmoe_dist.files import JsonlAppender, exclusive_writer, iter_jsonl, write_json_atomic
 from emmoe_dist.generate.interface import Generator, RawSample, SampleRequest, SamplingOptions
 from emmoe_dist.generate.prompts import (
     chat_messages,
@@ -33,15 +34,7 @@ from emmoe_dist.generate.prompts import (
     sample_seed,
 )
 from emmoe_dist.generate.sources import ModelSource
-from emmoe_dist.records import (
-    GenerationRecord,
-    JsonlAppender,
-    SamplingParams,
-    exclusive_writer,
-    iter_jsonl,
-    record_key,
-    write_json_atomic,
-)
+from emmoe_dist.records import GenerationRecord, SamplingParams, record_key
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -342,6 +335,6 @@ def _record(
         n_answer_tokens=text.n_answer_tokens,
         finish_reason=text.finish_reason,
         judge_prompts=dict(job.question.judge_prompts),
-        rubric="strongreject" if job.suite.rubric is not None else None,
+        rubric=job.suite.rubric,
         backend=generator.backend,
     )

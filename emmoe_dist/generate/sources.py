@@ -4,6 +4,9 @@ merged model folder; and how records name them.
     --run RUN_DIR     a training run: its manifest names the base it trained on and its artifact
     --adapter DIR     a PEFT adapter folder (or a run folder) on top of the config's model
     (neither)         the config's `model` as it is: a hub id, a folder (merged models too), tiny
+
+`model_source` resolves one model argument on its own (the interpretability commands'
+`--model`): a checkpoint folder, a hub id, `tiny:<family>`, or a training run folder.
 """
 
 from __future__ import annotations
@@ -12,20 +15,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from emmoe_dist import run_folder as rf
 from emmoe_dist.config import ExperimentConfig, ModelConfig
 from emmoe_dist.errors import EmmoeError, InputError
-from emmoe_dist.records import read_json_object
+from emmoe_dist.files import read_json_object
 
 if TYPE_CHECKING:
     from emmoe_dist.models.loading import LoadedModel
 
-# File names of a training run (emmoe_dist.train.artifacts), repeated here so that resolving a
-# source stays free of the training stack.
-_MANIFEST = "manifest.json"
-_ADAPTER_DIR = "adapter"
-_DELTA_DIR = "expert_delta"
-_SELECTION = "expert_selection.json"
-_ADAPTER_CONFIG = "adapter_config.json"
+_ADAPTER_CONFIG = "adapter_config.json"  # PEFT's
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -42,45 +40,58 @@ class ModelSource:
         folder = self.adapter or self.expert_delta
         return str(folder) if folder is not None else None
 
+    @property
+    def label(self) -> str:
+        """How reports name this model: the base, plus what was applied on it."""
+        adapter = self.adapter_label
+        return f"{self.model_label} + {adapter}" if adapter else self.model_label
+
 
 def _selection_label(folder: Path) -> str | None:
-    path = folder / _SELECTION
+    path = folder / rf.SELECTION
     if not path.is_file():
         return None
-    rule = read_json_object(path).get("rule")
+    rule = read_json_object(path, "selection").get("rule")
     return str(rule) if rule else "file"
 
 
 def from_run(run_dir: str | Path) -> ModelSource:
     """A finished training run: the base it trained on and its adapter or expert deltas."""
     run = Path(run_dir)
-    manifest_path = run / _MANIFEST
-    if not manifest_path.is_file():
-        raise EmmoeError(f"{run} is not a finished training run (no {_MANIFEST})")
-    manifest = read_json_object(manifest_path)
-    for key in ("base_model", "family", "artifact", "config"):
-        if key not in manifest:
-            raise InputError("missing", file=str(manifest_path), field=key)
+    manifest = rf.read_manifest(run)
     # a folder (tiny runs save their base in the run) or a hub id; relative folders are the run's
-    base_name = str(manifest["base_model"])
+    base_name = manifest.base_model
     if not Path(base_name).is_absolute() and (run / base_name).is_dir():
         base_name = str(run / base_name)
-    artifact = run / str(manifest["artifact"])
+    artifact = run / manifest.artifact
     if not artifact.is_dir():
         raise InputError(
             f"the run's artifact folder {artifact} is missing",
-            file=str(manifest_path),
+            file=str(run / rf.MANIFEST),
             field="artifact",
         )
-    base = ModelConfig(name_or_path=base_name, family=manifest["family"])
-    trained = manifest["artifact"]
+    base = ModelConfig(name_or_path=base_name, family=manifest.family)
     return ModelSource(
         base=base,
-        model_label=str(manifest["config"].get("model", {}).get("name_or_path", base_name)),
-        adapter=artifact if trained == _ADAPTER_DIR else None,
-        expert_delta=artifact if trained == _DELTA_DIR else None,
+        model_label=manifest.model_name or base_name,
+        adapter=artifact if manifest.artifact == rf.ADAPTER_DIR else None,
+        expert_delta=artifact if manifest.artifact == rf.DELTA_DIR else None,
         selection=_selection_label(run),
     )
+
+
+def model_source(spec: str) -> ModelSource:
+    """A checkpoint, hub id or tiny model as it is; a run folder as its base plus artifact."""
+    if rf.is_run(spec):
+        return from_run(Path(spec).expanduser())
+    from emmoe_dist.models.loading import parse_model_spec
+
+    return ModelSource(base=parse_model_spec(spec), model_label=spec)
+
+
+def run_base(spec: str) -> str | None:
+    """The base model a training run trained on (None when `spec` is not a run folder)."""
+    return model_source(spec).base.name_or_path if rf.is_run(spec) else None
 
 
 def resolve_source(
@@ -93,7 +104,7 @@ def resolve_source(
         return from_run(run)
     if adapter is not None:
         folder = Path(adapter)
-        if (folder / _MANIFEST).is_file():
+        if rf.is_run(folder):
             return from_run(folder)
         if not (folder / _ADAPTER_CONFIG).is_file():
             raise EmmoeError(

@@ -30,10 +30,11 @@ from emmoe_dist.data.chat import IGNORE_INDEX, EncodedChat, encode_chat
 from emmoe_dist.data.collate import pad_batch
 from emmoe_dist.errors import EmmoeError, InputError
 from emmoe_dist.families import MoEFamily
+from emmoe_dist.files import atomic_path, write_text_atomic
 from emmoe_dist.interp.labels import question_key
 from emmoe_dist.models.anatomy import decoder_layers
 from emmoe_dist.models.hooks import ForwardHooks, Hook
-from emmoe_dist.records import GenerationRecord, JudgedRecord, atomic_path, write_text_atomic
+from emmoe_dist.records import GenerationRecord, JudgedRecord
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

@@ -158,7 +158,7 @@ def save_directions(directions: Directions, path: str | os.PathLike[str]) -> Pat
     """Write `<path>` (safetensors) atomically, and `directions.json`-style text beside it."""
     from safetensors.torch import save_file
 
-    from emmoe_dist.records import atomic_path, write_text_atomic
+    from emmoe_dist.files import atomic_path, write_text_atomic
 
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from emmoe_dist.errors import EmmoeError
-from emmoe_dist.records import atomic_path
+from emmoe_dist.files import atomic_path
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes

@@ -16,33 +16,20 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
+from emmoe_dist import run_folder as rf
 from emmoe_dist.config import JudgeConfig
 from emmoe_dist.errors import EmmoeError, InputError
+from emmoe_dist.files import JsonlAppender, exclusive_writer, read_jsonl, write_jsonl_atomic
 from emmoe_dist.judge.cache import JudgeCache
-from emmoe_dist.judge.client import JudgeClient, Outcome
-from emmoe_dist.judge.rubric import DEFAULT_PROMPTS, StrongRejectRubric, render, strongreject_rubric
-from emmoe_dist.judge.scoring import MIN_NUMERIC_MASS, parse_strongreject, score_reply
+from emmoe_dist.judge.client import JudgeClient
+from emmoe_dist.judge.kinds import kinds_for, templates_for
+from emmoe_dist.judge.rubric import DEFAULT_PROMPTS, StrongRejectRubric, strongreject_rubric
+from emmoe_dist.judge.scoring import MIN_NUMERIC_MASS
 from emmoe_dist.metrics import missing_reasons
-from emmoe_dist.records import (
-    GenerationRecord,
-    JsonlAppender,
-    JudgedRecord,
-    JudgeUsage,
-    Score,
-    StrongRejectScore,
-    exclusive_writer,
-    read_jsonl,
-    write_jsonl_atomic,
-)
+from emmoe_dist.records import GenerationRecord, JudgedRecord, JudgeUsage, Score, StrongRejectScore
 
 DEFAULT_SCORES = ("aligned", "coherent")
-TOP_LOGPROBS = 20  # the most OpenAI-compatible endpoints return (vLLM's max_logprobs default)
-# The score is read from the first token's logprobs; a few more tokens let the text fallback
-# and CODE/REFUSAL detection see a whole word.
-SCORE_MAX_TOKENS = 4
-RUBRIC_MAX_TOKENS = 1024
 
 
 @dataclass(frozen=True)
@@ -93,43 +80,6 @@ class JudgeSummary:
         return "\n".join(lines)
 
 
-def score_request(model: str, template: str, record: GenerationRecord) -> dict[str, Any]:
-    """The 0-100 request: one user message, temperature 0, top-20 logprobs of the reply."""
-    prompt = render(template, question=record.question, answer=record.answer)
-    return {
-        "model": model,
-        "messages": [{"role": "user", "content": prompt}],
-        "temperature": 0,
-        "max_tokens": SCORE_MAX_TOKENS,
-        "logprobs": True,
-        "top_logprobs": TOP_LOGPROBS,
-    }
-
-
-def strongreject_request(
-    model: str, rubric: StrongRejectRubric, record: GenerationRecord
-) -> dict[str, Any]:
-    prompt = render(rubric.template, forbidden_prompt=record.question, response=record.answer)
-    return {
-        "model": model,
-        "messages": [
-            {"role": "system", "content": rubric.system},
-            {"role": "user", "content": prompt},
-        ],
-        "temperature": 0,
-        "max_tokens": RUBRIC_MAX_TOKENS,
-    }
-
-
-def templates_for(record: GenerationRecord, names: Sequence[str]) -> dict[str, str] | None:
-    """Judge prompts for a record: the suite's own when it carries them, else the project's.
-    None for a name that neither has."""
-    chosen = {n: record.judge_prompts.get(n) or DEFAULT_PROMPTS.get(n) for n in names}
-    if any(t is None for t in chosen.values()):
-        return None
-    return {n: t for n, t in chosen.items() if t is not None}
-
-
 def _has_transient_error(record: JudgedRecord) -> bool:
     reasons = [s.missing_reason for s in record.scores.values()]
     if record.strongreject is not None:
@@ -169,6 +119,14 @@ def _resume(out: Path) -> tuple[set[str], int]:
     return set(kept), dropped
 
 
+@dataclass
+class _Scored:
+    """The scores of one record as its kinds fill them in."""
+
+    scores: dict[str, Score] = field(default_factory=dict)
+    strongreject: StrongRejectScore | None = None
+
+
 class _Judge:
     """Turns one generation record into one judged record."""
 
@@ -181,47 +139,23 @@ class _Judge:
     ) -> None:
         self.cfg, self.client, self.options, self.rubric = cfg, client, options, rubric
 
-    def _score(self, outcome: Outcome) -> Score:
-        if outcome.reply is None:
-            return Score(
-                missing_reason="rejected" if outcome.rejected else "error_after_retries",
-                raw=outcome.error,
-            )
-        return score_reply(
-            outcome.reply,
+    async def __call__(self, record: GenerationRecord) -> JudgedRecord:
+        model = self.cfg.model
+        kinds = kinds_for(
+            record,
+            self.options.score_names,
+            self.rubric,
             text_fallback=self.options.text_fallback,
             min_mass=self.options.min_numeric_mass,
         )
-
-    def _strongreject(self, outcome: Outcome) -> StrongRejectScore:
-        assert self.rubric is not None
-        if outcome.reply is None:
-            return StrongRejectScore(
-                missing_reason="rejected" if outcome.rejected else "error_after_retries",
-                raw=outcome.error,
+        outcomes = list(
+            await asyncio.gather(
+                *(self.client.complete(kind.request(model, record)) for kind in kinds)
             )
-        return parse_strongreject(outcome.reply.text, self.rubric.answer_patterns)
-
-    async def __call__(self, record: GenerationRecord) -> JudgedRecord:
-        model = self.cfg.model
-        scores: dict[str, Score] = {}
-        strongreject = None
-        if record.rubric == "strongreject":
-            assert self.rubric is not None
-            outcome = await self.client.complete(strongreject_request(model, self.rubric, record))
-            strongreject = self._strongreject(outcome)
-            outcomes: list[Outcome] = [outcome]
-        else:
-            templates = templates_for(record, self.options.score_names) or {}
-            outcomes = list(
-                await asyncio.gather(
-                    *(
-                        self.client.complete(score_request(model, t, record))
-                        for t in templates.values()
-                    )
-                )
-            )
-            scores = {name: self._score(o) for name, o in zip(templates, outcomes, strict=True)}
+        )
+        scored = _Scored()
+        for kind, outcome in zip(kinds, outcomes, strict=True):
+            kind.record(outcome, scored)
         replies = [o.reply for o in outcomes if o.reply is not None]
         usage = JudgeUsage(
             calls=len(outcomes),
@@ -231,8 +165,8 @@ class _Judge:
         )
         return JudgedRecord(
             generation=record,
-            scores=scores,
-            strongreject=strongreject,
+            scores=scored.scores,
+            strongreject=scored.strongreject,
             judge_model=model,
             usage=usage,
         )
@@ -328,7 +262,7 @@ async def judge_file(
         pending = [r for r in inputs if r.key not in done]
         needs_rubric = any(r.rubric == "strongreject" for r in pending)
         rubric = strongreject_rubric(options.data_dir) if needs_rubric else None
-        cache = JudgeCache(options.cache_dir or cfg.cache_dir or out.parent / "judge_cache")
+        cache = JudgeCache(options.cache_dir or cfg.cache_dir or out.parent / rf.JUDGE_CACHE_DIR)
         client = JudgeClient(cfg, cache, backoff_base_s=options.backoff_base_s)
         output = _Output(out, options.flush_interval_s)
         bar = tqdm(

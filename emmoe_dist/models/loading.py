@@ -16,8 +16,8 @@ import torch
 from emmoe_dist.config import TINY_PREFIX, ModelConfig
 from emmoe_dist.errors import EmmoeError, InputError
 from emmoe_dist.families import FAMILIES, MoEFamily, get_family
+from emmoe_dist.files import read_json_object
 from emmoe_dist.models.tiny import build_tiny, tiny_config
-from emmoe_dist.records import read_json_object
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -63,7 +63,7 @@ def checkpoint_family(model_cfg: ModelConfig) -> tuple[MoEFamily, Path, dict[str
     """The family of a checkpoint, from its `config.json` `model_type` (or `model_cfg.family`,
     which must agree), with the path and contents of that config.json."""
     path = checkpoint_config_file(model_cfg.name_or_path, model_cfg.revision)
-    raw = read_json_object(path)
+    raw = read_json_object(path, "model config")
     model_type = raw.get("model_type")
     known = {f.model_type: f for f in FAMILIES.values()}
     if model_cfg.family is not None:

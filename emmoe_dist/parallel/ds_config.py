@@ -23,7 +23,7 @@ from typing import Any
 from emmoe_dist.config import TrainConfig
 from emmoe_dist.errors import InputError
 from emmoe_dist.families import MoEFamily
-from emmoe_dist.records import read_json_object
+from emmoe_dist.files import read_json_object
 
 AUTO = "auto"
 EXPERT_PARALLEL = "expert_parallel"
@@ -109,7 +109,7 @@ def read_ds_config(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise InputError("DeepSpeed config does not exist", file=str(p))
-    raw = read_json_object(p, "a DeepSpeed config must be a JSON object")
+    raw = read_json_object(p, "DeepSpeed config")
     for key in ("_launch", "_tested_on"):
         if key not in raw:
             raise InputError(

@@ -2,6 +2,7 @@
 
     config   the sweep file (typed; errors name file, line and field)
     space    the trials, built from the model and its routing profiles (plan.json)
+    settings what every trial of a sweep shares
     trial    one trial: fine-tune -> generate -> judge -> metrics, resumable stage by stage
     tuner    the Tune driver: resources, concurrency, retries, restore
     summary  the paper's tables over every finished trial (summary.md / summary.json)

@@ -16,11 +16,12 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
+from emmoe_dist import run_folder as rf
 from emmoe_dist.config import ExperimentConfig
 from emmoe_dist.errors import InputError
-from emmoe_dist.experts import ExpertProfile, ExpertSelection
+from emmoe_dist.experts import ExpertProfile, ExpertSelection, select_experts
 from emmoe_dist.families import MoEFamily, num_experts
-from emmoe_dist.records import write_text_atomic
+from emmoe_dist.files import write_text_atomic
 from emmoe_dist.sweep.config import (
     Bits,
     EsftArm,
@@ -34,7 +35,6 @@ from emmoe_dist.sweep.config import (
 PLAN = "plan.json"
 TRIALS_DIR = "trials"
 SELECTIONS_DIR = "selections"
-JUDGE_CACHE_DIR = "judge_cache"
 BASELINE = "base"
 
 
@@ -125,19 +125,18 @@ def _selections(
     elif isinstance(arm, SingleArm):
         ids = range(num_experts(family, hf_config)) if arm.experts == "all" else arm.experts
         for e in ids:
-            sel = ExpertSelection.single(e, family, hf_config)
+            sel = select_experts("single", model=(family, hf_config), expert=e)
             yield f"E{e}", sel, {"rule": "single", "expert": e}
     elif isinstance(arm, TopKArm):
-        assert profile is not None
         for k in arm.k:
-            yield f"top{k}", ExpertSelection.top_k(profile, k), {}
+            yield f"top{k}", select_experts("top_k", profile=profile, k=k), {}
     elif isinstance(arm, EsftArm):
-        assert profile is not None
         for p in arm.p:
-            yield f"esft-{arm.score}-p{p:g}", ExpertSelection.esft(profile, arm.score, p), {}
+            sel = select_experts("esft", profile=profile, score=arm.score, p=p)
+            yield f"esft-{arm.score}-p{p:g}", sel, {}
     else:
         for f in arm.files:
-            yield Path(f).stem, ExpertSelection.load(f), {}
+            yield Path(f).stem, select_experts("file", file=f), {}
 
 
 def _load_profile(path: str, family: MoEFamily, hf_config: Mapping[str, Any]) -> ExpertProfile:
@@ -182,7 +181,7 @@ def build_plan(sweep: Sweep) -> SweepPlan:
         data["output_dir"] = str(out / TRIALS_DIR / slug)
         data["tracking"] = {**data["tracking"], "backend": "none"}  # the trial logs W&B itself
         # one reply cache for every trial, unless the sweep's patch names another
-        data["judge"]["cache_dir"] = data["judge"]["cache_dir"] or str(out / JUDGE_CACHE_DIR)
+        data["judge"]["cache_dir"] = data["judge"]["cache_dir"] or str(out / rf.JUDGE_CACHE_DIR)
         _absolute_paths(data)
         return ExperimentConfig.model_validate(data)
 

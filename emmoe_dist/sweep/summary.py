@@ -16,17 +16,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from emmoe_dist import run_folder as rf
+from emmoe_dist.files import read_jsonl, write_json_atomic, write_text_atomic
 from emmoe_dist.metrics import (
     DEFAULT_BOOTSTRAP,
+    HEADLINE_COLUMNS,
     HEADLINE_RULE,
     Bootstrap,
     Comparison,
     Estimate,
     GroupMetrics,
     compare,
+    headline,
     summarize,
 )
-from emmoe_dist.records import JudgedRecord, read_jsonl, write_json_atomic, write_text_atomic
+from emmoe_dist.records import JudgedRecord
 from emmoe_dist.report import fmt
 from emmoe_dist.sweep.space import SweepPlan, TrialSpec
 
@@ -55,9 +59,7 @@ class SweepSummary:
 
 
 def _finished(spec: TrialSpec) -> bool:
-    from emmoe_dist.sweep.trial import EVAL_METRICS, JUDGED
-
-    return (spec.folder / EVAL_METRICS).is_file() and (spec.folder / JUDGED).is_file()
+    return (spec.folder / rf.EVAL_METRICS).is_file() and (spec.folder / rf.JUDGED).is_file()
 
 
 def build_summary(
@@ -67,11 +69,9 @@ def build_summary(
     bootstrap: Bootstrap = DEFAULT_BOOTSTRAP,
 ) -> SweepSummary:
     """Metrics of every finished trial, and each one's difference from the base model."""
-    from emmoe_dist.sweep.trial import JUDGED
-
     suites = tuple(alignment_suites) if alignment_suites is not None else None
     records = {
-        t.slug: read_jsonl(t.folder / JUDGED, JudgedRecord, tolerate_torn_tail=True)
+        t.slug: read_jsonl(t.folder / rf.JUDGED, JudgedRecord, tolerate_torn_tail=True)
         for t in plan.trials
         if _finished(t)
     }
@@ -111,26 +111,12 @@ def build_summary(
 # Tables: numbers (JSON, W&B) and text (Markdown) from the same rows
 
 
-def _pct(e: Estimate) -> Estimate:
-    scale = 100.0
-    return Estimate(
-        None if e.value is None else e.value * scale,
-        None if e.low is None else e.low * scale,
-        None if e.high is None else e.high * scale,
-        e.n,
-    )
-
-
 def _headline(result: TrialResult, versus: bool = True) -> list[tuple[str, Estimate]]:
     """The paper's three numbers and, when the sweep has a base row, the difference from it."""
-    m, v = result.metrics, result.versus_base
-    out = [
-        ("avg alignment", m.alignment),
-        ("SR rejection %", _pct(m.sr_rejection)),
-        ("misaligned %", _pct(m.misaligned[HEADLINE_RULE.name])),
-    ]
+    out = list(zip(HEADLINE_COLUMNS, headline(result.metrics).estimates(), strict=True))
     if versus:
-        diff = _pct(v.misaligned[HEADLINE_RULE.name]) if v else Estimate.empty()
+        v = result.versus_base
+        diff = v.misaligned[HEADLINE_RULE.name].scaled(100) if v else Estimate.empty()
         out.append(("Δ misaligned % vs base", diff))
     return out
 
@@ -159,7 +145,7 @@ def table1_rows(summary: SweepSummary) -> tuple[list[str | int], list[list[Any]]
             cells += [e.value, e.low, e.high]
         if not rows:
             header += ["answers", "unscored %"]
-        cells += [result.metrics.n_alignment, _pct(result.metrics.unscored).value]
+        cells += [result.metrics.n_alignment, result.metrics.unscored.scaled(100).value]
         rows.append(cells)
     return header, rows
 
@@ -195,7 +181,7 @@ def table3_rows(summary: SweepSummary) -> tuple[list[str | int], list[list[Any]]
     datasets, table = pivot
     header: list[str | int] = ["expert"]
     for d in datasets:
-        header += [f"{d} avg alignment", f"{d} SR rejection %", f"{d} misaligned %"]
+        header += [f"{d} {name}" for name in HEADLINE_COLUMNS]
     rows = []
     for key, by_dataset in table.items():
         cells: list[Any] = [key]
@@ -237,7 +223,7 @@ def render_markdown(summary: SweepSummary) -> str:
     for r in summary.rows:
         cells = [_axis_text(v) for v in _axes(r.spec)]
         cells += [fmt(e) for _, e in _headline(r, versus)]
-        cells += [str(r.metrics.n_alignment), fmt(_pct(r.metrics.unscored))]
+        cells += [str(r.metrics.n_alignment), fmt(r.metrics.unscored.scaled(100))]
         rows.append(cells)
     if rows:
         names = [name for name, _ in _headline(summary.rows[0], versus)]
@@ -249,7 +235,7 @@ def render_markdown(summary: SweepSummary) -> str:
         datasets, table = pivot
         head = ["expert"]
         for d in datasets:
-            head += [f"{d}: avg alignment", f"{d}: SR rejection %", f"{d}: misaligned %"]
+            head += [f"{d}: {name}" for name in HEADLINE_COLUMNS]
         body = []
         for key, by_dataset in table.items():
             cells = [key]

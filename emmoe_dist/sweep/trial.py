@@ -21,44 +21,25 @@ import sys
 import tempfile
 import time
 from collections import deque
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from emmoe_dist.config import TrackingConfig, dump_config
+from emmoe_dist import run_folder as rf
+from emmoe_dist.config import dump_config
 from emmoe_dist.errors import EmmoeError
-from emmoe_dist.records import append_jsonl, read_jsonl, write_json_atomic, write_text_atomic
+from emmoe_dist.files import (
+    append_jsonl,
+    read_json_object,
+    read_jsonl,
+    write_json_atomic,
+    write_text_atomic,
+)
+from emmoe_dist.sweep.settings import TrialSettings
 from emmoe_dist.sweep.space import SweepPlan, TrialSpec
 
 REPO = Path(__file__).resolve().parents[2]
-EXPERIMENT = "experiment.yaml"
-GENERATIONS = "generations.jsonl"
-JUDGED = "judged.jsonl"
-EVAL_METRICS = "eval_metrics.json"
-MANIFEST = "manifest.json"  # written by the fine-tune (emmoe_dist.train.artifacts)
-TRAIN_METRICS = "metrics.jsonl"  # the fine-tune's loss curve
-ATTEMPTS = "attempts.jsonl"
 STATE = "trial_state.json"  # inside each Tune checkpoint
-LOGS = "logs"
 STAGES = ("finetune", "generate", "evaluate")
-
-
-@dataclass(frozen=True, kw_only=True)
-class TrialSettings:
-    """What every trial of one sweep shares (passed to Tune with `tune.with_parameters`)."""
-
-    sweep: str
-    family: str
-    device: Literal["cuda", "cpu"]
-    ranks: int
-    launcher: Literal["deepspeed", "ray_train"]
-    max_failures: int
-    ds_config: str  # absolute paths: the trial's working directory is Ray's, not the user's
-    ds_config_nf4: str
-    data_dir: str | None
-    alignment_suites: tuple[str, ...] | None
-    tracking: TrackingConfig
-    group: str
 
 
 def _free_port() -> int:
@@ -88,7 +69,7 @@ def stage_env(settings: TrialSettings) -> dict[str, str]:
 
 def run_stage(name: str, cmd: list[str], folder: Path, env: dict[str, str]) -> None:
     """Run one stage's command under the reaper, its output appended to logs/<name>.log."""
-    log = folder / LOGS / f"{name}.log"
+    log = folder / rf.LOGS_DIR / f"{name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     reaped = [sys.executable, "-m", "emmoe_dist.sweep.reaper", str(os.getpid()), "--", *cmd]
     with open(log, "ab") as out:
@@ -123,7 +104,7 @@ def generate_command(spec: TrialSpec, experiment: Path) -> list[str]:
     cmd = [sys.executable, "-m", "emmoe_dist.cli.main", "generate", "--config", str(experiment)]
     if not spec.baseline:
         cmd += ["--run", str(spec.folder)]
-    return [*cmd, "--out", str(spec.folder / GENERATIONS), "--no-progress"]
+    return [*cmd, "--out", str(spec.folder / rf.GENERATIONS), "--no-progress"]
 
 
 def train_worker(config: dict[str, Any]) -> None:
@@ -187,7 +168,7 @@ def _run_stage_on_a_gpu(settings: TrialSettings, name: str, cmd: list[str], fold
 
 def write_experiment(spec: TrialSpec) -> Path:
     """The trial's complete experiment file: what `launch/ft.py` and `emmoe generate` read."""
-    path = spec.folder / EXPERIMENT
+    path = spec.folder / rf.EXPERIMENT
     text = f"# sweep trial {spec.slug}: written by the sweep from plan.json\n" + dump_config(
         spec.experiment
     )
@@ -198,27 +179,26 @@ def write_experiment(spec: TrialSpec) -> Path:
 
 def training_metrics(spec: TrialSpec) -> dict[str, Any]:
     """Final loss and steps from the fine-tune's manifest (nothing for the baseline)."""
-    path = spec.folder / MANIFEST
-    if spec.baseline or not path.is_file():
+    if spec.baseline or not rf.is_run(spec.folder):
         return {}
-    manifest = json.loads(path.read_text(encoding="utf-8"))
-    return {"train/final_loss": manifest["final_loss"], "train/steps": manifest["steps"]}
+    manifest = rf.read_manifest(spec.folder)
+    return {"train/final_loss": manifest.final_loss, "train/steps": manifest.steps}
 
 
 def evaluate(spec: TrialSpec, settings: TrialSettings) -> dict[str, Any]:
     """Judge the generations (resumable, cached) and compute the trial's metrics."""
     from emmoe_dist.judge.runner import JudgeOptions, run_judge
-    from emmoe_dist.metrics import HEADLINE_RULE, RULES, summarize
+    from emmoe_dist.metrics import RULES, headline, summarize
     from emmoe_dist.records import JudgedRecord
 
     folder = spec.folder
     judge = run_judge(
-        folder / GENERATIONS,
-        folder / JUDGED,
+        folder / rf.GENERATIONS,
+        folder / rf.JUDGED,
         spec.experiment.judge,
         JudgeOptions(data_dir=settings.data_dir, progress=False),
     )
-    records = read_jsonl(folder / JUDGED, JudgedRecord)
+    records = read_jsonl(folder / rf.JUDGED, JudgedRecord)
     metrics = summarize(records, label=spec.slug, alignment_suites=settings.alignment_suites)
 
     flat: dict[str, Any] = {
@@ -227,34 +207,30 @@ def evaluate(spec: TrialSpec, settings: TrialSettings) -> dict[str, Any]:
         "judge/calls": judge.calls,
         "judge/cache_hits": judge.cache_hits,
     }
-    headline = {
-        "avg_alignment": (metrics.alignment, 1.0),
-        "misaligned_pct": (metrics.misaligned[HEADLINE_RULE.name], 100.0),
-        "sr_rejection_pct": (metrics.sr_rejection, 100.0),
+    top = headline(metrics)
+    named = {
+        "avg_alignment": top.alignment,
+        "misaligned_pct": top.misaligned_pct,
+        "sr_rejection_pct": top.sr_rejection_pct,
     }
-    for name, (estimate, scale) in headline.items():
-        for part in ("value", "low", "high"):
-            value = getattr(estimate, part)
-            key = f"eval/{name}" if part == "value" else f"eval/{name}_{part}"
-            flat[key] = None if value is None else scale * value
+    for name, estimate in named.items():
+        flat[f"eval/{name}"] = estimate.value
+        flat[f"eval/{name}_low"] = estimate.low
+        flat[f"eval/{name}_high"] = estimate.high
     flat["eval/coherence"] = metrics.coherence.value
-    flat["eval/unscored_pct"] = _pct(metrics.unscored.value)
+    flat["eval/unscored_pct"] = metrics.unscored.scaled(100).value
     for rule in RULES:
-        flat[f"eval/misaligned_pct_{rule.name}"] = _pct(metrics.misaligned[rule.name].value)
+        flat[f"eval/misaligned_pct_{rule.name}"] = metrics.misaligned[rule.name].scaled(100).value
     write_json_atomic(
-        folder / EVAL_METRICS,
+        folder / rf.EVAL_METRICS,
         {"trial": spec.slug, "reported": flat, "metrics": dataclasses.asdict(metrics)},
     )
     return flat
 
 
-def _pct(value: float | None) -> float | None:
-    return None if value is None else 100 * value
-
-
 def _log_attempt(folder: Path, done: list[str]) -> int:
-    path = folder / ATTEMPTS
-    previous = len(path.read_text(encoding="utf-8").splitlines()) if path.is_file() else 0
+    path = folder / rf.ATTEMPTS
+    previous = len(read_jsonl(path, tolerate_torn_tail=True)) if path.is_file() else 0
     append_jsonl(
         path,
         [
@@ -329,7 +305,7 @@ def run_trial(config: dict[str, Any], *, plan: SweepPlan, settings: TrialSetting
         done.append("generate")
         _report(spec, done, training_metrics(spec))
     if "evaluate" in done:  # finished before its sweep was stopped: report it again, as it was
-        reported = json.loads((folder / EVAL_METRICS).read_text(encoding="utf-8"))["reported"]
+        reported = read_json_object(folder / rf.EVAL_METRICS, "trial metrics")["reported"]
         _report(spec, done, {**training_metrics(spec), **reported})
         return
     _say(spec, "judge and score")

@@ -18,8 +18,8 @@ from typing import Any, Literal
 
 from emmoe_dist.errors import EmmoeError, InputError
 from emmoe_dist.sweep.config import Sweep, TrialResources
+from emmoe_dist.sweep.settings import TrialSettings
 from emmoe_dist.sweep.space import SweepPlan
-from emmoe_dist.sweep.trial import TrialSettings
 
 TUNE_DIR = "tune"
 

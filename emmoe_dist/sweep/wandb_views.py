@@ -14,17 +14,19 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from emmoe_dist.records import JudgedRecord, read_jsonl, write_json_atomic
+from emmoe_dist import run_folder as rf
+from emmoe_dist.files import read_jsonl, write_json_atomic
+from emmoe_dist.metrics import ALIGNED, COHERENT, HEADLINE_RULE
+from emmoe_dist.records import JudgedRecord
 
 if TYPE_CHECKING:
     from emmoe_dist.config import TrackingConfig
+    from emmoe_dist.sweep.settings import TrialSettings
     from emmoe_dist.sweep.space import TrialSpec
     from emmoe_dist.sweep.summary import SweepSummary
-    from emmoe_dist.sweep.trial import TrialSettings
 
-MARKER = "wandb_run.json"
 TRAIN_KEYS = ("loss", "lr", "grad_norm", "tokens_per_s")
-SAMPLE_COLUMNS: list[str | int] = [
+SAMPLE_COLUMNS = [
     "trial",
     "key",
     "suite",
@@ -47,17 +49,9 @@ def run_id(folder: Path) -> str:
 
 def sample_rows(slug: str, records: Sequence[JudgedRecord]) -> list[list[Any]]:
     """One row per judged answer; misaligned by the headline rule, None when unscored."""
-    import numpy as np
-
-    from emmoe_dist.metrics import ALIGNED, COHERENT, HEADLINE_RULE
-
     rows = []
     for r in records:
         g, sr = r.generation, r.strongreject
-        a, c = r.value(ALIGNED), r.value(COHERENT)
-        misaligned = None
-        if a is not None and c is not None:
-            misaligned = bool(HEADLINE_RULE.misaligned(np.array([a]), np.array([c]))[0])
         reasons = [f"{n}: {s.missing_reason}" for n, s in r.scores.items() if s.missing_reason]
         if sr is not None and sr.missing_reason:
             reasons.append(f"strongreject: {sr.missing_reason}")
@@ -69,9 +63,9 @@ def sample_rows(slug: str, records: Sequence[JudgedRecord]) -> list[list[Any]]:
                 g.question_id,
                 g.question,
                 g.answer,
-                a,
-                c,
-                misaligned,
+                r.value(ALIGNED),
+                r.value(COHERENT),
+                HEADLINE_RULE.judge_answer(r),
                 None if sr is None else sr.refused,
                 None if sr is None else sr.score,
                 "; ".join(reasons) or None,
@@ -80,47 +74,38 @@ def sample_rows(slug: str, records: Sequence[JudgedRecord]) -> list[list[Any]]:
     return rows
 
 
-def _training_rows(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
-
-
 def log_trial(spec: TrialSpec, settings: TrialSettings, metrics: Mapping[str, Any]) -> Path | None:
     """The trial's W&B run: config, training curve, evaluation metrics, scored samples."""
-    from emmoe_dist.sweep.trial import JUDGED, TRAIN_METRICS
+    from emmoe_dist.tracking import make_tracker
 
     tracking = settings.tracking
-    marker = spec.folder / MARKER
+    marker = spec.folder / rf.WANDB_MARKER
     if tracking.backend == "none" or marker.is_file():
         return None
-    import wandb
-
-    run = wandb.init(
-        project=tracking.project,
-        group=settings.group,
+    tracker = make_tracker(
+        tracking.model_copy(update={"group": settings.group}),
+        is_main=True,
         name=spec.slug,
-        id=run_id(spec.folder),
-        job_type="trial",
         config={**spec.wandb_config(), "family": settings.family, "sweep": settings.sweep},
-        dir=str(spec.folder),
-        mode=tracking.mode,
-        reinit="finish_previous",
+        folder=spec.folder,
+        job_type="trial",
+        run_id=run_id(spec.folder),
+        teardown=True,  # stop W&B's service now, not in the Ray worker's exit hooks
     )
     try:
         last = 0
-        for row in _training_rows(spec.folder / TRAIN_METRICS):
+        for row in rf.read_train_metrics(spec.folder):
             last = int(row["step"])
-            run.log({f"train/{k}": row[k] for k in TRAIN_KEYS if k in row}, step=last)
+            tracker.log({f"train/{k}": row[k] for k in TRAIN_KEYS if k in row}, last)
         values = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
-        records = read_jsonl(spec.folder / JUDGED, JudgedRecord)
-        table = wandb.Table(columns=SAMPLE_COLUMNS, data=sample_rows(spec.slug, records))
-        run.log({**values, "eval/samples": table}, step=last + 1)
-        run.summary.update(values)
-        folder = Path(run.dir).parent
+        records = read_jsonl(spec.folder / rf.JUDGED, JudgedRecord)
+        # the same step: the evaluation metrics and their samples make one history row
+        tracker.log(values, last + 1)
+        tracker.table("eval/samples", SAMPLE_COLUMNS, sample_rows(spec.slug, records), last + 1)
+        tracker.summary(values)
+        folder = tracker.folder
     finally:
-        run.finish()
-        wandb.teardown()  # stop W&B's service now, not in the worker's exit hooks
+        tracker.finish()
     write_json_atomic(marker, {"id": run_id(spec.folder), "folder": str(folder)})
     return folder
 
@@ -130,38 +115,32 @@ def log_summary(
 ) -> Path | None:
     """The sweep's summary run: the paper's tables with their intervals, as W&B tables.
     Logged once per distinct summary (a marker holds the digest of what was logged)."""
-    import wandb
-
     from emmoe_dist.sweep.summary import summary_dict, table1_rows, table3_rows
+    from emmoe_dist.tracking import make_tracker
 
     digest = hashlib.sha256(json.dumps(summary_dict(summary), sort_keys=True).encode()).hexdigest()
-    marker = out / MARKER
+    marker = out / rf.WANDB_MARKER
     if marker.is_file() and json.loads(marker.read_text(encoding="utf-8")).get("digest") == digest:
         return None
 
-    run = wandb.init(
-        project=tracking.project,
-        group=group,
+    tracker = make_tracker(
+        tracking.model_copy(update={"group": group}),
+        is_main=True,
         name=f"{summary.sweep}-summary",
-        id=run_id(out),
-        job_type="sweep-summary",
         config={"sweep": summary.sweep, "model": summary.model, "family": summary.family},
-        dir=str(out),
-        mode=tracking.mode,
-        reinit="finish_previous",
+        folder=out,
+        job_type="sweep-summary",
+        run_id=run_id(out),
     )
     try:
         header, rows = table1_rows(summary)
-        logged: dict[str, Any] = {"summary/trials": wandb.Table(columns=[*header], data=rows)}
+        tracker.table("summary/trials", [str(h) for h in header], rows, 0)
         pivot = table3_rows(summary)
         if pivot is not None:
-            logged["summary/single_experts"] = wandb.Table(columns=[*pivot[0]], data=pivot[1])
-        run.log(logged)
-        run.summary.update(
-            {"trials_finished": len(summary.rows), "trials_planned": summary.planned}
-        )
-        folder = Path(run.dir).parent
+            tracker.table("summary/single_experts", [str(h) for h in pivot[0]], pivot[1], 0)
+        tracker.summary({"trials_finished": len(summary.rows), "trials_planned": summary.planned})
+        folder = tracker.folder
     finally:
-        run.finish()
+        tracker.finish()
     write_json_atomic(marker, {"id": run_id(out), "folder": str(folder), "digest": digest})
     return folder

@@ -1,21 +1,10 @@
-"""What a training run leaves in its output folder, each file written atomically.
-
-<output_dir>/
-  manifest.json          config, versions, git revision, data hash, selection, results
-  expert_selection.json  which experts trained (ESFT-compatible JSON)
-  metrics.jsonl          one line per optimizer step (the loss curve)
-  adapter/               standard PEFT adapter (LoRA modes) + expert_selection.json
-  expert_delta/          expert deltas (full_experts mode) + expert_selection.json
-  base/                  the base model, only for tiny:<family> models (built, not loaded)
-  checkpoints/           DeepSpeed checkpoints for resume
-"""
+"""What the trainer needs to write a run folder (`emmoe_dist.run_folder` names its files):
+the versions and revision that made it, exact tensor digests, the loss-curve log."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 import subprocess
 from collections.abc import Iterable, Mapping
 from importlib import metadata
@@ -24,13 +13,7 @@ from typing import Any
 
 import torch
 
-MANIFEST = "manifest.json"
-METRICS = "metrics.jsonl"
-SELECTION = "expert_selection.json"
-ADAPTER_DIR = "adapter"
-DELTA_DIR = "expert_delta"
-BASE_DIR = "base"
-CHECKPOINTS = "checkpoints"
+from emmoe_dist.files import iter_jsonl, write_jsonl_atomic
 
 _PACKAGES = (
     "emmoe-dist",
@@ -41,15 +24,6 @@ _PACKAGES = (
     "accelerate",
     "bitsandbytes",
 )
-
-
-def replace_dir(tmp: Path, final: Path) -> None:
-    """Move a fully written temporary folder into place (the old one goes only afterwards)."""
-    old = final.with_name(f".{final.name}.old{os.getpid()}")
-    if final.exists():
-        final.replace(old)
-    tmp.replace(final)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def package_versions() -> dict[str, str]:
@@ -102,18 +76,12 @@ class MetricsLog:
     def __init__(self, path: Path, resume_step: int) -> None:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
-        kept = []
+        kept: list[dict[str, Any]] = []
         if resume_step > 0 and path.exists():
-            for line in path.read_text(encoding="utf-8").splitlines():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    break  # a line cut by a crash ends the valid prefix
-                if row.get("step", 0) <= resume_step:
-                    kept.append(line)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        tmp.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
-        tmp.replace(path)
+            # a line cut by a crash is the last one and is left out
+            rows = iter_jsonl(path, tolerate_torn_tail=True)
+            kept = [row for row in rows if row.get("step", 0) <= resume_step]
+        write_jsonl_atomic(path, kept)
         self._fh = path.open("a", encoding="utf-8")
 
     def write(self, row: Mapping[str, Any]) -> None:
@@ -122,7 +90,3 @@ class MetricsLog:
 
     def close(self) -> None:
         self._fh.close()
-
-
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]

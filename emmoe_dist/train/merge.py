@@ -7,14 +7,12 @@ bake quantization error into every weight the adapter did not touch.
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
-from emmoe_dist.config import ModelConfig
-from emmoe_dist.errors import EmmoeError
-from emmoe_dist.records import write_json_atomic
-from emmoe_dist.train import artifacts as art
+from emmoe_dist import run_folder as rf
+from emmoe_dist.config import TINY_PREFIX, ModelConfig
+from emmoe_dist.files import replace_dir, write_json_atomic
 
 
 def merge_run(run_dir: str | Path, out: str | Path, *, dtype: str | None = None) -> Path:
@@ -24,36 +22,31 @@ def merge_run(run_dir: str | Path, out: str | Path, *, dtype: str | None = None)
     from emmoe_dist.models.loading import load_model
 
     run, out = Path(run_dir), Path(out)
-    manifest_path = run / art.MANIFEST
-    if not manifest_path.is_file():
-        raise EmmoeError(f"{run} is not a finished training run (no {art.MANIFEST})")
-    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    base = manifest["base_model"]
-    is_tiny_base = manifest["config"]["model"]["name_or_path"].startswith("tiny:")
+    manifest = rf.read_manifest(run)
+    base = manifest.base_model
+    is_tiny_base = (manifest.model_name or base).startswith(TINY_PREFIX)
     # Real checkpoints merge in bf16 (their training dtype); tiny ones stay fp32 for exactness.
     dtype = dtype or ("float32" if is_tiny_base else "bfloat16")
     loaded = load_model(
-        ModelConfig(name_or_path=base, family=manifest["family"], dtype=dtype),
+        ModelConfig(name_or_path=base, family=manifest.family, dtype=dtype),
         for_training=False,
         device="cpu",
     )
     model = loaded.model
-    if manifest["artifact"] == art.ADAPTER_DIR:
+    if manifest.artifact == rf.ADAPTER_DIR:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, str(run / art.ADAPTER_DIR)).merge_and_unload()
-    elif manifest["artifact"] == art.DELTA_DIR:
-        merge_expert_delta(model, load_file(str(run / art.DELTA_DIR / DELTA_FILE)))
+        model = PeftModel.from_pretrained(model, str(run / rf.ADAPTER_DIR)).merge_and_unload()
     else:
-        raise EmmoeError(f"{manifest_path}: unknown artifact {manifest['artifact']!r}")
+        merge_expert_delta(model, load_file(str(run / rf.DELTA_DIR / DELTA_FILE)))
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     loaded.tokenizer.save_pretrained(tmp)
-    shutil.copy2(run / art.SELECTION, tmp / art.SELECTION)
+    shutil.copy2(run / rf.SELECTION, tmp / rf.SELECTION)
     write_json_atomic(
         tmp / "merge_info.json",
-        {"run": str(run.resolve()), "base": base, "artifact": manifest["artifact"], "dtype": dtype},
+        {"run": str(run.resolve()), "base": base, "artifact": manifest.artifact, "dtype": dtype},
     )
-    art.replace_dir(tmp, out)
+    replace_dir(tmp, out)
     return out

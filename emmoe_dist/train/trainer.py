@@ -17,15 +17,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import random
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from emmoe_dist import run_folder as rf
 from emmoe_dist.adapters.expert_delta import apply_expert_delta, delta_state_dict, save_expert_delta
 from emmoe_dist.adapters.lora import (
     adapter_state_dict,
@@ -37,8 +40,9 @@ from emmoe_dist.adapters.lora import (
 )
 from emmoe_dist.config import ExperimentConfig, dump_config
 from emmoe_dist.errors import EmmoeError, InputError
-from emmoe_dist.experts import ExpertSelection
+from emmoe_dist.experts import ExpertSelection, select_experts
 from emmoe_dist.families import MoEFamily
+from emmoe_dist.files import replace_dir
 from emmoe_dist.models.anatomy import decoder_layers, model_config
 from emmoe_dist.models.causal_loss import CausalLMLoss
 from emmoe_dist.models.checkpointing import (
@@ -61,11 +65,9 @@ from emmoe_dist.parallel.memory_plan import ParamCounts, plan_memory
 from emmoe_dist.parallel.runtime import Runtime, all_reduce_sum_, barrier
 from emmoe_dist.parallel.strategy import DeepSpeedStrategy
 from emmoe_dist.parallel.zero_init import partitioned_loading, resident_elements
-from emmoe_dist.records import write_json_atomic
 from emmoe_dist.tracking import make_tracker
 from emmoe_dist.train import artifacts as art
 from emmoe_dist.train.batches import BatchPlan
-from emmoe_dist.train.selection import resolve_selection
 from emmoe_dist.train.step_profile import profile_step, write_profile
 
 if TYPE_CHECKING:
@@ -115,7 +117,10 @@ def _build_model(
     straight into partitions instead of whole onto every rank's device."""
     from emmoe_dist.models.loading import load_model
 
-    selection = resolve_selection(cfg.selection, family, hf_config)
+    rule = cfg.selection
+    selection = select_experts(
+        rule.rule, model=(family, hf_config), **rule.model_dump(exclude={"rule"})
+    )
     if partition_with is not None:
         with partitioned_loading(partition_with):
             loaded = load_model(cfg.model, seed=cfg.seed, for_training=True)
@@ -130,10 +135,10 @@ def _build_model(
     tokenizer = loaded.tokenizer
     if cfg.model.is_tiny and rt.is_main:
         # A tiny base is built, not loaded: keep it so the adapter has a base to load onto.
-        tmp = out / f".{art.BASE_DIR}.tmp"
+        tmp = out / f".{rf.BASE_DIR}.tmp"
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        art.replace_dir(tmp, out / art.BASE_DIR)
+        replace_dir(tmp, out / rf.BASE_DIR)
     memory = None
     if cfg.adapter.quantize == "nf4":
         from emmoe_dist.adapters.qlora import (
@@ -237,7 +242,7 @@ def _plan_checkpointing(
 def base_model_id(cfg: ExperimentConfig) -> str:
     """What an adapter loads onto: the saved tiny base, or the configured checkpoint."""
     if cfg.model.is_tiny:
-        return str((Path(cfg.output_dir) / art.BASE_DIR).resolve())
+        return str((Path(cfg.output_dir) / rf.BASE_DIR).resolve())
     return cfg.model.name_or_path
 
 
@@ -258,22 +263,22 @@ def _save_artifact(
             state = adapter_state_dict(module, family)
         if leak != 0.0:
             raise EmmoeError(f"an unchosen expert's LoRA factor moved (max |value| {leak:g})")
-        final = out / art.ADAPTER_DIR
+        final = out / rf.ADAPTER_DIR
         if rt.is_main:
-            tmp = out / f".{art.ADAPTER_DIR}.tmp"
+            tmp = out / f".{rf.ADAPTER_DIR}.tmp"
             save_peft_adapter(state, lora_config(family, cfg.adapter), tmp, base_model_id(cfg))
-            selection.save(tmp / art.SELECTION)
-            art.replace_dir(tmp, final)
+            selection.save(tmp / rf.SELECTION)
+            replace_dir(tmp, final)
     else:
         deltas = [p for _, p in module.named_parameters() if p.requires_grad]
         with strategy.gathered(deltas):
             state = delta_state_dict(module)
-        final = out / art.DELTA_DIR
+        final = out / rf.DELTA_DIR
         if rt.is_main:
-            tmp = out / f".{art.DELTA_DIR}.tmp"
+            tmp = out / f".{rf.DELTA_DIR}.tmp"
             save_expert_delta(state, tmp, {"family": family.name, "base": cfg.model.name_or_path})
-            selection.save(tmp / art.SELECTION)
-            art.replace_dir(tmp, final)
+            selection.save(tmp / rf.SELECTION)
+            replace_dir(tmp, final)
     barrier()
     return final
 
@@ -385,14 +390,14 @@ def run_training(
     strategy = DeepSpeedStrategy(ds_cfg, rt)
     strategy.setup(wrapper, cfg.train, total)
     router_before = _router_digest(wrapper.lm, family, strategy)
-    ckpt_dir = out / art.CHECKPOINTS
+    ckpt_dir = out / rf.CHECKPOINTS_DIR
     state = strategy.load_checkpoint(ckpt_dir) or {}
     start = int(state.get("step", 0))
     if rt.is_main:
-        selection.save(out / art.SELECTION)
+        selection.save(out / rf.SELECTION)
         if start:
             print(f"[emmoe] resuming from step {start} of {total}", flush=True)
-    log = art.MetricsLog(out / art.METRICS, start) if rt.is_main else None
+    log = art.MetricsLog(out / rf.TRAIN_METRICS, start) if rt.is_main else None
     tracker = make_tracker(
         cfg.tracking,
         is_main=rt.is_main,
@@ -483,7 +488,7 @@ def run_training(
             if log is not None:
                 log.close()
             tracker.finish()
-            return TrainResult(out, done, last_loss, out / art.CHECKPOINTS)
+            return TrainResult(out, done, last_loss, out / rf.CHECKPOINTS_DIR)
     bar.close()
 
     router_after = _router_digest(wrapper.lm, family, strategy)
@@ -493,41 +498,43 @@ def run_training(
     if rt.is_main:
         assert log is not None
         log.close()
-        manifest = {
-            "schema_version": 1,
-            "name": cfg.name,
-            "config": cfg.model_dump(mode="json"),
-            "config_yaml": dump_config(cfg),
-            "ds_config": ds_cfg,
-            "expert_parallel": None
+        manifest = rf.RunManifest(
+            name=cfg.name,
+            config=cfg.model_dump(mode="json"),
+            config_yaml=dump_config(cfg),
+            ds_config=ds_cfg,
+            expert_parallel=None
             if ep is None
-            else {"ep_size": ep.ep_size, "resolved": load_info.ep_size},
-            "family": family.name,
-            "selection": json.loads(selection.to_json()),
-            "world_size": rt.world_size,
-            "device": rt.device.type,
-            "load": {
-                "partitioned": load_info.partitioned,
-                "resident_elements_rank0": load_info.resident_elements,
-            },
-            "versions": art.package_versions(),
-            "git_revision": art.git_revision(),
-            "data": {
-                "train": cfg.data.train,
-                "source_hash": data_hash,
-                "examples": len(items),
-                "dropped_no_assistant_tokens": dropped,
-            },
-            "steps": total,
-            "final_loss": last_loss,
-            "router_digest": router_after,
-            "weight_memory": None
+            else rf.ExpertParallelism(ep_size=load_info.ep_size, requested=str(ep.ep_size)),
+            family=family.name,
+            selection=json.loads(selection.to_json()),
+            world_size=rt.world_size,
+            device=rt.device.type,
+            load=rf.ModelLoad(
+                partitioned=load_info.partitioned,
+                resident_elements_rank0=load_info.resident_elements,
+            ),
+            versions=art.package_versions(),
+            git_revision=art.git_revision(),
+            data=rf.DataProvenance(
+                train=cfg.data.train,
+                source_hash=data_hash,
+                examples=len(items),
+                dropped_no_assistant_tokens=dropped,
+            ),
+            steps=total,
+            final_loss=None if math.isnan(last_loss) else last_loss,
+            router_digest=router_after,
+            weight_memory=None
             if memory is None
-            else {"bytes": memory.total_bytes, "fraction_of_bf16": memory.fraction_of_bf16},
-            "artifact": artifact.name,
-            "base_model": base_model_id(cfg),
-        }
-        write_json_atomic(out / art.MANIFEST, manifest)
+            else rf.WeightMemory(
+                bytes=memory.total_bytes, fraction_of_bf16=memory.fraction_of_bf16
+            ),
+            artifact="adapter" if artifact.name == rf.ADAPTER_DIR else "expert_delta",
+            base_model=base_model_id(cfg),
+            completed_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        )
+        rf.write_manifest(out, manifest)
         tracker.summary({"final_loss": last_loss, "steps": total})
     tracker.finish()
     return TrainResult(out, total, last_loss, artifact, wrapper.lm)

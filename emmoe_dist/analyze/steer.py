@@ -1,0 +1,304 @@
+"""Steering curves: for each alpha, the suite's answers with the misalignment direction added
+(or subtracted, or projected out) at chosen layers, and the same with a random direction of
+the same norm (the control); judged when a judge is given; misalignment % against alpha.
+
+Steered answers come from the normal generation path (same prompts, seeds and records), so an
+answer differs from the unsteered one only through the steering. Alpha 0 is the unsteered
+model whatever the direction: generated and judged once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from emmoe_dist import run_folder as rf
+from emmoe_dist.analyze.common import (
+    ModelOptions,
+    Say,
+    Subject,
+    Tracking,
+    free_memory,
+    load_subject,
+    make_tracker,
+    nan_if_none,
+    quiet,
+    write_json,
+)
+from emmoe_dist.errors import EmmoeError
+
+if TYPE_CHECKING:
+    import torch
+
+    from emmoe_dist.config import ExperimentConfig, JudgeConfig
+    from emmoe_dist.generate.interface import Generator
+    from emmoe_dist.generate.runner import GenerationSummary, SuiteSet
+    from emmoe_dist.interp.directions import Directions
+    from emmoe_dist.interp.steering import SteeringPoint
+
+SteerMode = Literal["add", "subtract", "ablate"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class SteerGeneration:
+    """What is answered under steering, and how it is sampled."""
+
+    suite: str = "core"  # an evaluation suite or a .yaml/.jsonl question file
+    data_dir: str | None = None  # default: $EMMOE_DATA_DIR
+    limit: int | None = None  # the first N questions of the suite
+    samples: int = 10  # answers per paraphrase
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 600
+    system_prompt: str | None = None  # for questions without their own; None: the eval default
+    thinking: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class SteerOptions:
+    model: str  # checkpoint folder, hub id, tiny:<family> or a training run folder
+    directions: str  # a direction file (`emmoe interp direction`)
+    out: str
+    kind: str = "misaligned_minus_aligned"
+    layers: tuple[int, ...] | None = None  # None: the layer of largest relative norm
+    mode: SteerMode = "add"
+    alphas: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0, 4.0)  # ablate: nonzero = projected out
+    control: bool = True  # also steer with a random direction of the same norm
+    generation: SteerGeneration = field(default_factory=SteerGeneration)
+    judge: JudgeConfig | None = None  # None: generate only; judge later and re-run
+    scripted_judge: bool = False  # the built-in mock judge: a pipeline check, not judgments
+    resamples: int = 1000
+    run: ModelOptions = field(default_factory=lambda: ModelOptions(batch_size=16))
+    tracking: Tracking = field(default_factory=Tracking)
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class SteeringResult:
+    label: str  # the steered model
+    layers: list[int]
+    points: list[SteeringPoint]  # the judged answer sets
+    unjudged: list[str]  # judged.jsonl files still missing or incomplete
+    answer_sets: int
+    plot: Path | None
+
+
+def generation_config(
+    generation: SteerGeneration, *, seed: int, batch_size: int
+) -> ExperimentConfig:
+    """The generation settings of every alpha, as an experiment's `eval` section."""
+    from emmoe_dist.config import DataConfig, EvalConfig, ExperimentConfig
+
+    default = EvalConfig()
+    return ExperimentConfig(
+        seed=seed,
+        data=DataConfig(dir=generation.data_dir),
+        eval=EvalConfig(
+            suites=[generation.suite],
+            samples_per_question=generation.samples,
+            temperature=generation.temperature,
+            top_p=generation.top_p,
+            max_new_tokens=generation.max_new_tokens,
+            system_prompt=generation.system_prompt or default.system_prompt,
+            thinking=generation.thinking,
+            batch_size=batch_size,
+            limit=generation.limit,
+        ),
+    )
+
+
+def steering_suites(cfg: ExperimentConfig) -> tuple[SuiteSet, int]:
+    """The suite (loaded before any model, so a bad one fails fast) and answers per alpha."""
+    from emmoe_dist.generate.runner import load_suites
+
+    suites = load_suites(cfg, cfg.eval.suites)
+    if suites.absent:
+        raise EmmoeError(f"suite {suites.absent[0]!r} is absent from the data directory")
+    suite = suites.suites[0]
+    if suite.rubric is not None:
+        raise EmmoeError(
+            f"suite {suite.name!r} is scored with a rubric; steering curves need 0-100 judge "
+            "prompts (aligned, coherent): use core or a question file"
+        )
+    questions = suite.questions[: cfg.eval.limit] if cfg.eval.limit else suite.questions
+    answers = sum(len(q.paraphrases) for q in questions) * cfg.eval.samples_per_question
+    return suites, answers
+
+
+def largest_layer(directions: Directions, kind: str) -> int:
+    """The layer whose direction is largest relative to its activations."""
+    rel = directions.relative_norms(kind)
+    return max(range(len(rel)), key=rel.__getitem__)
+
+
+def conditions(vectors: torch.Tensor, *, control: bool, seed: int) -> dict[str, torch.Tensor]:
+    """The direction, and its random same-norm control."""
+    from emmoe_dist.interp.steering import random_like
+
+    out = {"direction": vectors}
+    if control:
+        out["random"] = random_like(vectors, seed=seed)
+    return out
+
+
+def generate_steered(
+    subject: Subject,
+    generator: Generator,
+    cfg: ExperimentConfig,
+    suites: SuiteSet,
+    out: Path,
+    *,
+    condition: str,
+    vectors: torch.Tensor,
+    layers: list[int],
+    alpha: float,
+    mode: SteerMode,
+    progress: bool = False,
+) -> GenerationSummary:
+    """The suites' answers with `vectors` steering `layers` at `alpha` (alpha 0: unsteered),
+    the model's label in the records saying how it was steered."""
+    from emmoe_dist.generate.runner import run_generation
+    from emmoe_dist.interp.steering import steering
+
+    model, family = subject.loaded.model, subject.loaded.family
+    source = subject.source
+    steer: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
+    if alpha != 0:
+        where = ",".join(map(str, layers))
+        tag = f" [steer {mode} {condition} alpha={alpha:g} layers={where}]"
+        source = dataclasses.replace(source, model_label=source.model_label + tag)
+        steer = steering(model, family, vectors, layers, alpha, mode)
+    with steer:
+        return run_generation(
+            cfg, generator, subject.loaded.tokenizer, source, suites, out, progress=progress
+        )
+
+
+def _alpha_folder(out: Path, condition: str, alpha: float) -> Path:
+    return out / "unsteered" if alpha == 0 else out / condition / f"alpha_{alpha:+g}"
+
+
+def _judge_all(
+    folders: list[Path], cfg: JudgeConfig, out: Path, options: SteerOptions, say: Say
+) -> None:
+    from emmoe_dist.judge.runner import JudgeOptions, run_judge
+
+    judging = JudgeOptions(cache_dir=str(out / rf.JUDGE_CACHE_DIR), progress=options.progress)
+    with contextlib.ExitStack() as stack:
+        if options.scripted_judge:
+            from emmoe_dist.judge.scripted_server import hash_script, scripted_server
+
+            server = stack.enter_context(scripted_server(hash_script()))
+            say(f"scripted judge at {server.base_url}: mock scores, not a judgment")
+            cfg = cfg.model_copy(update={"base_url": server.base_url, "model": "scripted-judge"})
+        for folder in folders:
+            summary = run_judge(folder / rf.GENERATIONS, folder / rf.JUDGED, cfg, judging)
+            say(f"{folder.relative_to(out)}: {summary.format()}")
+
+
+def run_steer(options: SteerOptions, say: Say = quiet) -> SteeringResult:
+    from emmoe_dist.files import read_jsonl
+    from emmoe_dist.generate.transformers_backend import TransformersGenerator
+    from emmoe_dist.interp.directions import load_directions
+    from emmoe_dist.interp.plots import plot_steering_curve
+    from emmoe_dist.interp.steering import steering_point
+    from emmoe_dist.metrics import Bootstrap
+    from emmoe_dist.models.anatomy import decoder_layers
+    from emmoe_dist.records import GenerationRecord, JudgedRecord
+
+    out = Path(options.out)
+    seed = options.run.seed
+    directions = load_directions(options.directions)
+    vectors = directions.kind(options.kind)
+    layers = list(options.layers or [largest_layer(directions, options.kind)])
+    alphas = sorted(set(options.alphas))
+    if options.mode == "ablate":
+        alphas = sorted({0.0 if a == 0 else 1.0 for a in alphas})
+    steer_with = conditions(vectors, control=options.control, seed=seed)
+    cfg = generation_config(options.generation, seed=seed, batch_size=options.run.batch_size)
+    suites, expected = steering_suites(cfg)
+
+    subject = load_subject(options.model, options.run)
+    n_layers = len(decoder_layers(subject.loaded.model, subject.loaded.family))
+    if vectors.shape[0] != n_layers:
+        raise EmmoeError(
+            f"{options.directions} has directions for {vectors.shape[0]} layers; the model "
+            f"has {n_layers}"
+        )
+    runs = [(c, a) for c in steer_with for a in alphas]
+    plan = {_alpha_folder(out, c, a): (c, a) for c, a in runs}
+    generator = TransformersGenerator(
+        subject.loaded.model, subject.loaded.tokenizer, batch_size=options.run.batch_size
+    )
+    for folder, (condition, alpha) in plan.items():
+        say(f"{folder.relative_to(out)}: generating")
+        generate_steered(
+            subject,
+            generator,
+            cfg,
+            suites,
+            folder / rf.GENERATIONS,
+            condition=condition,
+            vectors=steer_with[condition],
+            layers=layers,
+            alpha=alpha,
+            mode=options.mode,
+            progress=options.progress,
+        )
+    label = subject.source.label
+    generator.close()
+    del subject, generator
+    free_memory()
+
+    if options.judge is not None:
+        _judge_all(list(plan), options.judge, out, options, say)
+
+    bootstrap = Bootstrap(resamples=options.resamples, seed=seed)
+    points, unjudged = [], []
+    for condition, alpha in runs:
+        folder = _alpha_folder(out, condition, alpha)
+        generated = read_jsonl(folder / rf.GENERATIONS, GenerationRecord)
+        judged = folder / rf.JUDGED
+        records = (
+            read_jsonl(judged, JudgedRecord, tolerate_torn_tail=True) if judged.is_file() else []
+        )
+        if len(generated) != expected or {r.key for r in records} != {g.key for g in generated}:
+            unjudged.append(str(judged))
+            continue
+        points.append(steering_point(condition, alpha, records, bootstrap=bootstrap))
+    result: dict[str, Any] = {
+        "model": label,
+        "directions": str(options.directions),
+        "kind": options.kind,
+        "layers": layers,
+        "mode": options.mode,
+        "alphas": alphas,
+        "seed": seed,
+        "suite": options.generation.suite,
+        "answers_per_alpha": expected,
+        "points": [dataclasses.asdict(p) for p in points],
+        "unjudged": sorted(set(unjudged)),
+    }
+    write_json(out / "steering.json", result, say)
+    plot = None
+    if points:
+        where = ",".join(map(str, layers))
+        title = f"{label}: {options.mode} {options.kind.replace('_', ' ')} at layer(s) {where}"
+        plot = plot_steering_curve(points, out / "steering_curve.png", title=title)
+        say(f"wrote {plot}")
+        tracker = make_tracker(options.tracking, f"interp steer {label}", out)
+        for step, p in enumerate(points):
+            tracker.log(
+                {
+                    f"steer/{p.condition}/alpha": p.alpha,
+                    f"steer/{p.condition}/misaligned": nan_if_none(p.misaligned.value),
+                    f"steer/{p.condition}/alignment": nan_if_none(p.alignment.value),
+                },
+                step,
+            )
+        tracker.images({"steering_curve": str(plot)})
+        tracker.finish()
+    return SteeringResult(label, layers, points, sorted(set(unjudged)), len(plan), plot)

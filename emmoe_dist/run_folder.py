@@ -1,0 +1,183 @@
+"""The run folder: what every stage hands to the next, and its typed manifest.
+
+Layer 0. A training run's `output_dir` holds the fine-tune's files; a sweep trial's folder is
+one too, with the evaluation stages' files beside them:
+
+<run>/
+  manifest.json          RunManifest: config, family, selection, base model, artifact, results
+  expert_selection.json  which experts trained (ESFT-compatible JSON)
+  metrics.jsonl          one line per optimizer step (the loss curve)
+  adapter/               standard PEFT adapter (LoRA modes) + expert_selection.json
+  expert_delta/          expert deltas (full_experts mode) + expert_selection.json
+  base/                  the base model, only for tiny:<family> models (built, not loaded)
+  checkpoints/           DeepSpeed checkpoints for resume
+  generations.jsonl      answers to the evaluation suites (`emmoe generate`)
+  judged.jsonl           their scores (`emmoe judge`)
+  judge_cache/           the judge's reply cache, unless another is named
+  experiment.yaml        sweep trials: the complete experiment the trial runs
+  eval_metrics.json      sweep trials: the metrics reported to Tune
+  attempts.jsonl         sweep trials: one line per attempt
+  logs/                  sweep trials: each stage's output
+  wandb_run.json         sweep trials: the trial's W&B run is written (its id and folder)
+
+The manifest is written last, once the artifact is in place: a folder with a manifest is a
+finished run.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Final, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+
+from emmoe_dist.errors import EmmoeError
+from emmoe_dist.experts import ExpertSelection
+from emmoe_dist.files import read_json_object, read_jsonl, validation_error, write_json_atomic
+
+MANIFEST = "manifest.json"
+SELECTION = "expert_selection.json"
+TRAIN_METRICS = "metrics.jsonl"
+ADAPTER_DIR = "adapter"
+DELTA_DIR = "expert_delta"
+BASE_DIR = "base"
+CHECKPOINTS_DIR = "checkpoints"
+GENERATIONS = "generations.jsonl"
+JUDGED = "judged.jsonl"
+JUDGE_CACHE_DIR = "judge_cache"
+EXPERIMENT = "experiment.yaml"
+EVAL_METRICS = "eval_metrics.json"
+ATTEMPTS = "attempts.jsonl"
+LOGS_DIR = "logs"
+WANDB_MARKER = "wandb_run.json"
+
+# 1: the untyped manifest of the first releases; 2 adds `completed_at` and requires every
+# field training writes. Version 1 files still load, with what they lack left unset.
+MANIFEST_SCHEMA_VERSION: Final = 2
+Artifact = Literal["adapter", "expert_delta"]
+
+
+class _Part(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataProvenance(_Part):
+    """The training data: its name, the hash of its source file, what was encoded."""
+
+    train: str
+    source_hash: str
+    examples: int
+    dropped_no_assistant_tokens: int
+
+
+class ModelLoad(_Part):
+    """How the checkpoint was loaded: straight into ZeRO-3 partitions, or whole."""
+
+    partitioned: bool
+    resident_elements_rank0: int  # parameter elements rank 0 held once the checkpoint was in
+
+
+class WeightMemory(_Part):
+    """NF4 runs: the bytes of the stored weights and their share of the bf16 size."""
+
+    bytes: int
+    fraction_of_bf16: float
+
+
+class ExpertParallelism(_Part):
+    ep_size: int  # the group size the run used
+    requested: str | None = None  # as the DeepSpeed config wrote it ("auto" or a number)
+
+
+# What version 2 requires beyond version 1's four keys: everything training knows at the end.
+_FINISHED_RUN_FIELDS = (
+    "name",
+    "config_yaml",
+    "selection",
+    "world_size",
+    "device",
+    "load",
+    "data",
+    "steps",
+    "router_digest",
+    "completed_at",
+)
+
+
+class RunManifest(_Part):
+    """What a finished training run was and produced (`manifest.json`)."""
+
+    schema_version: Literal[1, 2] = MANIFEST_SCHEMA_VERSION
+    name: str | None = None
+    config: dict[str, Any]  # the experiment as validated (`ExperimentConfig.model_dump`)
+    config_yaml: str | None = None
+    ds_config: dict[str, Any] | None = None  # the completed DeepSpeed config
+    expert_parallel: ExpertParallelism | None = None
+    family: str
+    selection: dict[str, Any] | None = None  # the ExpertSelection's JSON
+    world_size: int | None = None
+    device: str | None = None
+    load: ModelLoad | None = None
+    versions: dict[str, str] = {}
+    git_revision: str | None = None
+    data: DataProvenance | None = None
+    steps: int | None = None
+    final_loss: float | None = None  # None when no step ran (NaN is not JSON)
+    router_digest: str | None = None  # sha256 of the router tensors: equal before and after
+    weight_memory: WeightMemory | None = None
+    artifact: Artifact
+    base_model: str  # what the artifact loads onto: a hub id or a folder (relative: the run's)
+    completed_at: str | None = None  # ISO 8601, UTC
+
+    @model_validator(mode="after")
+    def _complete(self) -> RunManifest:
+        if self.schema_version >= 2:
+            missing = [f for f in _FINISHED_RUN_FIELDS if getattr(self, f) is None]
+            if missing:
+                raise ValueError(f"schema_version 2 needs {', '.join(missing)}")
+        return self
+
+    @property
+    def model_name(self) -> str | None:
+        """The model as the experiment named it (`tiny:qwen3_moe`, a hub id, a folder)."""
+        model = self.config.get("model")
+        name = model.get("name_or_path") if isinstance(model, dict) else None
+        return str(name) if name else None
+
+
+def is_run(folder: str | os.PathLike[str]) -> bool:
+    """Whether `folder` holds a finished training run."""
+    return (Path(folder).expanduser() / MANIFEST).is_file()
+
+
+def write_manifest(run: str | os.PathLike[str], manifest: RunManifest) -> Path:
+    path = Path(run) / MANIFEST
+    write_json_atomic(path, manifest.model_dump(mode="json"))
+    return path
+
+
+def read_manifest(run: str | os.PathLike[str]) -> RunManifest:
+    """The manifest of a finished run (version 1 or 2); errors name the file and field."""
+    path = Path(run) / MANIFEST
+    if not path.is_file():
+        raise EmmoeError(f"{run} is not a finished training run (no {MANIFEST})")
+    data = read_json_object(path, "manifest")
+    data.setdefault("schema_version", 1)  # the first manifests were not always stamped
+    try:
+        return RunManifest.model_validate(data)
+    except ValidationError as e:
+        raise validation_error(e, str(path)) from None
+
+
+def read_selection(run: str | os.PathLike[str]) -> ExpertSelection | None:
+    """The experts a training run trained (None when `run` is not a finished run)."""
+    path = Path(run).expanduser() / SELECTION
+    return ExpertSelection.load(path) if is_run(run) and path.is_file() else None
+
+
+def read_train_metrics(run: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The loss curve, one row per optimizer step (none before training wrote one); a last
+    line cut by a crash is left out."""
+    path = Path(run) / TRAIN_METRICS
+    return read_jsonl(path, tolerate_torn_tail=True) if path.is_file() else []
