@@ -78,6 +78,9 @@ _PERMUTE = (
     "aten::repeat_interleave",
 )
 _LOSS = ("cross_entropy", "log_softmax", "nll_loss", "liger", "causal_loss.py")
+# Runtime calls that block the host until the GPU has finished (`.item()` and `.tolist()` on a
+# GPU tensor end in one of these).
+_SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
 _ROUTER = ("aten::topk", "aten::softmax", "aten::_softmax", "Router", "router")
 
 
@@ -188,14 +191,15 @@ def profile_step(
     intervals: list[tuple[float, float]] = []
     from torch.autograd import DeviceType
 
+    scalar_reads = 0
     for evt in prof.events():
         if evt.device_type == DeviceType.CUDA:
             intervals.append((float(evt.time_range.start), float(evt.time_range.end)))
             continue
-        if evt.name in ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpy"):
+        if evt.name in _SYNCS:
             result.host_syncs += 1
-        if evt.name.startswith("aten::_local_scalar_dense") or evt.name == "aten::item":
-            result.host_syncs += 1
+        if evt.name == "aten::_local_scalar_dense":
+            scalar_reads += 1
         kernels = getattr(evt, "kernels", None) or []
         if not kernels:
             continue
@@ -215,6 +219,8 @@ def profile_step(
         for k in kernels:
             result.ms[category] = result.ms.get(category, 0.0) + k.duration / 1000.0
             result.kernels += 1
+    if device.type != "cuda":
+        result.host_syncs = scalar_reads  # no runtime calls to count: the tensor reads
     result.busy_ms = _union_ms(intervals) if intervals else sum(result.ms.values())
     result.ms["GPU idle"] = max(0.0, wall_ms - result.busy_ms)
     return result
