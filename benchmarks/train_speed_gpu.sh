@@ -1,21 +1,21 @@
 #!/usr/bin/env bash
 # One call on one GPU: the fast paths against their references, then train_speed.py arm by arm
-# (each in its own process) for every shape, with profiles of the torch-loop and launch arms.
-#   benchmarks/train_speed_gpu.sh DATA OUT "qwen3:12 mixtral:4" [ARMS] [BEFORE_SRC]
+# (each in its own process), in the order given, with profiles of the torch-loop and launch arms.
+#   benchmarks/train_speed_gpu.sh DATA OUT "qwen3:12:torch,launch_ft mixtral:4:launch_ft,qlora qwen3:12:before,plain" [BEFORE_SRC]
 # BEFORE_SRC: a checkout of the revision the "before" arm measures (its emmoe_dist/ folder).
 # ARM_TIMEOUT (seconds, default 240) caps each arm, so one stuck arm cannot cost the others.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-data=$1 out=$2 shapes=$3 arms=${4:-torch,launch_ft,before,plain} before=${5:-}
+data=$1 out=$2 specs=$3 before=${4:-}
 mkdir -p "$out/profiles"
 python3 benchmarks/fast_paths_check.py --out "$out/fast_paths_check.json"
-for spec in $shapes; do
-  shape=${spec%%:*} layers=${spec##*:}
+for spec in $specs; do
+  IFS=: read -r shape layers arms <<<"$spec"
   for arm in ${arms//,/ }; do
     echo "=== $shape $layers layers: $arm ($(date +%T))"
     if [[ $arm == before ]]; then export EMMOE_BEFORE_SRC=$before; else unset EMMOE_BEFORE_SRC; fi
-    timeout "${ARM_TIMEOUT:-240}" python3 benchmarks/train_speed.py --shape "$shape" --layers "$layers" --data-dir "$data" \
-      --arms "$arm" --profile "$out/profiles" --out "$out/train_speed.json"
+    timeout "${ARM_TIMEOUT:-240}" python3 benchmarks/train_speed.py --shape "$shape" --layers "$layers" \
+      --data-dir "$data" --arms "$arm" --profile "$out/profiles" --out "$out/train_speed.json"
   done
 done
 cat "$out"/profiles/*.md > "$out/profiles.md" 2>/dev/null && rm -r "$out/profiles"
