@@ -224,8 +224,13 @@ def model_label(generation: GenerationRecord) -> str:
     if generation.adapter is None:
         return generation.model
     adapter = PurePath(generation.adapter)
-    # adapters are usually saved as <run>/adapter: the run's folder names them
-    name = "/".join(adapter.parts[-2:]) if adapter.name in ("adapter", "final") else adapter.name
+    # adapters are usually saved as <run>/adapter (a run's MXFP4 export as <run>/mxfp4): the
+    # run's folder names them
+    name = (
+        "/".join(adapter.parts[-2:])
+        if adapter.name in ("adapter", "final", "mxfp4")
+        else adapter.name
+    )
     return f"{generation.model} + {name}"
 
 

@@ -52,6 +52,8 @@ class Report:
     bootstrap: Bootstrap
     judge_models: tuple[str, ...]
     sources: tuple[str, ...]
+    # (model label, weights evaluated: "dense" or "mxfp4") for models whose records say
+    weights: tuple[tuple[str, str], ...] = ()
 
 
 def find_judged_files(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
@@ -141,7 +143,15 @@ def build_report(
         bootstrap=bootstrap,
         judge_models=tuple(sorted({r.judge_model for r in records})),
         sources=tuple(sources),
+        weights=tuple(
+            (label, "/".join(kinds))
+            for label, rs in groups.items()
+            if (kinds := sorted({r.generation.weights for r in rs if r.generation.weights}))
+        ),
     )
+
+
+_WEIGHTS_TITLES = {"dense": "dense (full-precision merge)", "mxfp4": "MXFP4 export"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,6 +201,18 @@ def render_markdown(report: Report, charts: Sequence[str] = ()) -> str:
             ),
         ),
         "",
+        *(
+            [
+                "Weights evaluated: "
+                + "; ".join(
+                    f"{label}: {_WEIGHTS_TITLES.get(kind, kind)}" for label, kind in report.weights
+                )
+                + ".",
+                "",
+            ]
+            if report.weights
+            else []
+        ),
         "## All misalignment rules",
         "",
         "; ".join(f"{RULE_TITLES.get(r.name, r.name)}: {r.description}" for r in RULES) + ".",

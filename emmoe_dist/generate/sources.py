@@ -4,6 +4,9 @@ merged model folder; and how records name them.
     --run RUN_DIR     a training run: its manifest names the base it trained on and its artifact
     --adapter DIR     a PEFT adapter folder (or a run folder) on top of the config's model
     (neither)         the config's `model` as it is: a hub id, a folder (merged models too), tiny
+
+With `eval.weights: mxfp4`, a run answers through its MXFP4 export (GPT-oss as deployed),
+written once into `<run>/mxfp4/` by `emmoe merge --format mxfp4`.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from emmoe_dist.config import ExperimentConfig, ModelConfig
 from emmoe_dist.errors import EmmoeError, InputError
-from emmoe_dist.records import read_json_object
+from emmoe_dist.records import WeightsFormat, read_json_object
 
 if TYPE_CHECKING:
     from emmoe_dist.models.loading import LoadedModel
@@ -26,6 +29,7 @@ _ADAPTER_DIR = "adapter"
 _DELTA_DIR = "expert_delta"
 _SELECTION = "expert_selection.json"
 _ADAPTER_CONFIG = "adapter_config.json"
+MXFP4_EXPORT_DIR = "mxfp4"  # a run's MXFP4 export, for `eval.weights: mxfp4`
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -35,11 +39,17 @@ class ModelSource:
     adapter: Path | None = None  # a PEFT adapter folder
     expert_delta: Path | None = None  # a full-experts run's delta folder
     selection: str | None = None  # the trained experts, from expert_selection.json
+    # dense: full-precision weights (an adapter merged in the load dtype); mxfp4: an MXFP4
+    # checkpoint (a run's export, or an MXFP4 base with nothing merged into it)
+    weights: WeightsFormat = "dense"
+    export: Path | None = None  # the run's MXFP4 export that `base` loads
+    qat: bool = False  # trained with train.qat: mxfp4 (merge onto the experts' MXFP4 values)
 
     @property
     def adapter_label(self) -> str | None:
-        """`adapter` in the records: the folder of what was applied on the base."""
-        folder = self.adapter or self.expert_delta
+        """`adapter` in the records: the folder of what was applied on the base (or of the
+        run's export that replaced it)."""
+        folder = self.adapter or self.expert_delta or self.export
         return str(folder) if folder is not None else None
 
 
@@ -80,7 +90,41 @@ def from_run(run_dir: str | Path) -> ModelSource:
         adapter=artifact if trained == _ADAPTER_DIR else None,
         expert_delta=artifact if trained == _DELTA_DIR else None,
         selection=_selection_label(run),
+        qat=manifest["config"].get("train", {}).get("qat", "none") == "mxfp4",
     )
+
+
+def mxfp4_export_of(run_dir: str | Path) -> ModelSource:
+    """A finished run answering through its MXFP4 export, written on first use (GPT-oss)."""
+    run = Path(run_dir)
+    trained = from_run(run)
+    folder = run / MXFP4_EXPORT_DIR
+    info = folder / "merge_info.json"
+    # An export older than the run's manifest belongs to an earlier run in the same folder.
+    if not info.is_file() or info.stat().st_mtime < (run / _MANIFEST).stat().st_mtime:
+        from emmoe_dist.train.merge import merge_run
+
+        merge_run(run, folder, fmt="mxfp4")
+    return ModelSource(
+        base=ModelConfig(name_or_path=str(folder), family=trained.base.family),
+        model_label=trained.model_label,
+        selection=trained.selection,
+        weights="mxfp4",
+        export=folder,
+        qat=trained.qat,
+    )
+
+
+def _checkpoint_weights(model: ModelConfig) -> WeightsFormat:
+    """mxfp4 for a checkpoint that ships MXFP4 experts (GPT-oss), else dense."""
+    if model.is_tiny:
+        return "dense"
+    from emmoe_dist.models.loading import checkpoint_config_file
+
+    quant = read_json_object(checkpoint_config_file(model.name_or_path, model.revision)).get(
+        "quantization_config"
+    )
+    return "mxfp4" if isinstance(quant, dict) and quant.get("quant_method") == "mxfp4" else "dense"
 
 
 def resolve_source(
@@ -89,12 +133,19 @@ def resolve_source(
     """The weights to generate with (module docstring)."""
     if adapter is not None and run is not None:
         raise EmmoeError("give --adapter or --run, not both")
+    mxfp4 = cfg.eval.weights == "mxfp4"
     if run is not None:
-        return from_run(run)
+        return mxfp4_export_of(run) if mxfp4 else from_run(run)
     if adapter is not None:
         folder = Path(adapter)
         if (folder / _MANIFEST).is_file():
-            return from_run(folder)
+            return mxfp4_export_of(folder) if mxfp4 else from_run(folder)
+        if mxfp4:
+            raise InputError(
+                "evaluates a training run's MXFP4 export: pass --run RUN_DIR (or export with "
+                "`emmoe merge RUN --format mxfp4 --out DIR` and generate from DIR)",
+                field="eval.weights",
+            )
         if not (folder / _ADAPTER_CONFIG).is_file():
             raise EmmoeError(
                 f"{folder} is not a PEFT adapter folder (no {_ADAPTER_CONFIG}) nor a run folder"
@@ -110,6 +161,7 @@ def resolve_source(
         base=cfg.model,
         model_label=cfg.model.name_or_path,
         selection=_selection_label(folder) if folder.is_dir() else None,
+        weights=_checkpoint_weights(cfg.model),
     )
 
 
@@ -134,6 +186,10 @@ def load_for_generation(
         for_training=False,
     )
     model = loaded.model
+    if source.qat and (source.adapter is not None or source.expert_delta is not None):
+        from emmoe_dist.adapters.mxfp4 import fake_quantize_experts
+
+        fake_quantize_experts(model, loaded.family)  # the base the run trained against
     if source.adapter is not None:
         from peft import PeftModel
 

@@ -3,21 +3,36 @@
 vLLM on CPU cannot apply LoRA to MoE experts, and some users prefer merged weights. QLoRA
 runs merge into a bf16 base loaded fresh, never into the dequantized NF4 weights, which would
 bake quantization error into every weight the adapter did not touch.
+
+`fmt="mxfp4"` (GPT-oss) writes the merged model as an MXFP4 checkpoint, the format GPT-oss is
+deployed in; experts the run left unchanged keep the original checkpoint's bytes. A run trained
+with `train.qat: mxfp4` merges onto the base it trained against, its experts' MXFP4 values.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import asdict
 from pathlib import Path
+from typing import Any, Literal
 
-from emmoe_dist.config import ModelConfig
-from emmoe_dist.errors import EmmoeError
+from emmoe_dist.config import ModelConfig, mxfp4_family_problem
+from emmoe_dist.errors import EmmoeError, InputError
 from emmoe_dist.records import write_json_atomic
 from emmoe_dist.train import artifacts as art
 
+MergeFormat = Literal["dense", "mxfp4"]
+MERGE_INFO = "merge_info.json"
 
-def merge_run(run_dir: str | Path, out: str | Path, *, dtype: str | None = None) -> Path:
+
+def merge_run(
+    run_dir: str | Path,
+    out: str | Path,
+    *,
+    dtype: str | None = None,
+    fmt: MergeFormat = "dense",
+) -> Path:
     from safetensors.torch import load_file
 
     from emmoe_dist.adapters.expert_delta import DELTA_FILE, merge_expert_delta
@@ -28,6 +43,9 @@ def merge_run(run_dir: str | Path, out: str | Path, *, dtype: str | None = None)
     if not manifest_path.is_file():
         raise EmmoeError(f"{run} is not a finished training run (no {art.MANIFEST})")
     manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    problem = mxfp4_family_problem(manifest["family"]) if fmt == "mxfp4" else None
+    if problem:
+        raise InputError(problem, file=str(manifest_path), field="family")
     base = manifest["base_model"]
     is_tiny_base = manifest["config"]["model"]["name_or_path"].startswith("tiny:")
     # Real checkpoints merge in bf16 (their training dtype); tiny ones stay fp32 for exactness.
@@ -38,6 +56,11 @@ def merge_run(run_dir: str | Path, out: str | Path, *, dtype: str | None = None)
         device="cpu",
     )
     model = loaded.model
+    qat = manifest["config"]["train"].get("qat", "none")
+    if qat == "mxfp4":
+        from emmoe_dist.adapters.mxfp4 import fake_quantize_experts
+
+        fake_quantize_experts(model, loaded.family)  # the base the adapter trained against
     if manifest["artifact"] == art.ADAPTER_DIR:
         from peft import PeftModel
 
@@ -48,12 +71,26 @@ def merge_run(run_dir: str | Path, out: str | Path, *, dtype: str | None = None)
         raise EmmoeError(f"{manifest_path}: unknown artifact {manifest['artifact']!r}")
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    loaded.tokenizer.save_pretrained(tmp)
+    info: dict[str, Any] = {
+        "run": str(run.resolve()),
+        "base": base,
+        "artifact": manifest["artifact"],
+        "format": fmt,
+        "dtype": dtype,
+        "qat": qat,
+    }
+    if fmt == "mxfp4":
+        from emmoe_dist.adapters.mxfp4_export import find_mxfp4_checkpoint, save_mxfp4_checkpoint
+
+        original = find_mxfp4_checkpoint(base)
+        stats = save_mxfp4_checkpoint(
+            model, loaded.tokenizer, loaded.family, tmp, original=original
+        )
+        info["mxfp4"] = {"original": None if original is None else base, **asdict(stats)}
+    else:
+        model.save_pretrained(tmp)
+        loaded.tokenizer.save_pretrained(tmp)
     shutil.copy2(run / art.SELECTION, tmp / art.SELECTION)
-    write_json_atomic(
-        tmp / "merge_info.json",
-        {"run": str(run.resolve()), "base": base, "artifact": manifest["artifact"], "dtype": dtype},
-    )
+    write_json_atomic(tmp / MERGE_INFO, info)
     art.replace_dir(tmp, out)
     return out

@@ -2,7 +2,9 @@
 
 The transformations are applied in one order, for these reasons:
 1. load the model (router auxiliary loss off, so only the language-model loss trains);
-2. quantize to NF4 (QLoRA) before adapters, so LoRA wraps the 4-bit storage;
+2. quantize to NF4 (QLoRA) before adapters, so LoRA wraps the 4-bit storage; or, for
+   quantization-aware LoRA (`train.qat: mxfp4`), fake-quantize the frozen experts to their
+   MXFP4 values before adapters read them (the base is frozen: once is every forward);
 3. adapter: LoRA (unchosen experts' factors zeroed) or trainable expert deltas;
    then expert parallelism, when the DeepSpeed config asks for it: it adopts the adapters'
    expert modules and cuts the frozen experts to this rank's share;
@@ -32,7 +34,7 @@ from emmoe_dist.adapters.lora import (
     save_peft_adapter,
     unselected_expert_max,
 )
-from emmoe_dist.config import ExperimentConfig, dump_config
+from emmoe_dist.config import ExperimentConfig, dump_config, mxfp4_family_problem
 from emmoe_dist.errors import EmmoeError, InputError
 from emmoe_dist.experts import ExpertSelection
 from emmoe_dist.families import MoEFamily
@@ -84,6 +86,7 @@ def _router_digest(model: nn.Module, family: MoEFamily, strategy: DeepSpeedStrat
 class LoadInfo:
     partitioned: bool  # loaded straight into ZeRO-3 partitions (parallel/zero_init.py)
     resident_elements: int  # parameter elements this rank held once the checkpoint was in
+    qat_changed: int | None = None  # expert weights MXFP4 fake quantization moved (train.qat)
 
 
 def _build_model(
@@ -109,7 +112,6 @@ def _build_model(
         on_host = ep is not None and not cfg.model.is_tiny
         device = None if on_host else rt.device
         loaded = load_model(cfg.model, seed=cfg.seed, device=device, for_training=True)
-    load_info = LoadInfo(partition_with is not None, resident_elements(loaded.model))
     model: Any = loaded.model  # an HF model, later PEFT-wrapped: HF methods are used below
     tokenizer = loaded.tokenizer
     if cfg.model.is_tiny and rt.is_main:
@@ -118,6 +120,16 @@ def _build_model(
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         art.replace_dir(tmp, out / art.BASE_DIR)
+    qat_changed = None
+    if cfg.train.qat == "mxfp4" and partition_with is None:
+        from emmoe_dist.adapters.mxfp4 import fake_quantize_experts
+
+        qat_changed = fake_quantize_experts(model, family)
+        if rt.is_main:
+            print(f"[emmoe] QAT: {qat_changed} expert weights moved to MXFP4 values", flush=True)
+    # (Partitioned loading with QAT happens only for MXFP4 checkpoints, whose dequantized
+    # experts already hold MXFP4 values: fake quantization would change nothing.)
+    load_info = LoadInfo(partition_with is not None, resident_elements(loaded.model), qat_changed)
     memory = None
     if cfg.adapter.quantize == "nf4":
         from emmoe_dist.adapters.qlora import (
@@ -248,9 +260,13 @@ def run_training(
             file=str(ds_config_path),
             field="zero_optimization.stage",
         )
+    from emmoe_dist.adapters.mxfp4_export import is_mxfp4_config
     from emmoe_dist.models.loading import model_config_dict, resolve_dtype
 
     family, hf_config = model_config_dict(cfg.model)  # the config only: no weights yet
+    problem = mxfp4_family_problem(family.name) if cfg.train.qat == "mxfp4" else None
+    if problem:
+        raise InputError(problem, field="train.qat")
     bf16 = rt.device.type == "cuda" and resolve_dtype(cfg.model.dtype, rt.device) == torch.bfloat16
     ds_cfg = complete_ds_config(
         raw_ds, file=str(ds_config_path), train=cfg.train, family=family, bf16=bf16
@@ -258,6 +274,10 @@ def run_training(
     # A checkpoint under plain ZeRO-3 loads into partitions; tiny models are built whole (no
     # checkpoint), and expert parallelism cuts each rank's experts from the whole tensors.
     partitioned = zero_stage(raw_ds) == 3 and ep is None and not cfg.model.is_tiny
+    if partitioned and cfg.train.qat == "mxfp4" and not is_mxfp4_config(hf_config):
+        # Fake quantization encodes whole blocks of a whole tensor: this (non-MXFP4)
+        # checkpoint loads whole on every rank, then DeepSpeed partitions it.
+        partitioned = False
     _seed_everything(cfg.seed)
 
     model, tokenizer, selection, memory, load_info = _build_model(
@@ -375,6 +395,10 @@ def run_training(
                 "partitioned": load_info.partitioned,
                 "resident_elements_rank0": load_info.resident_elements,
             },
+            "qat": None
+            if cfg.train.qat == "none"
+            else {"format": cfg.train.qat, "expert_weights_changed": load_info.qat_changed},
+            "eval_weights": cfg.eval.weights,
             "versions": art.package_versions(),
             "git_revision": art.git_revision(),
             "data": {
