@@ -2,7 +2,7 @@
 # The README's second command (and CI's): install, lint, run the whole test suite on CPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-EXTRAS=${EXTRAS:-dev,qlora,ray} scripts/install.sh
+EXTRAS=${EXTRAS:-dev,qlora,ray,modelopt} scripts/install.sh
 export EMMOE_DATA_DIR=${EMMOE_DATA_DIR:-$(cd .. && pwd)/shared/data}
 .venv/bin/ruff check .
 .venv/bin/python -m pytest -q -p no:cacheprovider --durations=15 -m "not vllm" "$@"

@@ -121,9 +121,11 @@ def _checkpoint_weights(model: ModelConfig) -> WeightsFormat:
         return "dense"
     from emmoe_dist.models.loading import checkpoint_config_file
 
-    quant = read_json_object(checkpoint_config_file(model.name_or_path, model.revision)).get(
-        "quantization_config"
-    )
+    try:
+        config = checkpoint_config_file(model.name_or_path, model.revision)
+    except EmmoeError:
+        return "dense"  # unreadable here: loading the model names the problem
+    quant = read_json_object(config).get("quantization_config")
     return "mxfp4" if isinstance(quant, dict) and quant.get("quant_method") == "mxfp4" else "dense"
 
 
