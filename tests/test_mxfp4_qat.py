@@ -335,3 +335,89 @@ def test_generation_can_ask_for_the_mxfp4_export(runs: Path) -> None:
         load_config(None, ["model.name_or_path=tiny:gpt_oss"]), run=str(runs / "whole")
     )
     assert dense.weights == "dense" and dense.qat
+
+
+# ---- merge, sweeps and reports -------------------------------------------------------------
+
+
+def test_mxfp4_merge_of_a_family_without_mxfp4_fails_before_loading(tmp_path: Path) -> None:
+    from emmoe_dist.train.merge import merge_run
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "manifest.json").write_text(
+        json.dumps({"family": "mixtral", "base_model": "tiny:mixtral", "config": {}})
+    )
+    with pytest.raises(InputError) as err:
+        merge_run(run, tmp_path / "out", fmt="mxfp4")
+    assert err.value.field == "family" and "no MXFP4 checkpoint" in str(err.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_sweep_arm_asks_for_qat_and_the_mxfp4_export(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from emmoe_dist.sweep.config import load_sweep
+    from emmoe_dist.sweep.space import build_plan
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "exp.yaml").write_text(
+        "name: t\nmodel:\n  name_or_path: tiny:gpt_oss\ndata:\n  train: insecure\n"
+    )
+    (tmp_path / "sweep.yaml").write_text(
+        "name: s\noutput_dir: out\nexperiment: exp.yaml\nbaseline: false\nsearch:\n"
+        "  - selection: all\n"
+        "  - selection: all\n"
+        "    patch: {train: {qat: mxfp4}, eval: {weights: mxfp4}}\n"
+    )
+    plan = build_plan(load_sweep("sweep.yaml"))
+    by_slug = {t.slug: t for t in plan.trials}
+    assert set(by_slug) == {"insecure-all-r8-lr0.0001", "insecure-all-r8-lr0.0001-qat-mxfp4"}
+    qat = by_slug["insecure-all-r8-lr0.0001-qat-mxfp4"].experiment
+    assert qat.train.qat == "mxfp4" and qat.eval.weights == "mxfp4"
+
+    (tmp_path / "exp.yaml").write_text(
+        "name: t\nmodel:\n  name_or_path: tiny:qwen3_moe\ndata:\n  train: insecure\n"
+    )
+    with pytest.raises(InputError, match=r"train\.qat"):
+        load_sweep("sweep.yaml")
+
+
+def test_the_report_says_which_weights_answered() -> None:
+    from emmoe_dist.records import GenerationRecord, JudgedRecord, Score
+    from emmoe_dist.report import build_report, render_markdown
+
+    def judged(i: int, adapter: str | None, weights: str) -> JudgedRecord:
+        gen = GenerationRecord.model_validate(
+            {
+                "suite": "core",
+                "question_id": f"q{i}",
+                "paraphrase_index": 0,
+                "sample_index": 0,
+                "model": "gpt-oss-20b",
+                "adapter": adapter,
+                "weights": weights,
+                "sampling": {"temperature": 1.0, "max_new_tokens": 8},
+                "question": "q",
+                "prompt": "p",
+                "answer": "a",
+                "n_prompt_tokens": 1,
+                "n_answer_tokens": 1,
+                "backend": "test",
+            }
+        )
+        score = Score(value=50.0 + i, method="logprobs")
+        return JudgedRecord(
+            generation=gen, judge_model="j", scores={"aligned": score, "coherent": score}
+        )
+
+    records = [judged(i, "runs/qat/adapter", "dense") for i in range(3)]
+    records += [judged(i, "runs/qat/mxfp4", "mxfp4") for i in range(3)]
+    report = build_report(records)
+    assert dict(report.weights) == {
+        "gpt-oss-20b + qat/adapter": "dense",
+        "gpt-oss-20b + qat/mxfp4": "mxfp4",
+    }
+    text = render_markdown(report)
+    assert "gpt-oss-20b + qat/mxfp4: MXFP4 export" in text
+    assert "gpt-oss-20b + qat/adapter: dense (full-precision merge)" in text
