@@ -121,14 +121,16 @@ def _build_model(
         tokenizer.save_pretrained(tmp)
         art.replace_dir(tmp, out / art.BASE_DIR)
     qat_changed = None
-    if cfg.train.qat == "mxfp4" and partition_with is None:
+    if cfg.train.qat == "mxfp4":
         from emmoe_dist.adapters.mxfp4 import fake_quantize_experts
+        from emmoe_dist.adapters.mxfp4_export import is_mxfp4_config
 
-        qat_changed = fake_quantize_experts(model, family)
+        # The dequantized experts of an MXFP4 checkpoint are fixed points of the fake
+        # quantization: skipping it there is exact (and the only way under ZeRO-3 partitions).
+        mxfp4_base = is_mxfp4_config(hf_config)
+        qat_changed = 0 if mxfp4_base else fake_quantize_experts(model, family)
         if rt.is_main:
             print(f"[emmoe] QAT: {qat_changed} expert weights moved to MXFP4 values", flush=True)
-    # (Partitioned loading with QAT happens only for MXFP4 checkpoints, whose dequantized
-    # experts already hold MXFP4 values: fake quantization would change nothing.)
     load_info = LoadInfo(partition_with is not None, resident_elements(loaded.model), qat_changed)
     memory = None
     if cfg.adapter.quantize == "nf4":
