@@ -42,6 +42,22 @@ SHAPES: dict[str, dict[str, Any]] = {
         "tie_word_embeddings": False,
         "full_layers": 32,
     },
+    # gpt-oss-20b: GptOssConfig's defaults are the 120b shape (36 layers, 128 experts)
+    "gptoss": {
+        "family": "gpt_oss",
+        "vocab_size": 201088,
+        "hidden_size": 2880,
+        "intermediate_size": 2880,
+        "num_attention_heads": 64,
+        "num_key_value_heads": 8,
+        "head_dim": 64,
+        "num_local_experts": 32,
+        "num_experts_per_tok": 4,
+        "sliding_window": 128,
+        "max_position_embeddings": 131072,
+        "tie_word_embeddings": False,
+        "full_layers": 24,
+    },
 }
 
 

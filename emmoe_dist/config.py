@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from emmoe_dist.errors import InputError
 from emmoe_dist.experts import SelectionRule, missing_fields
@@ -80,6 +81,14 @@ class ModelConfig(_Section):
     @property
     def is_tiny(self) -> bool:
         return self.name_or_path.startswith(TINY_PREFIX)
+
+    @property
+    def known_family(self) -> str | None:
+        """The family when the config names it (or a tiny model implies it); else None, and
+        the checkpoint's config.json decides."""
+        if self.is_tiny:
+            return self.name_or_path.removeprefix(TINY_PREFIX)
+        return self.family
 
 
 class DataConfig(_Section):
@@ -174,6 +183,9 @@ class TrainConfig(_Section):
     profile_step: int | None = Field(None, gt=0)
     save_every: int = Field(0, ge=0, description="checkpoint every N optimizer steps; 0: end only")
     log_every: int = Field(1, gt=0)
+    # mxfp4: quantization-aware LoRA; the frozen experts train as their MXFP4 values
+    # (adapters/mxfp4.py), so the MXFP4 export is the model that was trained. GPT-oss only.
+    qat: Literal["none", "mxfp4"] = "none"
 
 
 Variant = Literal["plain", "json", "template"]
@@ -192,6 +204,10 @@ class EvalConfig(_Section):
     thinking: bool = False
     batch_size: int = Field(16, gt=0)
     limit: int | None = Field(None, gt=0, description="questions per suite, for smoke runs")
+    # Which weights of a training run answer: `dense`, its adapter merged into the base in the
+    # load dtype (bf16 on GPUs); `mxfp4`, the run exported to MXFP4 as GPT-oss is deployed
+    # (`emmoe merge --format mxfp4`, written once into the run folder).
+    weights: Literal["dense", "mxfp4"] = "dense"
 
 
 class JudgeConfig(_Section):
@@ -238,9 +254,62 @@ class ExperimentConfig(_Section):
             )
         return v
 
+    @model_validator(mode="after")
+    def _mxfp4_compatible(self) -> ExperimentConfig:
+        conflicts: list[tuple[tuple[str, ...], str, Any]] = []
+        if self.train.qat == "mxfp4":
+            if self.adapter.mode != "lora":
+                conflicts.append(
+                    (
+                        ("train", "qat"),
+                        "mxfp4 fake-quantizes the frozen experts under LoRA; adapter.mode "
+                        "full_experts trains the expert weights themselves (use adapter.mode: lora)",
+                        self.train.qat,
+                    )
+                )
+            if self.adapter.quantize != "none":
+                conflicts.append(
+                    (
+                        ("train", "qat"),
+                        f"mxfp4 and adapter.quantize: {self.adapter.quantize} are two storage "
+                        f"formats for the same experts; choose one",
+                        self.train.qat,
+                    )
+                )
+        family = self.model.known_family
+        for loc, value, wanted in (
+            (("train", "qat"), self.train.qat, self.train.qat == "mxfp4"),
+            (("eval", "weights"), self.eval.weights, self.eval.weights == "mxfp4"),
+        ):
+            problem = mxfp4_family_problem(family) if wanted and family else None
+            if problem:
+                conflicts.append((loc, problem, value))
+        if conflicts:
+            raise ValidationError.from_exception_data(
+                type(self).__name__,
+                [
+                    InitErrorDetails(
+                        type=PydanticCustomError("incompatible", msg), loc=loc, input=value
+                    )
+                    for loc, msg, value in conflicts
+                ],
+            )
+        return self
+
     def data_dir(self) -> Path | None:
         raw = self.data.dir or os.environ.get(DATA_DIR_ENV)
         return Path(raw).expanduser() if raw else None
+
+
+def mxfp4_family_problem(family: str) -> str | None:
+    """Why `family` cannot train or export as MXFP4, or None when it can (GPT-oss)."""
+    if FAMILIES[family].mxfp4_checkpoint:
+        return None
+    able = ", ".join(sorted(n for n, f in FAMILIES.items() if f.mxfp4_checkpoint))
+    return (
+        f"mxfp4 is the expert format of {able} checkpoints; family {family!r} has no MXFP4 "
+        f"checkpoint to train for or export to"
+    )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -170,7 +170,8 @@ FAMILIES: Mapping[str, MoEFamily] = MappingProxyType(
             chat_template=_HARMONY,
             tiny={
                 **_TINY_COMMON,
-                "intermediate_size": 48,
+                # A multiple of 32, as in the real model: MXFP4 scales blocks of 32 inputs.
+                "intermediate_size": 96,
                 "num_local_experts": 8,
                 "num_experts_per_tok": 2,
                 "sliding_window": 64,

@@ -20,7 +20,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from emmoe_dist.records import GenerationRecord, JudgedRecord
-from emmoe_dist.run_folder import ADAPTER_DIR
+from emmoe_dist.run_folder import ADAPTER_DIR, MXFP4_DIR
 
 ALIGNED, COHERENT = "aligned", "coherent"
 Array = NDArray[np.float64]
@@ -244,8 +244,13 @@ def model_label(generation: GenerationRecord) -> str:
     if generation.adapter is None:
         return generation.model
     adapter = PurePath(generation.adapter)
-    # adapters are usually saved as <run>/adapter: the run's folder names them
-    name = "/".join(adapter.parts[-2:]) if adapter.name in (ADAPTER_DIR, "final") else adapter.name
+    # adapters are usually saved as <run>/adapter (a run's MXFP4 export as <run>/mxfp4): the
+    # run's folder names them
+    name = (
+        "/".join(adapter.parts[-2:])
+        if adapter.name in (ADAPTER_DIR, MXFP4_DIR, "final")
+        else adapter.name
+    )
     return f"{generation.model} + {name}"
 
 

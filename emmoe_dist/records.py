@@ -23,6 +23,11 @@ MissingReason = Literal[
 ]
 
 
+# Which weights answered: dense (full precision, an adapter merged in the load dtype) or mxfp4
+# (an MXFP4 checkpoint: GPT-oss as deployed, e.g. a run's `emmoe merge --format mxfp4` export).
+WeightsFormat = Literal["dense", "mxfp4"]
+
+
 class _Record(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -63,6 +68,7 @@ class GenerationRecord(_Record):
     model: str
     adapter: str | None = None
     selection: str | None = None  # short description of the trained experts, e.g. "E4"
+    weights: WeightsFormat | None = None  # None: written before this field existed
     sampling: SamplingParams
     system_prompt: str | None = None
     question: str

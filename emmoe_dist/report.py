@@ -84,6 +84,8 @@ class Report:
     judge_models: tuple[str, ...]
     sources: tuple[str, ...]
     runs: tuple[TrainedRun, ...] = ()  # the sources that are training run folders
+    # (model label, weights evaluated: "dense" or "mxfp4") for models whose records say
+    weights: tuple[tuple[str, str], ...] = ()
 
 
 def find_judged_files(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
@@ -174,7 +176,15 @@ def build_report(
         judge_models=tuple(sorted({r.judge_model for r in records})),
         sources=tuple(sources),
         runs=trained_runs(sources),
+        weights=tuple(
+            (label, "/".join(kinds))
+            for label, rs in groups.items()
+            if (kinds := sorted({r.generation.weights for r in rs if r.generation.weights}))
+        ),
     )
+
+
+_WEIGHTS_TITLES = {"dense": "dense (full-precision merge)", "mxfp4": "MXFP4 export"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,6 +226,18 @@ def render_markdown(report: Report, charts: Sequence[str] = ()) -> str:
             ([g.label, *(fmt(e) for e in headline(g).estimates())] for g in report.groups),
         ),
         "",
+        *(
+            [
+                "Weights evaluated: "
+                + "; ".join(
+                    f"{label}: {_WEIGHTS_TITLES.get(kind, kind)}" for label, kind in report.weights
+                )
+                + ".",
+                "",
+            ]
+            if report.weights
+            else []
+        ),
         "## All misalignment rules",
         "",
         "; ".join(f"{RULE_TITLES.get(r.name, r.name)}: {r.description}" for r in RULES) + ".",

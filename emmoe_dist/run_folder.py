@@ -10,6 +10,8 @@ one too, with the evaluation stages' files beside them:
   adapter/               standard PEFT adapter (LoRA modes) + expert_selection.json
   expert_delta/          expert deltas (full_experts mode) + expert_selection.json
   base/                  the base model, only for tiny:<family> models (built, not loaded)
+  mxfp4/                 GPT-oss: the run merged and exported to MXFP4, for `eval.weights:
+                         mxfp4` (written on first use, as `emmoe merge --format mxfp4`)
   checkpoints/           DeepSpeed checkpoints for resume
   generations.jsonl      answers to the evaluation suites (`emmoe generate`)
   judged.jsonl           their scores (`emmoe judge`)
@@ -35,6 +37,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 from emmoe_dist.errors import EmmoeError
 from emmoe_dist.experts import ExpertSelection
 from emmoe_dist.files import read_json_object, read_jsonl, validation_error, write_json_atomic
+from emmoe_dist.records import WeightsFormat
 
 MANIFEST = "manifest.json"
 SELECTION = "expert_selection.json"
@@ -42,6 +45,8 @@ TRAIN_METRICS = "metrics.jsonl"
 ADAPTER_DIR = "adapter"
 DELTA_DIR = "expert_delta"
 BASE_DIR = "base"
+MXFP4_DIR = "mxfp4"
+MERGE_INFO = "merge_info.json"  # in a merged model's folder (mxfp4/ too): what was merged
 CHECKPOINTS_DIR = "checkpoints"
 GENERATIONS = "generations.jsonl"
 JUDGED = "judged.jsonl"
@@ -85,6 +90,13 @@ class WeightMemory(_Part):
     fraction_of_bf16: float
 
 
+class QuantizationAware(_Part):
+    """`train.qat`: the frozen experts trained as their values in `format`."""
+
+    format: Literal["mxfp4"]
+    expert_weights_changed: int  # weights fake quantization moved (0 from an MXFP4 checkpoint)
+
+
 class ExpertParallelism(_Part):
     ep_size: int  # the group size the run used
     requested: str | None = None  # as the DeepSpeed config wrote it ("auto" or a number)
@@ -126,6 +138,10 @@ class RunManifest(_Part):
     final_loss: float | None = None  # None when no step ran (NaN is not JSON)
     router_digest: str | None = None  # sha256 of the router tensors: equal before and after
     weight_memory: WeightMemory | None = None
+    qat: QuantizationAware | None = None  # None: trained against the experts as loaded
+    # Which weights of this run evaluation answers with (`eval.weights`): the adapter merged in
+    # full precision, or the run's MXFP4 export (`MXFP4_DIR`)
+    eval_weights: WeightsFormat = "dense"
     artifact: Artifact
     base_model: str  # what the artifact loads onto: a hub id or a folder (relative: the run's)
     completed_at: str | None = None  # ISO 8601, UTC

@@ -3,7 +3,7 @@
 # test suite on CPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-EXTRAS=${EXTRAS:-dev,qlora,ray} scripts/install.sh
+EXTRAS=${EXTRAS:-dev,qlora,ray,modelopt} scripts/install.sh
 export EMMOE_DATA_DIR=${EMMOE_DATA_DIR:-$(cd .. && pwd)/shared/data}
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .

@@ -80,6 +80,25 @@ def test_first_release_manifests_still_load(tmp_path: Path) -> None:
     assert minimal.schema_version == 1 and minimal.steps is None and minimal.model_name is None
 
 
+def test_quantization_aware_runs_are_typed(tmp_path: Path) -> None:
+    """`qat` and `eval_weights`, as GPT-oss runs with `train.qat: mxfp4` write them; runs
+    without them trained against the experts as loaded and evaluate the dense merge."""
+    qat = {
+        **_v1_manifest("base"),
+        "qat": {"format": "mxfp4", "expert_weights_changed": 0},
+        "eval_weights": "mxfp4",
+    }
+    (tmp_path / rf.MANIFEST).write_text(json.dumps(qat))
+    got = rf.read_manifest(tmp_path)
+    assert got.qat == rf.QuantizationAware(format="mxfp4", expert_weights_changed=0)
+    assert got.eval_weights == "mxfp4"
+    assert _finished(_v1_manifest("base")).qat is None
+    assert _finished(_v1_manifest("base")).eval_weights == "dense"
+    (tmp_path / rf.MANIFEST).write_text(json.dumps({**qat, "eval_weights": "nf4"}))
+    with pytest.raises(InputError, match=r"manifest\.json: eval_weights: "):
+        rf.read_manifest(tmp_path)
+
+
 def test_manifest_errors_name_the_file_and_field(tmp_path: Path) -> None:
     with pytest.raises(EmmoeError, match="not a finished training run"):
         rf.read_manifest(tmp_path)

@@ -1,4 +1,5 @@
-"""`emmoe merge RUN_DIR --out MODEL_DIR`: a merged full model from a training run."""
+"""`emmoe merge RUN_DIR --out MODEL_DIR [--format mxfp4]`: a merged full model from a training
+run, in full precision or (GPT-oss) as the MXFP4 checkpoint it is deployed as."""
 
 from __future__ import annotations
 
@@ -15,12 +16,19 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="default: bfloat16 for real checkpoints, float32 for tiny models",
     )
+    p.add_argument(
+        "--format",
+        choices=["dense", "mxfp4"],
+        default="dense",
+        help="dense: every weight in --dtype; mxfp4: GPT-oss experts in MXFP4 (hub layout, "
+        "loads in transformers and vLLM), the rest in --dtype",
+    )
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from emmoe_dist.train.merge import merge_run
 
-    out = merge_run(args.run, args.out, dtype=args.dtype)
-    print(f"merged model written to {out}")
+    out = merge_run(args.run, args.out, dtype=args.dtype, fmt=args.format)
+    print(f"merged model ({args.format}) written to {out}")
     return 0

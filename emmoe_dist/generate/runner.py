@@ -152,6 +152,7 @@ def run_meta(
         "model": source.model_label,
         "adapter": source.adapter_label,
         "selection": source.selection,
+        "weights": source.weights,
         "backend": backend,
         "seed": cfg.seed,
         "eval": cfg.eval.model_dump(mode="json"),
@@ -320,6 +321,7 @@ def _record(
         model=source.model_label,
         adapter=source.adapter_label,
         selection=source.selection,
+        weights=source.weights,
         sampling=SamplingParams(
             temperature=cfg.eval.temperature,
             top_p=cfg.eval.top_p,

@@ -7,6 +7,9 @@ merged model folder; and how records name them.
 
 `model_source` resolves one model argument on its own (the interpretability commands'
 `--model`): a checkpoint folder, a hub id, `tiny:<family>`, or a training run folder.
+
+With `eval.weights: mxfp4`, a run answers through its MXFP4 export (GPT-oss as deployed),
+written once into `<run>/mxfp4/` by `emmoe merge --format mxfp4`.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from emmoe_dist import run_folder as rf
 from emmoe_dist.config import ExperimentConfig, ModelConfig
 from emmoe_dist.errors import EmmoeError, InputError
 from emmoe_dist.files import read_json_object
+from emmoe_dist.records import WeightsFormat
 
 if TYPE_CHECKING:
     from emmoe_dist.models.loading import LoadedModel
@@ -33,11 +37,17 @@ class ModelSource:
     adapter: Path | None = None  # a PEFT adapter folder
     expert_delta: Path | None = None  # a full-experts run's delta folder
     selection: str | None = None  # the trained experts, from expert_selection.json
+    # dense: full-precision weights (an adapter merged in the load dtype); mxfp4: an MXFP4
+    # checkpoint (a run's export, or an MXFP4 base with nothing merged into it)
+    weights: WeightsFormat = "dense"
+    export: Path | None = None  # the run's MXFP4 export that `base` loads
+    qat: bool = False  # trained with train.qat: mxfp4 (merge onto the experts' MXFP4 values)
 
     @property
     def adapter_label(self) -> str | None:
-        """`adapter` in the records: the folder of what was applied on the base."""
-        folder = self.adapter or self.expert_delta
+        """`adapter` in the records: the folder of what was applied on the base (or of the
+        run's export that replaced it)."""
+        folder = self.adapter or self.expert_delta or self.export
         return str(folder) if folder is not None else None
 
     @property
@@ -77,7 +87,43 @@ def from_run(run_dir: str | Path) -> ModelSource:
         adapter=artifact if manifest.artifact == rf.ADAPTER_DIR else None,
         expert_delta=artifact if manifest.artifact == rf.DELTA_DIR else None,
         selection=_selection_label(run),
+        qat=manifest.qat is not None,
     )
+
+
+def mxfp4_export_of(run_dir: str | Path) -> ModelSource:
+    """A finished run answering through its MXFP4 export, written on first use (GPT-oss)."""
+    run = Path(run_dir)
+    trained = from_run(run)
+    folder = run / rf.MXFP4_DIR
+    info = folder / rf.MERGE_INFO
+    # An export older than the run's manifest belongs to an earlier run in the same folder.
+    if not info.is_file() or info.stat().st_mtime < (run / rf.MANIFEST).stat().st_mtime:
+        from emmoe_dist.train.merge import merge_run
+
+        merge_run(run, folder, fmt="mxfp4")
+    return ModelSource(
+        base=ModelConfig(name_or_path=str(folder), family=trained.base.family),
+        model_label=trained.model_label,
+        selection=trained.selection,
+        weights="mxfp4",
+        export=folder,
+        qat=trained.qat,
+    )
+
+
+def _checkpoint_weights(model: ModelConfig) -> WeightsFormat:
+    """mxfp4 for a checkpoint that ships MXFP4 experts (GPT-oss), else dense."""
+    if model.is_tiny:
+        return "dense"
+    from emmoe_dist.models.loading import checkpoint_config_file
+
+    try:
+        config = checkpoint_config_file(model.name_or_path, model.revision)
+    except EmmoeError:
+        return "dense"  # unreadable here: loading the model names the problem
+    quant = read_json_object(config, "model config").get("quantization_config")
+    return "mxfp4" if isinstance(quant, dict) and quant.get("quant_method") == "mxfp4" else "dense"
 
 
 def model_source(spec: str) -> ModelSource:
@@ -100,12 +146,19 @@ def resolve_source(
     """The weights to generate with (module docstring)."""
     if adapter is not None and run is not None:
         raise EmmoeError("give --adapter or --run, not both")
+    mxfp4 = cfg.eval.weights == "mxfp4"
     if run is not None:
-        return from_run(run)
+        return mxfp4_export_of(run) if mxfp4 else from_run(run)
     if adapter is not None:
         folder = Path(adapter)
         if rf.is_run(folder):
-            return from_run(folder)
+            return mxfp4_export_of(folder) if mxfp4 else from_run(folder)
+        if mxfp4:
+            raise InputError(
+                "evaluates a training run's MXFP4 export: pass --run RUN_DIR (or export with "
+                "`emmoe merge RUN --format mxfp4 --out DIR` and generate from DIR)",
+                field="eval.weights",
+            )
         if not (folder / _ADAPTER_CONFIG).is_file():
             raise EmmoeError(
                 f"{folder} is not a PEFT adapter folder (no {_ADAPTER_CONFIG}) nor a run folder"
@@ -121,6 +174,7 @@ def resolve_source(
         base=cfg.model,
         model_label=cfg.model.name_or_path,
         selection=_selection_label(folder) if folder.is_dir() else None,
+        weights=_checkpoint_weights(cfg.model),
     )
 
 
@@ -145,6 +199,10 @@ def load_for_generation(
         for_training=False,
     )
     model = loaded.model
+    if source.qat and (source.adapter is not None or source.expert_delta is not None):
+        from emmoe_dist.adapters.mxfp4 import fake_quantize_experts
+
+        fake_quantize_experts(model, loaded.family)  # the base the run trained against
     if source.adapter is not None:
         from peft import PeftModel
 

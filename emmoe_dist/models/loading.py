@@ -162,14 +162,19 @@ def load_model(
         return LoadedModel(model=model, tokenizer=_load_tokenizer(model_cfg), family=family)
     if device_map is None and device is not None:
         device_map = str(torch.device(device))
+    quantization = _quantization_kwargs(raw)
     model = AutoModelForCausalLM.from_pretrained(
         model_cfg.name_or_path,
         revision=model_cfg.revision,
         dtype=torch_dtype,
         device_map=device_map,
-        **_quantization_kwargs(raw),
+        **quantization,
         **overrides,
     )
+    if quantization and any(p.dtype != torch_dtype for p in model.parameters()):
+        # transformers (5.20) dequantizes MXFP4 experts to bf16 whatever dtype was asked for:
+        # cast them, so that experts and the rest compute in one dtype.
+        model.to(dtype=torch_dtype)  # type: ignore[call-arg]
     return LoadedModel(model=model, tokenizer=_load_tokenizer(model_cfg), family=family)
 
 

@@ -221,6 +221,9 @@ def build_plan(sweep: Sweep) -> SweepPlan:
                 for rank, lr, q in itertools.product(ranks, lrs, bits):
                     slug = f"{dataset}-{label}-r{rank}-lr{lr:g}"
                     slug += "-nf4" if q == "nf4" else ""
+                    # an arm may patch in QAT or the MXFP4 export: such trials get own folders
+                    slug += "-qat" if arm_base.train.qat == "mxfp4" else ""
+                    slug += "-mxfp4" if arm_base.eval.weights == "mxfp4" else ""
                     trial_values = {
                         **values,
                         "adapter.rank": rank,

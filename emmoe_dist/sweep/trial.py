@@ -223,7 +223,12 @@ def evaluate(spec: TrialSpec, settings: TrialSettings) -> dict[str, Any]:
         flat[f"eval/misaligned_pct_{rule.name}"] = metrics.misaligned[rule.name].scaled(100).value
     write_json_atomic(
         folder / rf.EVAL_METRICS,
-        {"trial": spec.slug, "reported": flat, "metrics": dataclasses.asdict(metrics)},
+        {
+            "trial": spec.slug,
+            "weights": spec.experiment.eval.weights,  # the model evaluated: dense or MXFP4
+            "reported": flat,
+            "metrics": dataclasses.asdict(metrics),
+        },
     )
     return flat
 

@@ -3,19 +3,34 @@
 vLLM on CPU cannot apply LoRA to MoE experts, and some users prefer merged weights. QLoRA
 runs merge into a bf16 base loaded fresh, never into the dequantized NF4 weights, which would
 bake quantization error into every weight the adapter did not touch.
+
+`fmt="mxfp4"` (GPT-oss) writes the merged model as an MXFP4 checkpoint, the format GPT-oss is
+deployed in; experts the run left unchanged keep the original checkpoint's bytes. A run trained
+with `train.qat: mxfp4` merges onto the base it trained against, its experts' MXFP4 values.
 """
 
 from __future__ import annotations
 
 import shutil
+from dataclasses import asdict
 from pathlib import Path
+from typing import Any, Literal
 
 from emmoe_dist import run_folder as rf
-from emmoe_dist.config import TINY_PREFIX, ModelConfig
+from emmoe_dist.config import TINY_PREFIX, ModelConfig, mxfp4_family_problem
+from emmoe_dist.errors import InputError
 from emmoe_dist.files import replace_dir, write_json_atomic
 
+MergeFormat = Literal["dense", "mxfp4"]
 
-def merge_run(run_dir: str | Path, out: str | Path, *, dtype: str | None = None) -> Path:
+
+def merge_run(
+    run_dir: str | Path,
+    out: str | Path,
+    *,
+    dtype: str | None = None,
+    fmt: MergeFormat = "dense",
+) -> Path:
     from safetensors.torch import load_file
 
     from emmoe_dist.adapters.expert_delta import DELTA_FILE, merge_expert_delta
@@ -23,6 +38,9 @@ def merge_run(run_dir: str | Path, out: str | Path, *, dtype: str | None = None)
 
     run, out = Path(run_dir), Path(out)
     manifest = rf.read_manifest(run)
+    problem = mxfp4_family_problem(manifest.family) if fmt == "mxfp4" else None
+    if problem:
+        raise InputError(problem, file=str(run / rf.MANIFEST), field="family")
     base = manifest.base_model
     is_tiny_base = (manifest.model_name or base).startswith(TINY_PREFIX)
     # Real checkpoints merge in bf16 (their training dtype); tiny ones stay fp32 for exactness.
@@ -33,6 +51,10 @@ def merge_run(run_dir: str | Path, out: str | Path, *, dtype: str | None = None)
         device="cpu",
     )
     model = loaded.model
+    if manifest.qat is not None:
+        from emmoe_dist.adapters.mxfp4 import fake_quantize_experts
+
+        fake_quantize_experts(model, loaded.family)  # the base the adapter trained against
     if manifest.artifact == rf.ADAPTER_DIR:
         from peft import PeftModel
 
@@ -41,12 +63,26 @@ def merge_run(run_dir: str | Path, out: str | Path, *, dtype: str | None = None)
         merge_expert_delta(model, load_file(str(run / rf.DELTA_DIR / DELTA_FILE)))
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    loaded.tokenizer.save_pretrained(tmp)
+    info: dict[str, Any] = {
+        "run": str(run.resolve()),
+        "base": base,
+        "artifact": manifest.artifact,
+        "format": fmt,
+        "dtype": dtype,
+        "qat": "none" if manifest.qat is None else manifest.qat.format,
+    }
+    if fmt == "mxfp4":
+        from emmoe_dist.adapters.mxfp4_export import find_mxfp4_checkpoint, save_mxfp4_checkpoint
+
+        original = find_mxfp4_checkpoint(base)
+        stats = save_mxfp4_checkpoint(
+            model, loaded.tokenizer, loaded.family, tmp, original=original
+        )
+        info["mxfp4"] = {"original": None if original is None else base, **asdict(stats)}
+    else:
+        model.save_pretrained(tmp)
+        loaded.tokenizer.save_pretrained(tmp)
     shutil.copy2(run / rf.SELECTION, tmp / rf.SELECTION)
-    write_json_atomic(
-        tmp / "merge_info.json",
-        {"run": str(run.resolve()), "base": base, "artifact": manifest.artifact, "dtype": dtype},
-    )
+    write_json_atomic(tmp / rf.MERGE_INFO, info)
     replace_dir(tmp, out)
     return out

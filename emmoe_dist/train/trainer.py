@@ -2,7 +2,9 @@
 
 The transformations are applied in one order, for these reasons:
 1. load the model (router auxiliary loss off, so only the language-model loss trains);
-2. quantize to NF4 (QLoRA) before adapters, so LoRA wraps the 4-bit storage;
+2. quantize to NF4 (QLoRA) before adapters, so LoRA wraps the 4-bit storage; or, for
+   quantization-aware LoRA (`train.qat: mxfp4`), fake-quantize the frozen experts to their
+   MXFP4 values before adapters read them (the base is frozen: once is every forward);
 3. adapter: LoRA (unchosen experts' factors zeroed) or trainable expert deltas;
    then expert parallelism, when the DeepSpeed config asks for it: it adopts the adapters'
    expert modules and cuts the frozen experts to this rank's share;
@@ -38,7 +40,7 @@ from emmoe_dist.adapters.lora import (
     save_peft_adapter,
     unselected_expert_max,
 )
-from emmoe_dist.config import ExperimentConfig, dump_config
+from emmoe_dist.config import ExperimentConfig, dump_config, mxfp4_family_problem
 from emmoe_dist.errors import EmmoeError, InputError
 from emmoe_dist.experts import ExpertSelection, select_experts
 from emmoe_dist.families import MoEFamily
@@ -102,6 +104,15 @@ class LoadInfo:
     partitioned: bool  # loaded straight into ZeRO-3 partitions (parallel/zero_init.py)
     resident_elements: int  # parameter elements this rank held once the checkpoint was in
     ep_size: int = 1  # resolved expert-parallel group size
+    qat_changed: int | None = None  # expert weights MXFP4 fake quantization moved (train.qat)
+
+
+def _experts_on_mxfp4_grid(cfg: ExperimentConfig, hf_config: dict[str, Any]) -> bool:
+    """Whether the experts load already as MXFP4 values: an MXFP4 checkpoint's weights, not
+    `model.init: random` on its config."""
+    from emmoe_dist.adapters.mxfp4_export import is_mxfp4_config
+
+    return is_mxfp4_config(hf_config) and cfg.model.init == "checkpoint"
 
 
 def _build_model(
@@ -130,7 +141,6 @@ def _build_model(
         on_host = ep is not None and not cfg.model.is_tiny
         device = None if on_host else rt.device
         loaded = load_model(cfg.model, seed=cfg.seed, device=device, for_training=True)
-    load_info = LoadInfo(partition_with is not None, resident_elements(loaded.model))
     model: Any = loaded.model  # an HF model, later PEFT-wrapped: HF methods are used below
     tokenizer = loaded.tokenizer
     if cfg.model.is_tiny and rt.is_main:
@@ -139,6 +149,19 @@ def _build_model(
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         replace_dir(tmp, out / rf.BASE_DIR)
+    qat_changed = None
+    if cfg.train.qat == "mxfp4":
+        from emmoe_dist.adapters.mxfp4 import fake_quantize_experts
+
+        # The dequantized experts of an MXFP4 checkpoint are fixed points of the fake
+        # quantization: skipping it there is exact (and the only way under ZeRO-3 partitions).
+        on_grid = _experts_on_mxfp4_grid(cfg, hf_config)
+        qat_changed = 0 if on_grid else fake_quantize_experts(model, family)
+        if rt.is_main:
+            print(f"[emmoe] QAT: {qat_changed} expert weights moved to MXFP4 values", flush=True)
+    load_info = LoadInfo(
+        partition_with is not None, resident_elements(loaded.model), qat_changed=qat_changed
+    )
     memory = None
     if cfg.adapter.quantize == "nf4":
         from emmoe_dist.adapters.qlora import (
@@ -345,6 +368,9 @@ def run_training(
     from emmoe_dist.models.loading import model_config_dict, resolve_dtype
 
     family, hf_config = model_config_dict(cfg.model)  # the config only: no weights yet
+    problem = mxfp4_family_problem(family.name) if cfg.train.qat == "mxfp4" else None
+    if problem:
+        raise InputError(problem, field="train.qat")
     bf16 = rt.device.type == "cuda" and resolve_dtype(cfg.model.dtype, rt.device) == torch.bfloat16
     ds_cfg = complete_ds_config(
         raw_ds, file=str(ds_config_path), train=cfg.train, family=family, bf16=bf16
@@ -352,6 +378,10 @@ def run_training(
     # A checkpoint under plain ZeRO-3 loads into partitions; tiny models are built whole (no
     # checkpoint), and expert parallelism cuts each rank's experts from the whole tensors.
     partitioned = zero_stage(raw_ds) == 3 and ep is None and not cfg.model.is_tiny
+    if partitioned and cfg.train.qat == "mxfp4" and not _experts_on_mxfp4_grid(cfg, hf_config):
+        # Fake quantization encodes whole blocks of a whole tensor: these (non-MXFP4) experts
+        # load whole on every rank, then DeepSpeed partitions them.
+        partitioned = False
     _check_memory_plan(cfg, raw_ds, ep, family, hf_config, rt)
     _seed_everything(cfg.seed)
 
@@ -525,6 +555,10 @@ def run_training(
             steps=total,
             final_loss=None if math.isnan(last_loss) else last_loss,
             router_digest=router_after,
+            qat=None
+            if load_info.qat_changed is None
+            else rf.QuantizationAware(format="mxfp4", expert_weights_changed=load_info.qat_changed),
+            eval_weights=cfg.eval.weights,
             weight_memory=None
             if memory is None
             else rf.WeightMemory(
