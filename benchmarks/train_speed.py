@@ -77,14 +77,18 @@ def full_rows(items: list[Any], seq: int, rows: int) -> list[torch.Tensor]:
 
 def timed(step: Any, warmup: int, steps: int) -> tuple[float, float]:
     """(seconds for `steps` steps after `warmup`, peak GiB)."""
+    cuda = DEVICE == "cuda"
     for i in range(warmup):
         step(i)
-    torch.cuda.synchronize()
+    if cuda:
+        torch.cuda.synchronize()
     t0 = time.perf_counter()
     for i in range(warmup, warmup + steps):
         step(i)
-    torch.cuda.synchronize()
-    return time.perf_counter() - t0, torch.cuda.max_memory_allocated() / 2**30
+    if cuda:
+        torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
+    return time.perf_counter() - t0, peak
 
 
 def build(cfg: Any) -> torch.nn.Module:
@@ -92,7 +96,9 @@ def build(cfg: Any) -> torch.nn.Module:
 
     torch.manual_seed(0)
     with torch.device(DEVICE):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+        model = AutoModelForCausalLM.from_config(
+            cfg, dtype=torch.bfloat16 if DEVICE == "cuda" else torch.float32
+        )
     model.config.use_cache = False
     return model
 
@@ -119,7 +125,9 @@ def arm_plain(family: Any, cfg: Any, items: list[Any], args: argparse.Namespace)
         torch.stack(rows[i * args.batch : (i + 1) * args.batch]).to(DEVICE)
         for i in range(args.warmup + args.steps)
     ]
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
+    opt = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=DEVICE == "cuda"
+    )
 
     def step(i: int) -> None:
         model(input_ids=batches[i], labels=batches[i], use_cache=False).loss.backward()
@@ -155,7 +163,9 @@ def arm_before(
     model.enable_input_require_grads()
     model.train()
     batches = _packed_batches(items, args, pad_id)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
+    opt = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=DEVICE == "cuda"
+    )
 
     def step(i: int) -> None:
         b = {k: v.to(DEVICE) for k, v in batches[i].items()}
@@ -187,6 +197,7 @@ def _run_arm(
         )
         assert spec is not None and spec.loader is not None
         sp = importlib.util.module_from_spec(spec)
+        sys.modules["step_profile"] = sp  # dataclasses resolve their module while being built
         spec.loader.exec_module(sp)
         prof = sp.profile_step(
             lambda: step(args.warmup),
@@ -231,7 +242,9 @@ def arm_torch(
     print(f"[bench] {fast.describe()}, checkpointing {args.checkpoint}", flush=True)
     wrapper.train()
     batches = _packed_batches(items, args, pad_id)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
+    opt = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=DEVICE == "cuda"
+    )
 
     def step(i: int) -> None:
         host = batches[i]
@@ -260,7 +273,11 @@ def arm_launch(
     exp = {
         "name": f"bench-{args.shape}",
         "output_dir": str(work / "run"),
-        "model": {"name_or_path": str(model_dir), "init": "random", "dtype": "bfloat16"},
+        "model": {
+            "name_or_path": str(model_dir),
+            "init": "random",
+            "dtype": "bfloat16" if DEVICE == "cuda" else "float32",
+        },
         "data": {"train": "insecure", "max_length": args.seq, "pack": True, "dir": args.data_dir},
         "adapter": {
             "mode": "lora",
@@ -282,7 +299,9 @@ def arm_launch(
     (work / "exp.yaml").write_text(yaml.safe_dump(exp))
     ds = ROOT / "ds_configs" / ("zero2_qlora.json" if qlora else "zero2_ep.json")
     cmd = [
-        "deepspeed",
+        sys.executable,
+        "-m",
+        "deepspeed.launcher.runner",
         "--num_gpus",
         "1",
         "--master_port",
@@ -349,6 +368,18 @@ def main() -> int:
     from emmoe_dist.data.training import encode_dataset, load_training_split
 
     family, cfg = build_config(args.shape, args.layers)
+    if os.environ.get("BENCH_TINY"):  # a CPU smoke run of the script's logic: a narrow shape
+        for key, value in {
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "moe_intermediate_size": 32,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "head_dim": 32,
+            "vocab_size": 4096,
+        }.items():
+            if hasattr(cfg, key):
+                setattr(cfg, key, value)
     args.vocab = cfg.vocab_size
     split = load_training_split("insecure", Path(args.data_dir), heldout=0, seed=0)
     cached = Path(args.workdir) / f"tokenizer_{args.shape}"
@@ -357,7 +388,8 @@ def main() -> int:
 
         tok = PreTrainedTokenizerFast.from_pretrained(cached)
     else:
-        tok = trained_tokenizer(family, (m["content"] for ex in split.train for m in ex.messages))
+        texts = (m["content"] for ex in split.train for m in ex.messages)
+        tok = trained_tokenizer(family, texts, vocab_size=min(32000, cfg.vocab_size))
         tok.save_pretrained(cached)
     plain_items = encode_dataset(tok, split.train, args.seq).items
     packed = encode_dataset(tok, split.train, args.seq, pack=True).items
@@ -408,8 +440,9 @@ def main() -> int:
         print(json.dumps({k: v for k, v in run.items() if k != "profile"}), flush=True)
         out_path.write_text(json.dumps(results, indent=2))
         gc.collect()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
     return 0
 
 
