@@ -240,7 +240,14 @@ def reference_pass(
 
 
 def weighted_sum(y: torch.Tensor, pairs: Pairs, top_k_weights: torch.Tensor) -> torch.Tensor:
-    """`Σ_k w_k · expert_k(x)` per token, from pair outputs sorted by expert."""
+    """`Σ_k w_k · expert_k(x)` per token, from pair outputs sorted by expert.
+
+    Written as a gather back to top-k order, a product and a sum over k: compiled, that is one
+    kernel reading each pair's row once (a scatter-then-sum would write every row twice).
+    """
     assert pairs.order is not None, "pairs of one process (sort_pairs)"
-    w = top_k_weights.reshape(-1)[pairs.order].unsqueeze(-1).to(y.dtype)
-    return _combine(y * w, pairs, top_k_weights.shape[0])
+    tokens, k = top_k_weights.shape
+    inverse = torch.empty_like(pairs.order)
+    inverse[pairs.order] = torch.arange(pairs.order.numel(), device=inverse.device)
+    w = top_k_weights.to(y.dtype).unsqueeze(-1)
+    return (y[inverse].view(tokens, k, -1) * w).sum(1)
