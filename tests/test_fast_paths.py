@@ -255,3 +255,30 @@ def test_profile_categories() -> None:
         == "optimizer"
     )
     assert classify("aten::mul", [], "", lora_dims=lora, vocab=None) == "elementwise/norm/copy"
+
+
+def test_cost_model_counts_the_bytes_each_plan_moves() -> None:
+    from emmoe_dist.parallel.cost_model import (
+        ModelShape,
+        ParallelShape,
+        predict,
+        remote_ranks_per_token,
+    )
+
+    assert remote_ranks_per_token(1, 8) == 0.0
+    # top-2 over 2 ranks: the other rank holds one of a token's experts with 1 - (1/2)^2
+    assert remote_ranks_per_token(2, 2) == pytest.approx(0.75)
+    model = ModelShape(
+        hidden=2048, moe_layers=48, layers=48, top_k=8, trainable_params=0, dense_params=10**9
+    )
+    one = predict(10_000, 8192, model, ParallelShape(1, 8, 1, 2))
+    assert one.comm_s == 0.0 and one.tok_s_per_gpu_exposed == pytest.approx(10_000)
+    two = predict(10_000, 8192, model, ParallelShape(2, 8, 2, 2))
+    # 4 trips per layer x 48 layers x 8192 tokens x 0.996 remote ranks x 4096 bytes
+    expected = 4 * 48 * 8192 * remote_ranks_per_token(2, 8) * 2048 * 2
+    assert two.bytes_per_step == pytest.approx(expected)
+    assert two.tok_s_per_gpu_exposed < 10_000 == pytest.approx(two.tok_s_per_gpu_overlapped)
+    across = predict(10_000, 8192, model, ParallelShape(16, 8, 16, 2))
+    assert across.comm_s > predict(10_000, 8192, model, ParallelShape(8, 8, 8, 2)).comm_s * 2
+    zero3 = predict(10_000, 8192, model, ParallelShape(2, 8, 1, 3))
+    assert zero3.bytes_per_step == pytest.approx(2.0 * 10**9 * 0.5 * 2)

@@ -19,6 +19,7 @@ SUBCOMMAND_MODULES = (
     "emmoe_dist.cli.data",
     "emmoe_dist.cli.profile",
     "emmoe_dist.cli.select",
+    "emmoe_dist.cli.plan",
     "emmoe_dist.cli.merge",
     "emmoe_dist.cli.generate",
     "emmoe_dist.cli.serve",
