@@ -18,7 +18,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from dist_launch import REPO, free_port
 
 pytestmark = pytest.mark.distributed
