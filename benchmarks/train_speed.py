@@ -314,12 +314,13 @@ def arm_launch(
     ]
     env = dict(os.environ, PYTHONPATH=f"{ROOT}:{os.environ.get('PYTHONPATH', '')}")
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    log = proc.stdout + proc.stderr
-    (work / "launch.log").write_text(log)
-    if proc.returncode:
+    # Streamed to the file as it runs: a launch stopped by a time cap still leaves its log.
+    with open(work / "launch.log", "w") as log_file:
+        code = subprocess.run(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT).returncode
+    log = (work / "launch.log").read_text()
+    if code:
         print(log[-6000:], flush=True)
-        raise RuntimeError(f"launch failed ({proc.returncode})")
+        raise RuntimeError(f"launch failed ({code})")
     rows = [json.loads(line) for line in (work / "run" / "metrics.jsonl").read_text().splitlines()]
     timed_rows = rows[args.warmup :]
     tok_s = statistics.median(r["tokens_per_s"] for r in timed_rows)

@@ -16,6 +16,9 @@ for spec in $specs; do
     if [[ $arm == before ]]; then export EMMOE_BEFORE_SRC=$before; else unset EMMOE_BEFORE_SRC; fi
     timeout "${ARM_TIMEOUT:-240}" python3 benchmarks/train_speed.py --shape "$shape" --layers "$layers" \
       --data-dir "$data" --arms "$arm" --profile "$out/profiles" --out "$out/train_speed.json"
+    if [[ $arm == launch_ft || $arm == qlora ]]; then
+      tail -n 25 /tmp/emmoe_bench/"${shape}"_*/launch.log 2>/dev/null | grep -v -i warn
+    fi
   done
 done
 cat "$out"/profiles/*.md > "$out/profiles.md" 2>/dev/null && rm -r "$out/profiles"

@@ -115,6 +115,17 @@ def _experts_on_mxfp4_grid(cfg: ExperimentConfig, hf_config: dict[str, Any]) -> 
     return is_mxfp4_config(hf_config) and cfg.model.init == "checkpoint"
 
 
+def _ep_size(
+    ep: ExpertParallelConfig, family: MoEFamily, hf_config: dict[str, Any], rt: Runtime
+) -> int:
+    from emmoe_dist.families import num_experts
+
+    return ep.resolve(
+        num_experts=num_experts(family, hf_config),
+        local_world_size=local_world_size(rt.world_size),
+    )
+
+
 def _build_model(
     cfg: ExperimentConfig,
     rt: Runtime,
@@ -138,7 +149,9 @@ def _build_model(
     else:
         # Expert parallelism cuts each rank's experts from the whole tensors: a checkpoint is
         # read into host memory first and only this rank's share moves to its device (below).
-        on_host = ep is not None and not cfg.model.is_tiny
+        # A group of one (ep_size auto on one GPU per node) cuts nothing: straight to the device.
+        split = ep is not None and _ep_size(ep, family, hf_config, rt) > 1
+        on_host = split and not cfg.model.is_tiny
         device = None if on_host else rt.device
         loaded = load_model(cfg.model, seed=cfg.seed, device=device, for_training=True)
     model: Any = loaded.model  # an HF model, later PEFT-wrapped: HF methods are used below
@@ -316,14 +329,7 @@ def _check_memory_plan(
 ) -> None:
     """Print the plan's expected memory per GPU (rank 0) and stop before loading if it cannot
     fit (parallel/memory_plan.py)."""
-    from emmoe_dist.families import num_experts
-
-    local = local_world_size(rt.world_size)
-    ep_size = (
-        1
-        if ep is None
-        else ep.resolve(num_experts=num_experts(family, hf_config), local_world_size=local)
-    )
+    ep_size = 1 if ep is None else _ep_size(ep, family, hf_config, rt)
     capacity = None
     if rt.device.type == "cuda":
         capacity = torch.cuda.get_device_properties(rt.device).total_memory
