@@ -70,7 +70,14 @@ def check_expert_pass(dev: torch.device) -> dict[str, float]:
         xi = x.clone().requires_grad_(True)
         wi = scores.clone().requires_grad_(True)
         lora = LoraFactors(a1=fs[0], b1=fs[1], a2=fs[2], b2=fs[3], scaling=2.0)
-        y = weighted_sum(run(xi, pairs, weights, lora, gate), pairs, wi)
+        if run is fused_pass:
+            assert pairs.order is not None
+            base, lora_rows = fused_pass(
+                xi, pairs, weights, lora, gate, wi.reshape(-1)[pairs.order]
+            )
+            y = weighted_sum(base, pairs, wi) + lora_rows
+        else:
+            y = weighted_sum(reference_pass(xi, pairs, weights, lora, gate), pairs, wi)
         y.float().square().mean().backward()
         results.append((y.detach(), xi.grad, wi.grad, [f.grad for f in fs]))
     (y0, dx0, dw0, df0), (y1, dx1, dw1, df1) = results

@@ -178,6 +178,10 @@ class TrainConfig(_Section):
     # attention, fused cross-entropy and compiled layers on CUDA); reference: plain PyTorch.
     kernels: Literal["auto", "reference"] = "auto"
     compile: bool | Literal["auto"] = "auto"
+    # auto: the float32 cross-entropy over full logits, compiled where layers are (fastest
+    # measured); fused: liger-kernel's chunked linear cross-entropy, which never holds the
+    # [tokens, vocabulary] logits (for memory-bound runs), where it is installed.
+    loss: Literal["auto", "reference", "fused"] = "auto"
     # Profile this optimizer step: GPU time by category (train/step_profile.py), written to
     # the run folder as step_profile.md/.json and printed.
     profile_step: int | None = Field(None, gt=0)

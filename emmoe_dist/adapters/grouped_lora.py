@@ -116,9 +116,15 @@ class GroupedLoraExperts(nn.Module):
         weights = self.expert_weights()
         pairs = sort_pairs(top_k_index, self.num_experts)
         lora = self.grouped_lora(weights.gate_up_stored.dtype)
-        run = fused_pass if self.implementation == "fused" else reference_pass
-        y = run(hidden_states, pairs, weights, lora, cast(Any, self.base_layer)._apply_gate)
-        return weighted_sum(y, pairs, top_k_weights).to(hidden_states.dtype)
+        gate = cast(Any, self.base_layer)._apply_gate
+        if self.implementation == "reference":
+            y = reference_pass(hidden_states, pairs, weights, lora, gate)
+            return weighted_sum(y, pairs, top_k_weights).to(hidden_states.dtype)
+        assert pairs.order is not None
+        w_pairs = top_k_weights.reshape(-1)[pairs.order]
+        y, lora_rows = fused_pass(hidden_states, pairs, weights, lora, gate, w_pairs)
+        out = weighted_sum(y, pairs, top_k_weights) + lora_rows
+        return out.to(hidden_states.dtype)
 
 
 def wrap_experts(

@@ -4,10 +4,11 @@ A causal LM's own forward computes `logits = lm_head(hidden)` for every position
 loss: for Qwen3's 151,936-token vocabulary at 8,192 tokens a micro-batch that is 2.5 GB of
 bf16 logits, upcast to 5 GB of float32, read and written by several memory-bound kernels.
 `CausalLMLoss` runs the decoder and hands the hidden states and the head's weight to a loss
-function instead; on CUDA with liger-kernel installed that is its fused linear
-cross-entropy (chunks of logits that never exist all at once, the input gradient computed in
-the same pass). `reference_loss` is the plain computation, the same numbers the model's own
-`loss` gives: the mean over label tokens of the float32 cross-entropy.
+function instead: `reference_loss`, the plain computation (the same numbers the model's own
+`loss` gives: the mean over label tokens of the float32 cross-entropy), compiled on the GPU so
+that upcast, log-softmax and pick are one pass (`compiled_loss`); or liger-kernel's fused
+linear cross-entropy (`fused_loss`: chunks of logits that never exist all at once, the input
+gradient computed in the same pass), which saves the logits' memory but measured slower.
 """
 
 from __future__ import annotations
@@ -31,6 +32,13 @@ def reference_loss(
 ) -> torch.Tensor:
     logits = F.linear(hidden, weight).float()
     return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX)
+
+
+def compiled_loss() -> LossFn:
+    """`reference_loss` compiled: the upcast, log-softmax and pick fuse into one pass over the
+    logits instead of three."""
+    compiled: LossFn = torch.compile(reference_loss, dynamic=None)
+    return compiled
 
 
 def fused_loss_available(device: torch.device) -> bool:

@@ -271,10 +271,19 @@ class ExpertDispatcher:
         routed = Routed(tokens, sent, received, pair_rows, offs, local_ids, weights[by_expert])
         return x, routed
 
-    def combine(self, y: torch.Tensor, routed: Routed, hidden: torch.Tensor) -> torch.Tensor:
-        """Weighted expert outputs summed per received row, sent home, summed per token."""
+    def combine(
+        self,
+        y: torch.Tensor,
+        routed: Routed,
+        hidden: torch.Tensor,
+        row_extra: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Weighted expert outputs summed per received row (plus `row_extra`, a weighted term
+        already per received row), sent home, summed per token."""
         y = y * routed.weights.to(y.dtype)
         rows = y.new_zeros((sum(routed.received), y.shape[-1])).index_add(0, routed.pair_rows, y)
+        if row_extra is not None:
+            rows = rows + row_extra.to(rows.dtype)
         back = all_to_all(rows, routed.sent, routed.received, self.group)
         return torch.zeros_like(hidden).index_add_(0, routed.tokens, back.to(hidden.dtype))
 
@@ -349,8 +358,9 @@ class _LocalExperts(nn.Module):
                 down_bias=tensors[lay.biases[1]] if lay.biases else None,
             )
             pairs = Pairs(rows=routed.pair_rows, ids=routed.local_ids, offs=routed.offs)
-            y = fused_pass(x, pairs, weights, lora, self.base_layer._apply_gate)  # type: ignore[operator]
-            return self.dispatcher.combine(y, routed, hidden_states)
+            gate: Any = self.base_layer._apply_gate
+            y, lora_rows = fused_pass(x, pairs, weights, lora, gate, routed.weights.reshape(-1))
+            return self.dispatcher.combine(y, routed, hidden_states, lora_rows)
         xs = x[routed.pair_rows]
         h = self._local_project(xs, 0, tensors, routed, lora)
         apply_gate: Any = self.base_layer._apply_gate

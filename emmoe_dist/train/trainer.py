@@ -415,6 +415,7 @@ def run_training(
         device=rt.device,
         packed=cfg.data.pack,
         zero3=zero_stage(raw_ds) == 3,
+        loss=cfg.train.loss,
     )
     longest = max(range(len(items)), key=lambda i: len(items[i]))
     ckpt_plan = _plan_checkpointing(
