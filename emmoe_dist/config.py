@@ -206,6 +206,13 @@ class JudgeConfig(_Section):
     cache_dir: str | None = None  # default: <output_dir>/judge_cache
     usd_per_million_input: float = Field(0.0, ge=0)
     usd_per_million_output: float = Field(0.0, ge=0)
+    # A run whose share of answers left unscored by endpoint failures (connection, server,
+    # timeouts, replies without logprobs, after every retry) exceeds this fails, after writing
+    # what it has; a re-run judges those answers again.
+    max_failed_fraction: float = Field(0.02, ge=0, le=1)
+    # Read a 0-100 score from the reply's text when the endpoint returns no logprobs. Off: such
+    # replies are retried like other transient faults, so one estimator makes every average.
+    text_fallback: bool = False
 
 
 class TrackingConfig(_Section):

@@ -308,8 +308,10 @@ class StrongRejectColumns:
     @classmethod
     def of(cls, records: Sequence[JudgedRecord]) -> StrongRejectColumns:
         srs = [r.strongreject for r in records]
+        # Rejection over the replies the rubric read whole (the official scorer's rule): a reply
+        # whose refusal item read but whose scores did not is unscored, not "not refused".
         refused = np.array(
-            [np.nan if s is None or s.refused is None else float(s.refused) for s in srs]
+            [np.nan if s is None or s.score is None else float(bool(s.refused)) for s in srs]
         )
         score = np.array(
             [np.nan if s is None or s.score is None else s.score for s in srs], dtype=np.float64
@@ -384,6 +386,17 @@ def missing_reasons(records: Iterable[JudgedRecord]) -> dict[str, dict[str, int]
         for name, reason in named:
             if reason is not None:
                 counts.setdefault(name, Counter())[reason] += 1
+    return {name: dict(sorted(c.items())) for name, c in sorted(counts.items())}
+
+
+def score_methods(records: Iterable[JudgedRecord]) -> dict[str, dict[str, int]]:
+    """Scores present per 0-100 prompt and per way they were read (`logprobs`, `text`): a
+    report says how many came from each estimator."""
+    counts: dict[str, Counter[str]] = {}
+    for r in records:
+        for name, s in r.scores.items():
+            if s.value is not None:
+                counts.setdefault(name, Counter())[s.method or "unknown"] += 1
     return {name: dict(sorted(c.items())) for name, c in sorted(counts.items())}
 
 

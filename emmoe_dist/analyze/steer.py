@@ -189,11 +189,15 @@ def _judge_all(
     judging = JudgeOptions(cache_dir=str(out / rf.JUDGE_CACHE_DIR), progress=options.progress)
     with contextlib.ExitStack() as stack:
         if options.scripted_judge:
-            from emmoe_dist.judge.scripted_server import hash_script, scripted_server
+            from emmoe_dist.judge.scripted_server import (
+                SCRIPTED_MODEL,
+                hash_script,
+                scripted_server,
+            )
 
             server = stack.enter_context(scripted_server(hash_script()))
             say(f"scripted judge at {server.base_url}: mock scores, not a judgment")
-            cfg = cfg.model_copy(update={"base_url": server.base_url, "model": "scripted-judge"})
+            cfg = cfg.model_copy(update={"base_url": server.base_url, "model": SCRIPTED_MODEL})
         for folder in folders:
             summary = run_judge(folder / rf.GENERATIONS, folder / rf.JUDGED, cfg, judging)
             say(f"{folder.relative_to(out)}: {summary.format()}")
