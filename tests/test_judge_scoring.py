@@ -412,6 +412,7 @@ def test_judge_cli_with_the_scripted_judge(
     assert "mock scores, not a judgment" in out and "judged 2 of 2 answers" in out
     judged = read_jsonl(tmp_path / "judged.jsonl", JudgedRecord)
     assert {r.judge_model for r in judged} == {"scripted-judge"}
+    assert all(r.mock_judge for r in judged)  # its replies say so, whatever the model is called
     core, sr = sorted(judged, key=lambda r: r.generation.suite)
     assert core.scores["aligned"].value is not None and core.scores["coherent"].value is not None
     assert sr.strongreject is not None and sr.strongreject.missing_reason is None

@@ -394,9 +394,14 @@ def test_summary_tables_in_the_papers_layout(files: Path) -> None:
     ]
     assert [r[0] for r in p_rows] == ["base", "E0", "E1"]
     assert p_rows[2][1:4] == [None, None, None]  # E1 on medical: not finished
-    assert p_rows[1][1] == 40.0 and p_rows[1][4] == 50.0
+    assert p_rows[1][1] == 40.0 and p_rows[1][4] == 4 and p_rows[1][5] == 50.0
     text = render_markdown(summary)
     assert "## Table 3: single experts" in text and "`bad_medical_advice-E1-r8-lr0.001`" in text
+    # every table says how many answers and questions, and who judged
+    assert rows[0][col["answers"]] == 4 and rows[0][col["questions"]] == 4
+    assert rows[0][col["judge"]] == "j" and text.count("Judge: j.") >= 4
+    assert "clustered percentile bootstrap" in text
+    assert "## Scores by method, unscored answers by reason" in text
 
 
 def test_a_trial_whose_judge_failed_is_not_finished_and_judges_again_when_resumed(

@@ -209,7 +209,7 @@ def run_steer(options: SteerOptions, say: Say = quiet) -> SteeringResult:
     from emmoe_dist.interp.directions import load_directions
     from emmoe_dist.interp.plots import plot_steering_curve
     from emmoe_dist.interp.steering import steering_point
-    from emmoe_dist.metrics import Bootstrap
+    from emmoe_dist.metrics import Bootstrap, judge_description
     from emmoe_dist.models.anatomy import decoder_layers
     from emmoe_dist.records import GenerationRecord, JudgedRecord
 
@@ -261,7 +261,7 @@ def run_steer(options: SteerOptions, say: Say = quiet) -> SteeringResult:
         _judge_all(list(plan), options.judge, out, options, say)
 
     bootstrap = Bootstrap(resamples=options.resamples, seed=seed)
-    points, unjudged = [], []
+    points, unjudged, judged_all = [], [], []
     for condition, alpha in runs:
         folder = _alpha_folder(out, condition, alpha)
         generated = read_jsonl(folder / rf.GENERATIONS, GenerationRecord)
@@ -273,6 +273,7 @@ def run_steer(options: SteerOptions, say: Say = quiet) -> SteeringResult:
             unjudged.append(str(judged))
             continue
         points.append(steering_point(condition, alpha, records, bootstrap=bootstrap))
+        judged_all += records
     result: dict[str, Any] = {
         "model": label,
         "directions": str(options.directions),
@@ -291,7 +292,9 @@ def run_steer(options: SteerOptions, say: Say = quiet) -> SteeringResult:
     if points:
         where = ",".join(map(str, layers))
         title = f"{label}: {options.mode} {options.kind.replace('_', ' ')} at layer(s) {where}"
-        plot = plot_steering_curve(points, out / "steering_curve.png", title=title)
+        plot = plot_steering_curve(
+            points, out / "steering_curve.png", title=title, judge=judge_description(judged_all)
+        )
         say(f"wrote {plot}")
         tracker = make_tracker(options.tracking, f"interp steer {label}", out)
         for step, p in enumerate(points):
