@@ -90,6 +90,9 @@ class DataConfig(_Section):
     pack: bool = False
     heldout: int = Field(200, ge=0, description="examples held out as a control suite")
     split_seed: int = 0
+    # Catalogued files whose hash is not the catalog's are refused unless this is true; runs
+    # then record verified: false with the expected and the actual hash.
+    allow_unverified: bool = False
 
     @field_validator("train")
     @classmethod

@@ -100,6 +100,10 @@ class ExpertProfile(_Record):
     num_experts: int = Field(gt=0)
     include_prompt: bool
     layers: tuple[LayerRouting, ...]
+    # the catalog's hash of the dataset file and whether `dataset_hash` equals it (None: a
+    # file of the user's own, or a profile written before profiles recorded it)
+    dataset_expected_hash: str | None = None
+    dataset_verified: bool | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> ExpertProfile:

@@ -220,7 +220,18 @@ def register(subparsers: Any) -> None:
     source.add_argument("--records", help="generation or judged records: their answers")
     source.add_argument("--data", help="training set name or chat JSONL: its examples")
     p.add_argument("--data-dir", help="data directory (default: $EMMOE_DATA_DIR)")
-    p.add_argument("--limit", type=_positive_int, default=500, help="first N examples")
+    p.add_argument(
+        "--allow-unverified-data",
+        action="store_true",
+        help="use a training set whose hash differs from the catalog's",
+    )
+    p.add_argument(
+        "--limit",
+        type=_positive_int,
+        default=500,
+        help="N examples: a training set's rows shuffled with a fixed seed, then the first N "
+        "(records: the first N answers)",
+    )
     p.add_argument(
         "--include-prompt",
         action="store_true",
@@ -416,6 +427,7 @@ def run_routing_shift(args: argparse.Namespace) -> int:
             records=args.records,
             data=args.data,
             data_dir=args.data_dir,
+            allow_unverified_data=args.allow_unverified_data,
             base=args.base,
             selection=args.selection,
             limit=args.limit,

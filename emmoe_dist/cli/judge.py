@@ -53,6 +53,11 @@ def register(subparsers: Any) -> None:
         "--data-dir", help="data directory for the StrongREJECT rubric (default: $EMMOE_DATA_DIR)"
     )
     parser.add_argument(
+        "--allow-unverified-data",
+        action="store_true",
+        help="use a StrongREJECT rubric file whose hash differs from the catalog's",
+    )
+    parser.add_argument(
         "--text-fallback",
         action="store_true",
         default=None,
@@ -101,6 +106,7 @@ def _judge(args: argparse.Namespace) -> int:
     options = JudgeOptions(
         score_names=tuple(s.strip() for s in args.scores.split(",") if s.strip()),
         data_dir=args.data_dir,
+        allow_unverified_data=args.allow_unverified_data,
         progress=not args.no_progress,
     )
     if not args.scripted:

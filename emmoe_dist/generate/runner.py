@@ -88,11 +88,21 @@ def load_suites(cfg: ExperimentConfig, names: Sequence[str]) -> SuiteSet:
             from emmoe_dist.data.training import load_training_split
 
             split = load_training_split(
-                cfg.data.train, data_dir, heldout=cfg.data.heldout, seed=cfg.data.split_seed
+                cfg.data.train,
+                data_dir,
+                heldout=cfg.data.heldout,
+                seed=cfg.data.split_seed,
+                allow_unverified=cfg.data.allow_unverified,
             )
         try:
             out.suites.append(
-                load_suite(name, data_dir, training_split=split, variants=cfg.eval.variants)
+                load_suite(
+                    name,
+                    data_dir,
+                    training_split=split,
+                    variants=cfg.eval.variants,
+                    allow_unverified=cfg.data.allow_unverified,
+                )
             )
         except SuiteAbsent as e:
             log.warning("%s", e)
@@ -159,6 +169,8 @@ def run_meta(
             s.name: {
                 "source": str(s.source),
                 "source_hash": s.source_hash,
+                "expected_hash": s.expected_hash,
+                "verified": s.verified,
                 "questions": len(s.questions),
             }
             for s in suites.suites

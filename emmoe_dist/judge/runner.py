@@ -45,6 +45,7 @@ class JudgeOptions:
     score_names: tuple[str, ...] = DEFAULT_SCORES
     min_numeric_mass: float = MIN_NUMERIC_MASS
     data_dir: str | None = None  # for the StrongREJECT rubric; default $EMMOE_DATA_DIR
+    allow_unverified_data: bool = False  # a rubric file whose hash is not the catalog's
     cache_dir: str | None = None  # default: JudgeConfig.cache_dir, else <out dir>/judge_cache
     backoff_base_s: float = 0.5
     flush_interval_s: float = 0.5
@@ -314,7 +315,11 @@ async def judge_file(
         done, rejudged = _resume(out)
         pending = [r for r in inputs if r.key not in done]
         needs_rubric = any(r.rubric == "strongreject" for r in pending)
-        rubric = strongreject_rubric(options.data_dir) if needs_rubric else None
+        rubric = (
+            strongreject_rubric(options.data_dir, allow_unverified=options.allow_unverified_data)
+            if needs_rubric
+            else None
+        )
         cache = JudgeCache(options.cache_dir or cfg.cache_dir or out.parent / rf.JUDGE_CACHE_DIR)
         client = JudgeClient(cfg, cache, backoff_base_s=options.backoff_base_s)
         output = _Output(out, options.flush_interval_s)

@@ -198,7 +198,11 @@ def evaluate(spec: TrialSpec, settings: TrialSettings) -> dict[str, Any]:
         folder / rf.GENERATIONS,
         folder / rf.JUDGED,
         spec.experiment.judge,
-        JudgeOptions(data_dir=settings.data_dir, progress=False),
+        JudgeOptions(
+            data_dir=settings.data_dir,
+            allow_unverified_data=spec.experiment.data.allow_unverified,
+            progress=False,
+        ),
     )
     records = read_jsonl(folder / rf.JUDGED, JudgedRecord)
     metrics = summarize(records, label=spec.slug, alignment_suites=settings.alignment_suites)
