@@ -13,9 +13,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-from emmoe_dist.errors import InputError
+from emmoe_dist.errors import InputError, Where
 from emmoe_dist.experts import SelectionRule, missing_fields
 from emmoe_dist.families import FAMILIES
 
@@ -238,6 +246,21 @@ class ExperimentConfig(_Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     judge: JudgeConfig = Field(default_factory=JudgeConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    # where each value was written (load_config fills it), for checks made after loading
+    _source: tuple[str, dict[tuple[str, ...], int], frozenset[tuple[str, ...]]] = PrivateAttr(
+        default=("<defaults>", {}, frozenset())
+    )
+
+    def where(self, dotted: str) -> Where:
+        """The place a field was written: its file and line, or the command-line override."""
+        file, lines, overridden = self._source
+        keys = tuple(dotted.split("."))
+        if any(keys[: len(o)] == o for o in overridden):
+            return Where(file="<command line override>", field=dotted)
+        for cut in range(len(keys), 0, -1):  # the nearest enclosing key that has a line
+            if keys[:cut] in lines:
+                return Where(file=file, line=lines[keys[:cut]], field=dotted)
+        return Where(file=file, field=dotted)
 
     @field_validator("schema_version")
     @classmethod
@@ -375,9 +398,12 @@ def load_config(
         data, lines = read_yaml_mapping(path, "experiment file")
     overridden = [apply_override(data, o) for o in overrides]
     try:
-        return ExperimentConfig.model_validate(data)
+        cfg = ExperimentConfig.model_validate(data)
     except ValidationError as e:
         raise _format_errors(e, file, lines, overridden) from None
+    str_lines = {tuple(str(k) for k in key): line for key, line in lines.items()}
+    cfg._source = (file, str_lines, frozenset(tuple(o) for o in overridden))
+    return cfg
 
 
 def dump_config(cfg: ExperimentConfig) -> str:

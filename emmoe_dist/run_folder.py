@@ -133,6 +133,8 @@ class RunManifest(_Part):
     artifact: Artifact
     base_model: str  # what the artifact loads onto: a hub id or a folder (relative: the run's)
     completed_at: str | None = None  # ISO 8601, UTC
+    # what decides the results (train/preflight.py): a re-run of the same identity is a no-op
+    identity: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _complete(self) -> RunManifest:

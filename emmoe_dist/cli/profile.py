@@ -45,9 +45,7 @@ def register(subparsers: Any) -> None:
         action="store_true",
         help="count prompt tokens too (default: assistant tokens only)",
     )
-    p.add_argument(
-        "--allow-unverified-data", action="store_true", help=ALLOW_UNVERIFIED_HELP
-    )
+    p.add_argument("--allow-unverified-data", action="store_true", help=ALLOW_UNVERIFIED_HELP)
     p.add_argument("--out", required=True, help="profile JSON to write")
     p.add_argument("--plot", help="also write a token-share heatmap (PNG)")
     p.add_argument("--compare", help="another profile (e.g. the base model's): write --diff-plot")

@@ -33,11 +33,20 @@ class ModelSource:
     adapter: Path | None = None  # a PEFT adapter folder
     expert_delta: Path | None = None  # a full-experts run's delta folder
     selection: str | None = None  # the trained experts, from expert_selection.json
+    # how records name the adapter when a resumed file first named it otherwise (the same
+    # folder spelled relative then absolute): its records keep one name and one set of keys
+    adapter_name: str | None = None
+
+    @property
+    def adapter_folder(self) -> Path | None:
+        return self.adapter or self.expert_delta
 
     @property
     def adapter_label(self) -> str | None:
         """`adapter` in the records: the folder of what was applied on the base."""
-        folder = self.adapter or self.expert_delta
+        if self.adapter_name is not None:
+            return self.adapter_name
+        folder = self.adapter_folder
         return str(folder) if folder is not None else None
 
     @property
