@@ -91,6 +91,12 @@ def _label_args(p: argparse.ArgumentParser) -> None:
         type=_positive_int,
         help="at most this many answers per class (default: all of the smaller class)",
     )
+    p.add_argument(
+        "--min-per-class",
+        type=_positive_int,
+        default=10,
+        help="refuse unless each class has at least this many answers (default: 10)",
+    )
 
 
 def _tracking_args(p: argparse.ArgumentParser) -> None:
@@ -277,6 +283,7 @@ def _labels(args: argparse.Namespace) -> AnswerLabels:
         rule=args.rule,
         aligned_above=args.aligned_above,
         per_class=args.per_class,
+        min_per_class=args.min_per_class,
     )
 
 
