@@ -28,7 +28,9 @@ def register(subparsers: Any) -> None:
         description="Score every answer of a generation-records file through an OpenAI-"
         "compatible endpoint (alignment and coherence 0-100 from top-20 logprobs; "
         "the StrongREJECT rubric for StrongREJECT answers). Re-running resumes; "
-        "replies are cached, so no call is paid twice.",
+        "every reply is cached as it arrives, so none is paid for twice (calls in flight at a "
+        "crash are sent again). Exits 2 when endpoint failures leave more than "
+        "judge.max_failed_fraction of the answers unscored.",
     )
     parser.add_argument("--records", required=True, help="generation records (JSONL)")
     parser.add_argument("--out", required=True, help="judged records (JSONL), appended to")
