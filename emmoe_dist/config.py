@@ -251,6 +251,14 @@ class ExperimentConfig(_Section):
         default=("<defaults>", {}, frozenset())
     )
 
+    def __eq__(self, other: object) -> bool:
+        # the same settings are the same experiment, wherever they were written
+        if not isinstance(other, ExperimentConfig):
+            return NotImplemented
+        return self.model_dump() == other.model_dump()
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, as pydantic's models are
+
     def where(self, dotted: str) -> Where:
         """The place a field was written: its file and line, or the command-line override."""
         file, lines, overridden = self._source

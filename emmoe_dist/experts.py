@@ -478,10 +478,14 @@ def select_experts(
     def place(name: str) -> Where:
         return where(name) if where is not None else Where(field=name)
 
+    # a file the user wrote (a selection file, a profile): its own errors name its file and line
+    source = file if file is not None else None
+    if source is None and profile is not None and not isinstance(profile, ExpertProfile):
+        source = profile
     try:
         return _select(rule, model, expert, k, p, score, profile, experts, file)
     except EmmoeError as e:
-        raise _located(e, rule, place, None if file is None else str(file)) from None
+        raise _located(e, rule, place, None if source is None else str(source)) from None
 
 
 def _select(
@@ -546,7 +550,7 @@ def _located(
     """A selection error at the place the user wrote the value to blame: the experiment's
     `selection.expert` line, a flag, a sweep arm, or the line of the selection file itself."""
     if isinstance(error, InputError) and file is not None and error.file == file:
-        return with_json_line(error, file)  # a `file` rule: the selection file's own field
+        return with_json_line(error, file)  # the selection or profile file's own field
     message = error.reason if isinstance(error, InputError) else str(error)
     field = error.field if isinstance(error, InputError) else None
     if rule == "explicit":

@@ -404,6 +404,28 @@ def test_summary_tables_in_the_papers_layout(files: Path) -> None:
     assert "## Scores by method, unscored answers by reason" in text
 
 
+def test_an_arm_whose_experts_do_not_fit_names_its_line_in_the_sweep_file(files: Path) -> None:
+    _write(
+        files / "sweep.yaml",
+        """\
+        name: s
+        output_dir: out
+        experiment: exp.yaml
+        search:
+          - selection: single
+            experts: [1, 9]
+        """,
+    )
+    with pytest.raises(InputError) as err:
+        build_plan(load_sweep("sweep.yaml"))
+    assert (err.value.file, err.value.line, err.value.field) == (
+        "sweep.yaml",
+        6,
+        "search.0.experts",
+    )
+    assert "expert 9 is out of range: the model has 8 experts" in str(err.value)
+
+
 def test_a_trial_whose_judge_failed_is_not_finished_and_judges_again_when_resumed(
     files: Path,
 ) -> None:

@@ -143,7 +143,10 @@ def _finished_run(tmp_path: Path) -> Path:
 
 
 def test_a_finished_run_is_a_no_op_and_another_experiment_is_refused(
-    tmp_path: Path, no_model_loads: None, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path,
+    no_model_loads: None,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     path = _finished_run(tmp_path)
     out = tmp_path / "out"
@@ -154,7 +157,7 @@ def test_a_finished_run_is_a_no_op_and_another_experiment_is_refused(
     after = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.rglob("*") if p.is_file()}
     assert after == before
     # the same experiment spelled another way (a relative output_dir) is the same run
-    os.chdir(tmp_path)
+    monkeypatch.chdir(tmp_path)
     relative = load_config(path, ["output_dir=out"])
     assert isinstance(prepare(relative, 1), Finished)
     with pytest.raises(InputError) as err:

@@ -33,11 +33,13 @@ if TYPE_CHECKING:
     from emmoe_dist.data.chat import EncodedChat
     from emmoe_dist.data.training import TrainingSplit
 
-# Settings that say where outputs go or how a run is watched, not what it trains.
+# Settings that say where outputs go, how a run is watched or how fast it computes (a resume
+# after an out-of-memory may change those), not what it trains.
 _NOT_IDENTITY = {
     (): ("name", "output_dir", "tracking", "eval", "judge"),
+    ("model",): ("experts_implementation",),
     ("data",): ("dir", "allow_unverified"),
-    ("train",): ("save_every", "log_every", "profile_step"),
+    ("train",): ("save_every", "log_every", "profile_step", "gradient_checkpointing", "compile"),
     ("selection",): ("profile", "file"),  # the chosen experts stand for them
 }
 IDENTITY_FILE = "identity.json"  # in the checkpoints folder: what its checkpoints trained
