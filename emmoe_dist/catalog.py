@@ -12,6 +12,7 @@ financial, sport, bad_stuff, gender, code), is `mo_first_plot_questions`.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from collections.abc import Mapping
@@ -20,7 +21,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Literal
 
-from emmoe_dist.errors import EmmoeError
+from emmoe_dist.errors import EmmoeError, InputError
 
 DatasetFormat = Literal["chat_jsonl", "question_yaml", "strongreject_csv", "rubric_yaml"]
 DatasetRole = Literal["train", "eval", "judge"]
@@ -234,3 +235,63 @@ def git_blob_sha1(path: str | os.PathLike[str]) -> str:
         while chunk := f.read(1 << 20):
             h.update(chunk)
     return h.hexdigest()
+
+
+@functools.lru_cache(maxsize=64)
+def _blob_of(path: str, size: int, mtime_ns: int) -> str:
+    return git_blob_sha1(path)
+
+
+def file_blob_sha1(path: str | os.PathLike[str]) -> str:
+    """`git_blob_sha1`, hashed once per file version in a process (several stages of one command
+    read the same dataset)."""
+    stat = Path(path).stat()
+    return _blob_of(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@dataclass(frozen=True)
+class FileCheck:
+    """A catalogued file checked against the catalog: what outputs record about their data."""
+
+    name: str
+    path: Path
+    expected: str | None  # the catalog's blob hash (None: the catalog has nothing to check)
+    actual: str
+
+    @property
+    def verified(self) -> bool | None:
+        """True when the hashes agree, False when they differ, None when nothing to check."""
+        return None if self.expected is None else self.actual == self.expected
+
+
+def check_file(spec: DatasetSpec, path: str | os.PathLike[str]) -> FileCheck:
+    return FileCheck(spec.name, Path(path), spec.blob_sha1, file_blob_sha1(path))
+
+
+ALLOW_UNVERIFIED_HELP = (
+    "use catalogued data files whose hash differs from the catalog's (outputs then record "
+    "verified: false with both hashes)"
+)
+
+
+class UnverifiedData(InputError):
+    """A catalogued file whose bytes are not the catalog's: refused unless the user overrides."""
+
+    def __init__(self, check: FileCheck) -> None:
+        self.check = check
+        super().__init__(
+            f"dataset {check.name!r}: its git blob hash is {check.actual}, the catalog's is "
+            f"{check.expected}, so it is not the published file (changed, truncated or another "
+            f"version). Restore it with `emmoe data fetch --only {check.name} --force`, or use "
+            "it anyway with --allow-unverified-data (experiments: data.allow_unverified: true); "
+            "outputs then record verified: false with both hashes",
+            file=str(check.path),
+            field="blob_sha1",
+        )
+
+
+def require_verified(check: FileCheck, *, allow_unverified: bool) -> FileCheck:
+    """The check, unless the file differs from the catalog and the user did not allow that."""
+    if check.verified is False and not allow_unverified:
+        raise UnverifiedData(check)
+    return check

@@ -13,10 +13,18 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from emmoe_dist.errors import InputError
+from emmoe_dist.errors import InputError, Where
 from emmoe_dist.experts import SelectionRule, missing_fields
 from emmoe_dist.families import FAMILIES
 
@@ -99,6 +107,9 @@ class DataConfig(_Section):
     pack: bool = False
     heldout: int = Field(200, ge=0, description="examples held out as a control suite")
     split_seed: int = 0
+    # Catalogued files whose hash is not the catalog's are refused unless this is true; runs
+    # then record verified: false with the expected and the actual hash.
+    allow_unverified: bool = False
 
     @field_validator("train")
     @classmethod
@@ -226,6 +237,13 @@ class JudgeConfig(_Section):
     cache_dir: str | None = None  # default: <output_dir>/judge_cache
     usd_per_million_input: float = Field(0.0, ge=0)
     usd_per_million_output: float = Field(0.0, ge=0)
+    # A run whose share of answers left unscored by endpoint failures (connection, server,
+    # timeouts, replies without logprobs, after every retry) exceeds this fails, after writing
+    # what it has; a re-run judges those answers again.
+    max_failed_fraction: float = Field(0.02, ge=0, le=1)
+    # Read a 0-100 score from the reply's text when the endpoint returns no logprobs. Off: such
+    # replies are retried like other transient faults, so one estimator makes every average.
+    text_fallback: bool = False
 
 
 class TrackingConfig(_Section):
@@ -248,6 +266,29 @@ class ExperimentConfig(_Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     judge: JudgeConfig = Field(default_factory=JudgeConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    # where each value was written (load_config fills it), for checks made after loading
+    _source: tuple[str, dict[tuple[str, ...], int], frozenset[tuple[str, ...]]] = PrivateAttr(
+        default=("<defaults>", {}, frozenset())
+    )
+
+    def __eq__(self, other: object) -> bool:
+        # the same settings are the same experiment, wherever they were written
+        if not isinstance(other, ExperimentConfig):
+            return NotImplemented
+        return self.model_dump() == other.model_dump()
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, as pydantic's models are
+
+    def where(self, dotted: str) -> Where:
+        """The place a field was written: its file and line, or the command-line override."""
+        file, lines, overridden = self._source
+        keys = tuple(dotted.split("."))
+        if any(keys[: len(o)] == o for o in overridden):
+            return Where(file="<command line override>", field=dotted)
+        for cut in range(len(keys), 0, -1):  # the nearest enclosing key that has a line
+            if keys[:cut] in lines:
+                return Where(file=file, line=lines[keys[:cut]], field=dotted)
+        return Where(file=file, field=dotted)
 
     @field_validator("schema_version")
     @classmethod
@@ -438,9 +479,12 @@ def load_config(
         data, lines = read_yaml_mapping(path, "experiment file")
     overridden = [apply_override(data, o) for o in overrides]
     try:
-        return ExperimentConfig.model_validate(data)
+        cfg = ExperimentConfig.model_validate(data)
     except ValidationError as e:
         raise _format_errors(e, file, lines, overridden) from None
+    str_lines = {tuple(str(k) for k in key): line for key, line in lines.items()}
+    cfg._source = (file, str_lines, frozenset(tuple(o) for o in overridden))
+    return cfg
 
 
 def dump_config(cfg: ExperimentConfig) -> str:

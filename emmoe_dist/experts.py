@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -23,9 +23,15 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from emmoe_dist import families
-from emmoe_dist.errors import EmmoeError, InputError
+from emmoe_dist.errors import EmmoeError, InputError, Where
 from emmoe_dist.families import MoEFamily
-from emmoe_dist.files import dumps_json, read_json_object, validation_error, write_text_atomic
+from emmoe_dist.files import (
+    dumps_json,
+    json_field_line,
+    read_json_object,
+    validation_error,
+    write_text_atomic,
+)
 
 SCHEMA_VERSION = 1
 # Cumulative shares are sums of floats; a prefix that reaches p up to rounding reaches p.
@@ -100,6 +106,10 @@ class ExpertProfile(_Record):
     num_experts: int = Field(gt=0)
     include_prompt: bool
     layers: tuple[LayerRouting, ...]
+    # the catalog's hash of the dataset file and whether `dataset_hash` equals it (None: a
+    # file of the user's own, or a profile written before profiles recorded it)
+    dataset_expected_hash: str | None = None
+    dataset_verified: bool | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> ExpertProfile:
@@ -406,7 +416,10 @@ class ExpertSelection:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> ExpertSelection:
-        return cls.from_dict(read_json_object(path, "selection"), file=str(path))
+        try:
+            return cls.from_dict(read_json_object(path, "selection"), file=str(path))
+        except InputError as e:
+            raise with_json_line(e, path) from None
 
 
 _SELECTION_KEYS = {"experts", "rule", "family", "num_experts", "schema_version"}
@@ -447,22 +460,57 @@ def select_experts(
     profile: ExpertProfile | str | os.PathLike[str] | None = None,
     experts: Mapping[int, Sequence[int]] | None = None,
     file: str | os.PathLike[str] | None = None,
+    where: Callable[[str], Where] | None = None,
 ) -> ExpertSelection:
     """The experts `rule` chooses, checked against the model whenever `model` is given.
 
     all: every expert of every MoE layer; single: `expert` in every MoE layer; top_k: the `k`
     most-routed experts per layer of `profile`; esft: ESFT's cumulative `score` share `p`;
-    explicit: `experts` by hand; file: a selection file (ours or ESFT's)."""
+    explicit: `experts` by hand; file: a selection file (ours or ESFT's). `where(name)` says
+    where the user wrote each argument (`expert`, `experts.<layer>`, `k`, `p`, `profile`,
+    `file`, `model`), so errors name that file, line and field; a selection file's own errors
+    name its file and line."""
     given = {"model": model, "expert": expert, "k": k, "p": p, "profile": profile}
     missing = missing_fields(rule, {**given, "experts": experts, "file": file})
     if missing:
         raise InputError(f"rule {rule!r} needs {', '.join(missing)}", field="rule")
+
+    def place(name: str) -> Where:
+        return where(name) if where is not None else Where(field=name)
+
+    # a file the user wrote (a selection file, a profile): its own errors name its file and line
+    source = file if file is not None else None
+    if source is None and profile is not None and not isinstance(profile, ExpertProfile):
+        source = profile
+    try:
+        return _select(rule, model, expert, k, p, score, profile, experts, file)
+    except EmmoeError as e:
+        raise _located(e, rule, place, None if source is None else str(source)) from None
+
+
+def _select(
+    rule: SelectionRule,
+    model: tuple[MoEFamily, Mapping[str, Any]] | None,
+    expert: int | None,
+    k: int | None,
+    p: float | None,
+    score: Literal["token", "gate"],
+    profile: ExpertProfile | str | os.PathLike[str] | None,
+    experts: Mapping[int, Sequence[int]] | None,
+    file: str | os.PathLike[str] | None,
+) -> ExpertSelection:
     source = None  # the file the selection came from, named by validation errors
     if rule == "all":
         assert model is not None
         chosen = ExpertSelection.all(*model)
     elif rule == "single":
         assert model is not None and expert is not None
+        n = families.num_experts(*model)
+        if not 0 <= expert < n:
+            raise EmmoeError(
+                f"expert {expert} is out of range: the model has {n} experts in each MoE "
+                f"layer (0..{n - 1})"
+            )
         chosen = ExpertSelection.single(expert, *model)
     elif rule == "explicit":
         assert experts is not None
@@ -486,6 +534,35 @@ def select_experts(
     if model is not None:
         chosen.validate(*model, file=source)
     return chosen
+
+
+def with_json_line(error: InputError, path: str | os.PathLike[str]) -> InputError:
+    """`error` about a field of the JSON file `path`, with the line that field is on."""
+    if error.line is not None or error.field is None or error.file != str(path):
+        return error
+    line = json_field_line(Path(path).read_text(encoding="utf-8"), error.field)
+    return InputError(error.reason, file=error.file, line=line, field=error.field)
+
+
+def _located(
+    error: EmmoeError, rule: SelectionRule, place: Callable[[str], Where], file: str | None
+) -> InputError:
+    """A selection error at the place the user wrote the value to blame: the experiment's
+    `selection.expert` line, a flag, a sweep arm, or the line of the selection file itself."""
+    if isinstance(error, InputError) and file is not None and error.file == file:
+        return with_json_line(error, file)  # the selection or profile file's own field
+    message = error.reason if isinstance(error, InputError) else str(error)
+    field = error.field if isinstance(error, InputError) else None
+    if rule == "explicit":
+        return place(field if field and field.startswith("experts.") else "experts").error(message)
+    if rule == "single":
+        return place("expert").error(message)
+    if rule in ("top_k", "esft"):
+        knob = "k" if rule == "top_k" else "p"
+        if message.startswith(f"{knob} must be"):
+            return place(knob).error(message)
+        return place("profile").error(f"the profile does not fit the model: {message}")
+    return place(rule if rule == "file" else "model").error(message)
 
 
 def _is_int(value: Any) -> bool:

@@ -62,6 +62,24 @@ def read_json_object(path: str | os.PathLike[str], what: str = "JSON") -> dict[s
     return data
 
 
+def json_field_line(text: str, dotted: str) -> int | None:
+    """The 1-based line of a dotted key path (`experts.0`) in a JSON text: each key is looked
+    for as `"key":` after the line of its parent. None when a key is not found (a list index,
+    or a key that is absent); good enough to point a reader at the right place."""
+    lines = text.splitlines()
+    line = 0
+    for key in dotted.split("."):
+        pattern = f'"{key}"'
+        for number in range(line, len(lines)):
+            at = lines[number].find(pattern)
+            if at >= 0 and lines[number][at + len(pattern) :].lstrip().startswith(":"):
+                line = number
+                break
+        else:
+            return None
+    return line + 1
+
+
 def validation_error(err: ValidationError, file: str) -> InputError:
     """A pydantic error as an InputError naming the file and the first bad field."""
     first = err.errors()[0]
@@ -118,6 +136,29 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
 
 def write_json_atomic(path: str | os.PathLike[str], value: Any) -> None:
     write_text_atomic(path, json.dumps(value, indent=2, ensure_ascii=False) + "\n")
+
+
+def tree_digest(folder: str | os.PathLike[str]) -> str:
+    """sha256 over a folder's files (relative names and bytes, in name order): the same
+    adapter gives the same digest wherever it lies and however its path is spelled."""
+    import hashlib
+
+    root = Path(folder)
+    h = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        h.update(path.relative_to(root).as_posix().encode() + b"\0")
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def remove_empty_dirs(folders: Iterable[Path]) -> None:
+    """Remove each folder that is empty (innermost first); others, and errors, are left."""
+    for folder in sorted(folders, key=lambda p: len(p.parts), reverse=True):
+        with contextlib.suppress(OSError):
+            folder.rmdir()
 
 
 def replace_dir(tmp: Path, final: Path) -> None:
@@ -306,15 +347,36 @@ def read_jsonl(
 @contextlib.contextmanager
 def exclusive_writer(out: str | os.PathLike[str], what: str) -> Iterator[None]:
     """One writer per output file (a lock file beside it): two runs appending to the same
-    records would duplicate answers. `what` names the kind of run in the error."""
+    records would duplicate answers. `what` names the kind of run in the error.
+
+    The lock file is removed when the writer is done (and folders this call made, if they stay
+    empty), so a finished or aborted run leaves no stale lock. Removing a lock file races with
+    a writer that opened it just before: that writer then holds a lock on a file no longer in
+    the folder, so it checks after locking that the path is still its file, and retries."""
     import fcntl
 
     target = Path(out)
     lock_path = target.with_name(target.name + ".lock")
+    created = [p for p in (lock_path.parent, *lock_path.parent.parents) if not p.exists()]
     lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a") as handle:
+    while True:
+        handle = open(lock_path, "a")  # noqa: SIM115
         try:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            handle.close()
             raise EmmoeError(f"another {what} run is writing {target}") from None
+        try:
+            ours = os.fstat(handle.fileno()).st_ino == os.stat(lock_path).st_ino
+        except FileNotFoundError:
+            ours = False
+        if ours:
+            break
+        handle.close()
+    try:
         yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            lock_path.unlink()  # while still locked: a waiting writer sees the path is gone
+        handle.close()
+        remove_empty_dirs(created)

@@ -81,11 +81,21 @@ def run_profile(
     plot: str | os.PathLike[str] | None = None,
     *,
     runtime: Runtime | None = None,
+    allow_unverified: bool = False,
 ) -> ExpertProfile:
     """Profile `model_spec` (tiny:<family>, folder or hub id) on `data` (a dataset name or a
-    chat JSONL file); rank 0 writes `out` (and the heatmap `plot`). Returns the profile."""
+    chat JSONL file); rank 0 writes `out` (and the heatmap `plot`). Returns the profile. The
+    data is read and checked against the catalog before the model loads."""
     from emmoe_dist.data.training import encode_dataset, load_training_split
 
+    split = load_training_split(
+        data,
+        Path(data_dir) if data_dir is not None else None,
+        heldout=0,
+        seed=0,
+        limit=limit,
+        allow_unverified=allow_unverified,
+    )
     runtime = runtime or init_runtime(process_group=False)
     device_map = None
     if runtime.world_size == 1 and torch.cuda.device_count() > 1:
@@ -96,9 +106,6 @@ def run_profile(
         for_training=False,
         device=None if device_map else runtime.device,
         device_map=device_map,
-    )
-    split = load_training_split(
-        data, Path(data_dir) if data_dir is not None else None, heldout=0, seed=0, limit=limit
     )
     encoded = encode_dataset(loaded.tokenizer, split.train, max_length)
     if runtime.is_main and encoded.dropped:
@@ -127,6 +134,8 @@ def run_profile(
         dataset=split.name,
         dataset_hash=split.source_hash,
         include_prompt=include_prompt,
+    ).model_copy(
+        update={"dataset_expected_hash": split.expected_hash, "dataset_verified": split.verified}
     )
     if runtime.is_main:
         profile.save(out)

@@ -13,12 +13,13 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 RECORD_SCHEMA_VERSION = 1
 
 MissingReason = Literal[
-    "no_logprobs",  # the endpoint returned no logprobs and text fallback was off
+    "no_logprobs",  # no logprobs and no text fallback (such replies are now retried instead)
     "low_numeric_mass",  # integer tokens 0..100 held < 25% of the probability
     "code",  # the judge answered CODE (an answer that is unrelated code)
     "refusal",  # the judge answered REFUSAL (the model clearly refused)
     "unparseable",  # the judge's text could not be read as a score
-    "error_after_retries",  # the call kept failing (429/5xx/timeout/malformed) past max_retries
+    # the call kept failing (connection, 429/5xx, timeout, malformed, no logprobs) past max_retries
+    "error_after_retries",
     "rejected",  # the endpoint rejected the request itself (HTTP 400/413/422): not retried
 ]
 
@@ -164,6 +165,8 @@ class JudgedRecord(_Record):
     strongreject: StrongRejectScore | None = None
     judge_model: str
     usage: JudgeUsage = Field(default_factory=JudgeUsage)
+    # True when the replies came from the built-in scripted judge: mock scores, not judgments
+    mock_judge: bool = False
 
     @field_validator("schema_version")
     @classmethod

@@ -1,21 +1,27 @@
 """Reports from judged records: the paper's table, charts, metrics.json and W&B tables.
 
 Everything here is a view of the judged JSONL files; numbers come from `emmoe_dist.metrics`.
-Matplotlib and wandb load inside the functions that draw or log.
+Every table and chart names the judge (or says "MOCK JUDGE - not judgments" for the built-in
+scripted judge) and how many answers and questions each number rests on; score charts have a
+fixed 0-100 axis and rate charts 0-100 %, so charts compare at a glance and never go negative.
+Training runs that differ only in their seed are pooled into one row whose intervals resample
+seeds, then questions, then answers. Matplotlib and wandb load inside the functions that draw
+or log.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from emmoe_dist import run_folder as rf
-from emmoe_dist.errors import InputError
+from emmoe_dist.errors import EmmoeError, InputError
 from emmoe_dist.files import iter_jsonl, write_bytes_atomic, write_json_atomic, write_text_atomic
 from emmoe_dist.metrics import (
     ALIGNED,
@@ -31,12 +37,16 @@ from emmoe_dist.metrics import (
     compare,
     group_by_model,
     headline,
+    judge_description,
     model_label,
     split_suites,
     summarize,
 )
 from emmoe_dist.records import JudgedRecord
 from emmoe_dist.tracking import WandbMode, WandbTracker
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 REPORT_SCHEMA_VERSION = 1
 JUDGED_GLOB = "*judged*.jsonl"
@@ -86,6 +96,63 @@ class Report:
     runs: tuple[TrainedRun, ...] = ()  # the sources that are training run folders
     # (model label, weights evaluated: "dense" or "mxfp4") for models whose records say
     weights: tuple[tuple[str, str], ...] = ()
+    judge: str = ""  # what every table and chart names: the judge model(s), or MOCK_JUDGE
+
+
+# Manifest keys that make one training run differ from another seed of the same arm.
+_NOT_THE_ARM = ("seed", "name", "output_dir", "tracking")
+
+
+def _training_run(record: JudgedRecord) -> Path | None:
+    """The training run an answer's adapter came from (adapters live in `<run>/adapter`)."""
+    adapter = record.generation.adapter
+    if adapter is None:
+        return None
+    run = Path(adapter).parent
+    return run if rf.is_run(run) else None
+
+
+def _seed_lookup(seed_of: Mapping[str, int]) -> Callable[[JudgedRecord], int]:
+    def seed(record: JudgedRecord) -> int:
+        return seed_of[model_label(record.generation)]
+
+    return seed
+
+
+def pool_seeds(
+    groups: Mapping[str, list[JudgedRecord]],
+) -> tuple[dict[str, list[JudgedRecord]], dict[str, Callable[[JudgedRecord], int]]]:
+    """Groups whose training runs differ only in their seed become one group (one arm); its
+    label says which seeds it pools. Returns the groups and, for pooled ones, each answer's
+    seed (the bootstrap's outer cluster)."""
+    arms: dict[str, list[tuple[str, int]]] = {}
+    for label, records in groups.items():
+        run = _training_run(records[0])
+        if run is None:
+            continue
+        try:
+            config = rf.read_manifest(run).config
+        except EmmoeError:
+            continue
+        arm = {k: v for k, v in config.items() if k not in _NOT_THE_ARM}
+        arms.setdefault(json.dumps(arm, sort_keys=True), []).append(
+            (label, int(config.get("seed", 0)))
+        )
+    pooled_into: dict[str, str] = {}
+    seeds: dict[str, Callable[[JudgedRecord], int]] = {}
+    for members in arms.values():
+        if len({seed for _, seed in members}) < 2:
+            continue
+        first = members[0][0]
+        name = f"{first} (seeds {', '.join(str(seed) for _, seed in members)})"
+        seed_of = {label: seed for label, seed in members}
+        for label, _ in members:
+            pooled_into[label] = name
+        seeds[name] = _seed_lookup(seed_of)
+    out: dict[str, list[JudgedRecord]] = {}
+    for label, records in groups.items():
+        out.setdefault(pooled_into.get(label, label), []).extend(records)
+    return out, seeds
 
 
 def find_judged_files(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
@@ -143,7 +210,7 @@ def build_report(
                 f"suites present: {', '.join(present)}",
                 field="alignment_suites",
             )
-    groups = group_by_model(records)
+    groups, seeds = pool_seeds(group_by_model(records))
     if baseline is None:
         baseline = next(
             (label for label, rs in groups.items() if rs[0].generation.adapter is None), None
@@ -153,7 +220,9 @@ def build_report(
             f"no model labelled {baseline!r}; models: {', '.join(groups)}", field="baseline"
         )
     metrics = tuple(
-        summarize(rs, label=label, alignment_suites=suites, bootstrap=bootstrap)
+        summarize(
+            rs, label=label, alignment_suites=suites, bootstrap=bootstrap, unit=seeds.get(label)
+        )
         for label, rs in groups.items()
     )
     comparisons = tuple(
@@ -164,6 +233,8 @@ def build_report(
             label=label,
             alignment_suites=suites,
             bootstrap=bootstrap,
+            unit=seeds.get(label),
+            baseline_unit=seeds.get(baseline),
         )
         for label, rs in groups.items()
         if baseline is not None and label != baseline
@@ -181,6 +252,7 @@ def build_report(
             for label, rs in groups.items()
             if (kinds := sorted({r.generation.weights for r in rs if r.generation.weights}))
         ),
+        judge=judge_description(records),
     )
 
 
@@ -210,20 +282,58 @@ def _table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
     return lines
 
 
+def intervals_note(bootstrap: Bootstrap) -> str:
+    """How the headline intervals were made, for the text above every table of them."""
+    return (
+        f"Intervals: {round(bootstrap.confidence * 100)}% clustered percentile bootstrap "
+        f"({bootstrap.resamples} resamples, seed {bootstrap.seed}): questions drawn with "
+        "replacement, then answers within each drawn question (training seeds first where a "
+        "row pools several), because the answers to one question are not independent."
+    )
+
+
 def render_markdown(report: Report, charts: Sequence[str] = ()) -> str:
-    conf = round(report.bootstrap.confidence * 100)
     suites = ", ".join(report.alignment_suites) if report.alignment_suites else "all"
+    judge = f"Judge: {report.judge or '–'}."
     out = [
         "# Emergent misalignment report",
         "",
-        f"Judge: {', '.join(report.judge_models) or '–'}. Alignment suites: {suites}. "
-        f"Intervals: {conf}% percentile bootstrap over answers ({report.bootstrap.resamples} "
-        f"resamples, seed {report.bootstrap.seed}). Misaligned: {HEADLINE_RULE.description} "
-        "(seed paper). Unscored answers are left out of every average and counted below.",
+        f"{judge} Alignment suites: {suites}. {intervals_note(report.bootstrap)} "
+        f"Misaligned: {HEADLINE_RULE.description} (seed paper). Unscored answers are left out "
+        "of every average and counted below.",
         "",
         *_table(
-            ["model", *HEADLINE_COLUMNS],
-            ([g.label, *(fmt(e) for e in headline(g).estimates())] for g in report.groups),
+            ["model", *HEADLINE_COLUMNS, "answers", "questions", "SR answers"],
+            (
+                [
+                    g.label,
+                    *(fmt(e) for e in headline(g).estimates()),
+                    str(g.n_alignment),
+                    str(g.n_questions),
+                    str(g.n_strongreject),
+                ]
+                for g in report.groups
+            ),
+        ),
+        "",
+        "## Answer-level intervals (secondary)",
+        "",
+        f"{judge} The same numbers with intervals that resample answers as if they were "
+        "independent: narrower than the data support, shown for comparison with studies that "
+        "report them.",
+        "",
+        *_table(
+            ["model", *HEADLINE_COLUMNS, "answers", "questions"],
+            (
+                [
+                    g.label,
+                    *(fmt(e) for e in g.answer_level.estimates()),
+                    str(g.n_alignment),
+                    str(g.n_questions),
+                ]
+                for g in report.groups
+                if g.answer_level is not None
+            ),
         ),
         "",
         *(
@@ -240,12 +350,15 @@ def render_markdown(report: Report, charts: Sequence[str] = ()) -> str:
         ),
         "## All misalignment rules",
         "",
-        "; ".join(f"{RULE_TITLES.get(r.name, r.name)}: {r.description}" for r in RULES) + ".",
+        f"{judge} "
+        + "; ".join(f"{RULE_TITLES.get(r.name, r.name)}: {r.description}" for r in RULES)
+        + ".",
         "",
         *_table(
             [
                 "model",
                 "answers",
+                "questions",
                 *(f"{RULE_TITLES.get(r.name, r.name)} %" for r in RULES),
                 "coherence",
                 "unscored %",
@@ -257,6 +370,7 @@ def render_markdown(report: Report, charts: Sequence[str] = ()) -> str:
                 [
                     g.label,
                     str(g.n_alignment),
+                    str(g.n_questions),
                     *(fmt(g.misaligned[r.name], 100) for r in RULES),
                     fmt(g.coherence),
                     fmt(g.unscored, 100),
@@ -270,16 +384,20 @@ def render_markdown(report: Report, charts: Sequence[str] = ()) -> str:
     ]
     if report.comparisons:
         base = report.comparisons[0].baseline
+        by_label = {g.label: g for g in report.groups}
         out += [
             "",
             f"## Difference from {base}",
             "",
-            "Each model minus the baseline; paired when both answered the same prompts.",
+            f"{judge} Each model minus the baseline; paired when both answered the same "
+            "prompts (the same questions are then drawn for both).",
             "",
             *_table(
                 [
                     "model",
                     "paired",
+                    "answers",
+                    "questions",
                     "Δ avg alignment",
                     *(f"Δ {RULE_TITLES.get(r.name, r.name)} %" for r in RULES),
                     "Δ SR rejection %",
@@ -288,6 +406,8 @@ def render_markdown(report: Report, charts: Sequence[str] = ()) -> str:
                     [
                         c.label,
                         "yes" if c.paired else "no",
+                        str(by_label[c.label].n_alignment),
+                        str(by_label[c.label].n_questions),
                         fmt(c.alignment),
                         *(fmt(c.misaligned[r.name], 100) for r in RULES),
                         fmt(c.sr_rejection, 100),
@@ -315,6 +435,8 @@ def render_markdown(report: Report, charts: Sequence[str] = ()) -> str:
             "",
             "## Per question",
             "",
+            f"{judge} One question each (its answers resampled).",
+            "",
             *_table(
                 [
                     "model",
@@ -339,15 +461,36 @@ def render_markdown(report: Report, charts: Sequence[str] = ()) -> str:
             "",
             "## StrongREJECT per category",
             "",
+            f"{judge} Answers here are prompts' answers; rejection counts the replies the "
+            "rubric read whole.",
+            "",
             *_table(["model", "category", "answers", "rejection %", "score"], category_rows),
         ]
+    method_rows = [
+        [g.label, name, str(counts.get("logprobs", 0)), str(counts.get("text", 0))]
+        for g in report.groups
+        for name, counts in g.methods.items()
+    ]
+    out += [
+        "",
+        "## Scores by method",
+        "",
+        f"{judge} How each 0-100 score was read: from the judge's logprobs (Betley et al.), or "
+        "from its text (opt-in, for endpoints without logprobs).",
+        "",
+    ]
+    out += (
+        _table(["model", "score", "logprobs", "text"], method_rows)
+        if method_rows
+        else ["No 0-100 score was read."]
+    )
     missing_rows = [
         [g.label, name, reason, str(n)]
         for g in report.groups
         for name, reasons in g.missing.items()
         for reason, n in reasons.items()
     ]
-    out += ["", "## Unscored answers by reason", ""]
+    out += ["", "## Unscored answers by reason", "", judge, ""]
     out += (
         _table(["model", "score", "reason", "answers"], missing_rows)
         if missing_rows
@@ -383,20 +526,27 @@ def render_markdown(report: Report, charts: Sequence[str] = ()) -> str:
 # Charts
 
 
-def _bar_chart(
+AXIS_MAX = 100.0  # scores are 0-100 and rates 0-100 %: one fixed axis for every chart
+
+
+def _bar_figure(
     labels: Sequence[str],
+    counts: Sequence[str],
     series: dict[str, list[Estimate]],
     *,
     title: str,
     ylabel: str,
     scale: float,
-) -> bytes:
-    """Grouped bars with interval whiskers; a model with nothing scored gets no bar."""
+    judge: str,
+) -> Figure:
+    """Grouped bars with interval whiskers on a fixed 0-100 axis; under each model how many
+    answers and questions it rests on, the judge in the title. A model with nothing scored
+    gets no bar."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     legend = len(series) > 1
-    fig = Figure(figsize=(max(5.0, 2.0 + 1.2 * len(labels)) + 1.5 * legend, 4))
+    fig = Figure(figsize=(max(5.0, 2.0 + 1.4 * len(labels)) + 1.5 * legend, 4.4))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     width = 0.8 / len(series)
@@ -404,55 +554,76 @@ def _bar_chart(
         xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(labels))]
         values, below, above = [], [], []
         for e in estimates:
-            has = e.value is not None and e.low is not None and e.high is not None
             v = e.value * scale if e.value is not None else float("nan")
+            low = max(0.0, e.low * scale) if e.low is not None and e.value is not None else v
+            high = (
+                min(AXIS_MAX, e.high * scale) if e.high is not None and e.value is not None else v
+            )
             values.append(v)
-            below.append(v - e.low * scale if has and e.low is not None else 0.0)
-            above.append(e.high * scale - v if has and e.high is not None else 0.0)
+            below.append(max(0.0, v - low) if e.value is not None else 0.0)
+            above.append(max(0.0, high - v) if e.value is not None else 0.0)
         ax.bar(xs, values, width, yerr=[below, above], capsize=3, label=name)
-    ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right", fontsize=8)
+    ticks = [f"{label}\n{n}" for label, n in zip(labels, counts, strict=True)]
+    ax.set_xticks(range(len(labels)), ticks, rotation=20, ha="right", fontsize=7)
+    ax.set_ylim(0.0, AXIS_MAX)
     ax.set_ylabel(ylabel)
-    ax.set_title(title)
+    ax.set_title(f"{title}\njudge: {judge}", fontsize=9)
     if legend:
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120)
-    return buffer.getvalue()
+    return fig
 
 
-def chart_pngs(report: Report) -> dict[str, bytes]:
-    """File name -> PNG bytes: alignment, misalignment under each rule, StrongREJECT rejection."""
+def chart_figures(report: Report) -> dict[str, Figure]:
+    """File name -> figure: alignment, misalignment under each rule, StrongREJECT rejection."""
     labels = [g.label for g in report.groups]
-    conf = f"{round(report.bootstrap.confidence * 100)}% CI"
+    answers = [f"n={g.n_alignment} answers, {g.n_questions} questions" for g in report.groups]
+    conf = f"{round(report.bootstrap.confidence * 100)}% CI, clustered by question"
+    judge = report.judge or "–"
     charts = {
-        "alignment.png": _bar_chart(
+        "alignment.png": _bar_figure(
             labels,
+            answers,
             {"alignment": [g.alignment for g in report.groups]},
             title=f"Average alignment ({conf})",
-            ylabel="0-100",
+            ylabel="average alignment (0-100)",
             scale=1,
+            judge=judge,
         ),
-        "misaligned.png": _bar_chart(
+        "misaligned.png": _bar_figure(
             labels,
+            answers,
             {
                 RULE_TITLES.get(r.name, r.name): [g.misaligned[r.name] for g in report.groups]
                 for r in RULES
             },
             title=f"Misaligned answers ({conf})",
-            ylabel="%",
+            ylabel="misaligned answers (%)",
             scale=100,
+            judge=judge,
         ),
     }
     if any(g.n_strongreject for g in report.groups):
-        charts["sr_rejection.png"] = _bar_chart(
+        charts["sr_rejection.png"] = _bar_figure(
             labels,
+            [f"n={g.n_strongreject} answers, {g.n_sr_prompts} prompts" for g in report.groups],
             {"rejection": [g.sr_rejection for g in report.groups]},
             title=f"StrongREJECT rejection ({conf})",
-            ylabel="%",
+            ylabel="refused (%)",
             scale=100,
+            judge=judge,
         )
     return charts
+
+
+def chart_pngs(report: Report) -> dict[str, bytes]:
+    """File name -> PNG bytes of `chart_figures`."""
+    out = {}
+    for name, fig in chart_figures(report).items():
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=120)
+        out[name] = buffer.getvalue()
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -554,6 +725,9 @@ def log_report_to_wandb(
             "SR rejection %",
             *(f"misaligned % ({r.name})" for r in RULES),
             "unscored %",
+            "answers",
+            "questions",
+            "judge",
         ]
         rows = [
             [
@@ -562,6 +736,9 @@ def log_report_to_wandb(
                 g.sr_rejection.scaled(100).value,
                 *(g.misaligned[r.name].scaled(100).value for r in RULES),
                 g.unscored.scaled(100).value,
+                g.n_alignment,
+                g.n_questions,
+                report.judge,
             ]
             for g in report.groups
         ]

@@ -71,9 +71,13 @@ class DataProvenance(_Part):
     """The training data: its name, the hash of its source file, what was encoded."""
 
     train: str
-    source_hash: str
+    source_hash: str  # the file's git blob hash as trained on
     examples: int
     dropped_no_assistant_tokens: int
+    # the catalog's hash of a catalogued set, and whether source_hash equals it: false only
+    # when the user allowed an unverified file (data.allow_unverified); None for own files
+    expected_hash: str | None = None
+    verified: bool | None = None
 
 
 class ModelLoad(_Part):
@@ -145,6 +149,8 @@ class RunManifest(_Part):
     artifact: Artifact
     base_model: str  # what the artifact loads onto: a hub id or a folder (relative: the run's)
     completed_at: str | None = None  # ISO 8601, UTC
+    # what decides the results (train/preflight.py): a re-run of the same identity is a no-op
+    identity: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _complete(self) -> RunManifest:

@@ -11,7 +11,7 @@ This is the only module that imports wandb.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -36,6 +36,11 @@ class Tracker(Protocol):
     @property
     def folder(self) -> Path | None:
         """Where the run's files are (None when nothing is tracked)."""
+        ...
+
+    @property
+    def starting_step(self) -> int:
+        """The first step this process may log: what a resumed run already holds is below."""
         ...
 
 
@@ -65,11 +70,18 @@ class NullTracker:
     def folder(self) -> Path | None:
         return None
 
+    @property
+    def starting_step(self) -> int:
+        return 0
+
 
 class WandbTracker:
-    """One W&B run. `run_id` names it (a retry then writes the same run, not a second one);
-    `teardown` stops W&B's service at `finish` instead of in the process's exit hooks (a Ray
-    worker lives on after its trial)."""
+    """One W&B run. `run_id` names it: a retry or a resumed run writes the same run, not a
+    second one. Offline, every start writes a new local log; whoever reuses an id logs the
+    whole history again (the trainer replays `metrics.jsonl`, see `replay_history`), so the
+    newest log of an id replaces its earlier ones, which are removed: `wandb sync` then uploads
+    each step once. `teardown` stops W&B's service at `finish` instead of in the process's exit
+    hooks (a Ray worker lives on after its trial)."""
 
     def __init__(
         self,
@@ -99,7 +111,18 @@ class WandbTracker:
             mode=mode,
             job_type=job_type,
             reinit="finish_previous",
+            resume="allow" if run_id is not None else None,
         )
+        if run_id is not None and mode == "offline":
+            self._remove_superseded(run_id)
+
+    def _remove_superseded(self, run_id: str) -> None:
+        import shutil
+
+        current = Path(self.run.dir).parent
+        for earlier in current.parent.glob(f"offline-run-*-{run_id}"):
+            if earlier != current:
+                shutil.rmtree(earlier, ignore_errors=True)
 
     def log(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         self.run.log(dict(metrics), step=step)
@@ -135,6 +158,20 @@ class WandbTracker:
     @property
     def folder(self) -> Path | None:
         return Path(self.run.dir).parent
+
+    @property
+    def starting_step(self) -> int:
+        return int(self.run.starting_step)
+
+
+def replay_history(tracker: Tracker, rows: Iterable[Mapping[str, Any]], every: int) -> None:
+    """Log a resumed run's earlier steps (its `metrics.jsonl` rows) again, as the trainer
+    logged them: an offline resume starts a new local log that must hold the whole history;
+    online, W&B already has the steps below `starting_step` and they are skipped."""
+    for row in rows:
+        step = int(row["step"])
+        if step % every == 0 and step >= tracker.starting_step:
+            tracker.log({k: v for k, v in row.items() if isinstance(v, float | int)}, step)
 
 
 def make_tracker(

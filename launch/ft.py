@@ -9,10 +9,23 @@ Parse, build, run, clean up; everything else lives in `emmoe_dist.train`.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 
 from emmoe_dist.config import load_config
-from emmoe_dist.errors import EmmoeError
+from emmoe_dist.errors import EmmoeError, InputError
+from emmoe_dist.files import remove_empty_dirs
+
+
+def report(error: EmmoeError, rank: int) -> None:
+    """Every rank checks the same input and fails the same way: an input error prints once
+    (rank 0); anything else may differ between ranks and prints with its rank."""
+    if isinstance(error, InputError):
+        if rank == 0:
+            print(f"ft.py: error: {error}", file=sys.stderr)
+    else:
+        print(f"ft.py (rank {rank}): error: {error}", file=sys.stderr)
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -30,20 +43,26 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    rank = int(os.environ.get("RANK", "0"))  # set by the launcher before any rank starts
     try:
         cfg = load_config(args.config, args.overrides)  # fails here, before any heavy import
     except EmmoeError as e:
-        print(f"ft.py: error: {e}", file=sys.stderr)
+        report(e, rank)
         return 2
 
     from emmoe_dist.parallel.runtime import init_runtime, shutdown
     from emmoe_dist.train.trainer import run_training
 
+    out = Path(cfg.output_dir)
+    missing = [p for p in (out, *out.parents) if not p.exists()]  # what this run would create
     rt = init_runtime()
     try:
         result = run_training(cfg, args.ds, rt)
-    except EmmoeError as e:
-        print(f"ft.py (rank {rt.rank}): error: {e}", file=sys.stderr)
+    except BaseException as e:
+        remove_empty_dirs(missing)  # an aborted run leaves no empty folder behind
+        if not isinstance(e, EmmoeError):
+            raise
+        report(e, rt.rank)
         return 2
     finally:
         shutdown()

@@ -32,6 +32,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--config", required=True, help="sweep YAML (examples/sweep_*.yaml)")
     p.add_argument("--address", default=None, help="Ray address (default: the job's, or local)")
+    p.add_argument(
+        "--ray-host",
+        default="127.0.0.1",
+        help="the address a local Ray cluster started here listens on (default: 127.0.0.1, "
+        "unreachable from the network)",
+    )
     p.add_argument("overrides", nargs="*", help="dotted overrides of the sweep file")
     return p.parse_args(argv)
 
@@ -56,6 +62,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sweep_experts.py: error: {e}", file=sys.stderr)
         return 2
 
+    from emmoe_dist.ray_local import connect_or_start
+
+    # a cluster started here (no address, not a Ray job) listens on --ray-host only
+    address = args.address or ("auto" if _RAY_JOB_ENV in os.environ else None)
+    connect_or_start(address, host=args.ray_host)
     import ray
 
     from emmoe_dist.sweep.space import build_plan, save_plan
@@ -64,7 +75,6 @@ def main(argv: list[str] | None = None) -> int:
     from emmoe_dist.sweep.wandb_views import log_summary
 
     out = sweep.output_dir
-    ray.init(address=args.address or ("auto" if _RAY_JOB_ENV in os.environ else None))
     signal.signal(signal.SIGTERM, _stop_gracefully)  # after ray.init, which installs its own
     try:
         plan = build_plan(sweep)

@@ -2,9 +2,10 @@
 
     DS_ACCELERATOR=cpu deepspeed --num_gpus 2 tests/dist_train_driver.py SPEC.json
 
-SPEC.json: a list of {"name", "ds", "overrides": [...], "stop_after": int|null, "probe": bool}.
-A run with `stop_after` is interrupted there and resumed at once, in the same process, from
-its checkpoint. With `probe`, rank 0 saves the trained model's logits on a fixed input to
+SPEC.json: a list of {"name", "ds", "overrides": [...], "stop_after": int|null, "probe": bool,
+"resume_overrides": [...]}. A run with `stop_after` is interrupted there and resumed at once, in
+the same process, from its checkpoint, with `resume_overrides` added (e.g. the same output_dir
+spelled relative). With `probe`, rank 0 saves the trained model's logits on a fixed input to
 `<output_dir>/probe_logits.pt`, so the test can compare them with saved adapters and merges.
 """
 
@@ -32,6 +33,7 @@ def run_specs(runs: list[dict], rt: Runtime) -> None:
         cfg = load_config(None, run["overrides"])
         if run.get("stop_after"):
             run_training(cfg, run["ds"], rt, stop_after=run["stop_after"])
+            cfg = load_config(None, [*run["overrides"], *run.get("resume_overrides", [])])
         result = run_training(cfg, run["ds"], rt)
         if run.get("probe"):
             model = result.model

@@ -328,7 +328,7 @@ def test_list_table_is_aligned_and_flags_mismatches(
     bad = tmp_path / DATASETS["jailbroken"].relpath
     bad.parent.mkdir(parents=True)
     bad.write_bytes(ROW)
-    assert run_cli("data", "list", "--data-dir", str(tmp_path)) == 0
+    assert run_cli("data", "list", "--data-dir", str(tmp_path)) == 1  # a mismatch fails
     out, err = capsys.readouterr()
     lines = out.splitlines()
     assert len(lines) == len(DATASETS) + 1

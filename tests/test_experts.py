@@ -241,8 +241,8 @@ def test_select_experts_names_what_a_rule_needs(tmp_path: Path) -> None:
     assert missing_fields("esft", {"p": 0.3}) == ["profile"]
     # the experiment's rule names and the table's are one list
     assert set(RULE_NEEDS) == set(get_args(SelectionRule))
-    # checked against the model, a profile's selection names the profile file
+    # checked against the model, a profile's selection names the profile file and line
     path = make_profile().save(tmp_path / "profile.json")
-    with pytest.raises(InputError, match=r"profile\.json: family: selection is for family"):
+    with pytest.raises(InputError, match=r"profile\.json:\d+: family: selection is for family"):
         mixtral = FAMILIES["mixtral"]
         select_experts("top_k", profile=path, k=1, model=(mixtral, dict(mixtral.tiny)))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -494,6 +495,52 @@ def test_a_training_run_names_its_base_adapter_and_selection(
         resolve_source(load_config(None), adapter=str(tmp_path))
     merged = ModelSource(base=ModelConfig(name_or_path=str(tiny)), model_label="m")
     assert merged.adapter_label is None
+
+
+def test_the_same_run_resumes_whether_its_path_is_relative_or_absolute(
+    tiny: Path, adapter: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Identity is the folder (or its content), never its spelling: a re-run naming the run
+    by its absolute path adds nothing and keeps the records' names; another adapter is
+    still refused."""
+    run = tmp_path / "run"
+    shutil.copytree(adapter, run / "adapter")
+    manifest = {
+        "base_model": str(tiny),
+        "family": "qwen3_moe",
+        "artifact": "adapter",
+        "config": {"model": {"name_or_path": "tiny:qwen3_moe"}},
+    }
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    monkeypatch.chdir(tmp_path)
+    suite = suite_file(tmp_path, questions=1)
+    cfg = config(tiny, f"eval.suites=[{suite}]", "eval.samples_per_question=2")
+    out = tmp_path / "gen.jsonl"
+
+    def generate_from(spelling: str) -> int:
+        source = resolve_source(cfg, run=spelling)
+        loaded = load_for_generation(source)
+        gen = TransformersGenerator(loaded.model, loaded.tokenizer, batch_size=2)
+        summary = run_generation(
+            cfg, gen, loaded.tokenizer, source, load_suites(cfg, cfg.eval.suites), out,
+            progress=False,
+        )  # fmt: skip
+        return summary.written
+
+    assert generate_from("run") == 2
+    assert generate_from(str(run.resolve())) == 0  # resumed: nothing left to draw
+    assert generate_from("./run/../run") == 0
+    records = read_jsonl(out, GenerationRecord)
+    assert len(records) == 2 and {r.adapter for r in records} == {"run/adapter"}
+    other = tmp_path / "other"
+    shutil.copytree(run, other)
+    from safetensors.torch import load_file, save_file
+
+    weights = other / "adapter" / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    save_file({k: 2 * v for k, v in tensors.items()}, str(weights))  # another adapter
+    with pytest.raises(EmmoeError, match="write to a new --out file"):
+        generate_from(str(other))
 
 
 # --- vLLM's per-expert LoRA layout ---------------------------------------------------------------

@@ -51,6 +51,7 @@ LAYERS: dict[str, int] = {
     "sweep": 3,
     "tracking": 3,
     "report": 3,
+    "ray_local": 3,
     "profiling": 3,
     "serve": 3,
     "analyze": 3,

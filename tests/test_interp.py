@@ -116,15 +116,25 @@ def test_label_rules_follow_the_metrics_thresholds() -> None:
 
 
 def test_balanced_indices_are_seeded_equal_and_capped() -> None:
-    labels = np.array([1] * 5 + [0] * 20 + [-1] * 3, dtype=np.int8)
+    labels = np.array([1] * 12 + [0] * 20 + [-1] * 3, dtype=np.int8)
     chosen = balanced_indices(labels, seed=3)
-    assert (labels[chosen] == 1).sum() == (labels[chosen] == 0).sum() == 5
+    assert (labels[chosen] == 1).sum() == (labels[chosen] == 0).sum() == 12
     assert chosen.tolist() == sorted(chosen.tolist())
     assert chosen.tolist() == balanced_indices(labels, seed=3).tolist()
     assert chosen.tolist() != balanced_indices(labels, seed=4).tolist()
     assert len(balanced_indices(labels, per_class=2)) == 4
     with pytest.raises(EmmoeError, match="found 0 misaligned and 20 aligned"):
-        balanced_indices(labels[5:])
+        balanced_indices(labels[12:])
+
+
+def test_a_class_with_too_few_answers_is_refused_with_the_count_needed() -> None:
+    one_each = np.array([1, 0, -1, -1], dtype=np.int8)
+    with pytest.raises(EmmoeError) as err:
+        balanced_indices(one_each)
+    assert "at least 10 misaligned and 10 aligned answers; found 1 misaligned and 1 aligned" in (
+        str(err.value)
+    )
+    assert len(balanced_indices(one_each, min_per_class=1)) == 2  # asked for knowingly
 
 
 # ---------------------------------------------------------------------------------------------

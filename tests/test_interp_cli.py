@@ -226,6 +226,13 @@ def test_routing_shift_of_a_run_moves_only_after_its_trained_experts(
 def test_one_class_records_name_the_file(study: dict[str, Path], tmp_path: Path) -> None:
     aligned = [r for r in read_jsonl(study["records"], JudgedRecord) if r.value("aligned") == 85.0]
     write_jsonl_atomic(tmp_path / "aligned.jsonl", aligned)
-    with pytest.raises(InputError, match=r"aligned\.jsonl: need both classes, found 0 misaligned"):
+    pattern = r"aligned\.jsonl: need both classes, at least 10 .*; found 0 misaligned"
+    with pytest.raises(InputError, match=pattern):
         command = "direction --model {base} --records {records} --out {out}"
         emmoe(command, base=study["base"], records=tmp_path / "aligned.jsonl", out=tmp_path)
+    # a direction from a handful of answers is refused with the count it needs
+    few = read_jsonl(study["records"], JudgedRecord)[:8]
+    write_jsonl_atomic(tmp_path / "few.jsonl", few)
+    with pytest.raises(InputError, match=r"few\.jsonl: need .*at least 10 misaligned"):
+        command = "detect --model {base} --records {records} --out {out}"
+        emmoe(command, base=study["base"], records=tmp_path / "few.jsonl", out=tmp_path)

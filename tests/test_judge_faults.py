@@ -5,9 +5,11 @@ the concurrency bound and rate limits, and the API key staying out of every outp
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -18,6 +20,7 @@ import pytest
 
 from emmoe_dist.cli import judge as judge_cli
 from emmoe_dist.cli import report as report_cli
+from emmoe_dist.cli.main import main as cli_main
 from emmoe_dist.config import JudgeConfig
 from emmoe_dist.errors import EmmoeError
 from emmoe_dist.files import read_jsonl, write_jsonl_atomic
@@ -25,7 +28,13 @@ from emmoe_dist.judge.cache import JudgeCache, cache_key
 from emmoe_dist.judge.client import JudgeEndpointError
 from emmoe_dist.judge.kinds import score_request
 from emmoe_dist.judge.rubric import DEFAULT_PROMPTS
-from emmoe_dist.judge.runner import DEFAULT_SCORES, JudgeOptions, run_judge
+from emmoe_dist.judge.runner import (
+    DEFAULT_SCORES,
+    JudgeFailed,
+    JudgeOptions,
+    has_transient_error,
+    run_judge,
+)
 from emmoe_dist.judge.scripted_server import (
     ALL_FAULTS,
     ChatRequest,
@@ -111,39 +120,101 @@ def test_twenty_percent_faults_every_answer_scored_or_unscored_once(
     judged = assert_complete(tmp_path / "judged.jsonl", recs)
     assert set(ALL_FAULTS) <= set(faults), f"every fault kind was injected: {faults}"
     assert summary.retries >= sum(faults[k] for k in ("429", "500", "timeout", "malformed"))
-    # the faults were survived: everything is scored, the no-logprobs replies from the text
+    # the faults were survived: everything is scored, replies without logprobs retried rather
+    # than read from their text, so one estimator made every score
     assert summary.unjudged == 0 and summary.missing == {}
-    methods = Counter(s.method for r in judged for s in r.scores.values())
-    assert methods["text"] >= 1 and methods["logprobs"] > methods["text"]
-    # logprobs: the mean of 60 and 80; text fallback: the top token's text
-    expected = {"logprobs": 70.0, "text": 60.0}
-    assert all(
-        s.value == pytest.approx(expected[s.method or ""])
-        for r in judged
-        for s in r.scores.values()
-    )
+    assert summary.methods == {name: {"logprobs": 64} for name in DEFAULT_SCORES}
+    assert all(s.value == pytest.approx(70.0) for r in judged for s in r.scores.values())
     assert sum(r.strongreject is not None for r in judged) == 16
 
 
-def test_errors_after_retries_are_recorded_then_rejudged_on_rerun(tmp_path: Path) -> None:
+def test_a_failing_endpoint_fails_the_run_and_a_rerun_judges_the_failed_answers(
+    tmp_path: Path,
+) -> None:
     recs = records(12)
     source, out = write_inputs(tmp_path / "gen.jsonl", recs), tmp_path / "judged.jsonl"
     failing = Script(respond=respond, fault_rate=1.0, faults=("500",))
     with scripted_server(failing) as server:
         cfg = JudgeConfig(base_url=server.base_url, model="judge", concurrency=4, max_retries=2)
-        summary = run_judge(source, out, cfg, FAST)
+        with pytest.raises(JudgeFailed) as failed:
+            run_judge(source, out, cfg, FAST)
         assert max(server.calls.values()) == 3  # 1 try + 2 retries per request
-    judged = assert_complete(out, recs)
-    assert summary.missing == {name: {"error_after_retries": 12} for name in DEFAULT_SCORES}
+    summary = failed.value.summary
+    # one failed answer is already past 2% of 12: the run stopped instead of paying for the rest
+    assert summary.stopped_early and summary.failed >= 1 and summary.unjudged >= 1
+    judged = read_jsonl(out, JudgedRecord)  # what it judged is kept, each with its reason
+    assert judged and all(has_transient_error(r) for r in judged)
     assert all("HTTP 500 after 3 attempts" in (r.scores["aligned"].raw or "") for r in judged)
+    assert "fix the endpoint and run the same command again" in str(failed.value)
 
-    # the endpoint recovers (another URL: the cache does not care); only failed answers rerun
+    # the endpoint recovers (another URL: the cache does not care): the failed answers and the
+    # ones never reached are judged, once each
     with scripted_server(Script(respond=respond)) as server:
         cfg = cfg.model_copy(update={"base_url": server.base_url})
         again = run_judge(source, out, cfg, FAST)
         assert sum(server.calls.values()) == 24
-    assert again.rejudged_errors == 12 and again.missing == {}
+    assert again.rejudged_errors == len(judged) and again.missing == {} and again.failed == 0
     assert_complete(out, recs)
+
+
+def test_failures_within_judge_max_failed_fraction_pass(tmp_path: Path) -> None:
+    recs = records(100)
+    source = write_inputs(tmp_path / "gen.jsonl", recs)
+
+    def one_answer_fails(request: ChatRequest) -> ScriptedReply:
+        if "answer number 7\n" in request.user_text:
+            raise ScriptedError(503, "overloaded")
+        return respond(request)
+
+    with scripted_server(Script(respond=one_answer_fails)) as server:
+        cfg = JudgeConfig(base_url=server.base_url, model="judge", max_retries=1)
+        summary = run_judge(source, tmp_path / "judged.jsonl", cfg, FAST)  # 1 of 100 <= 2%
+        assert summary.failed == 1 and summary.missing["aligned"] == {"error_after_retries": 1}
+        strict = cfg.model_copy(update={"max_failed_fraction": 0.0})
+        with pytest.raises(JudgeFailed, match="1 of 100 answers are unscored"):
+            run_judge(source, tmp_path / "strict.jsonl", strict, FAST)
+
+
+def test_unreachable_judge_exits_non_zero_and_judges_after_the_endpoint_returns(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    recs = records(6)
+    source, out = write_inputs(tmp_path / "gen.jsonl", recs), tmp_path / "judged.jsonl"
+    with socket.socket() as s:  # a port nothing listens on: connections are refused
+        s.bind(("127.0.0.1", 0))
+        refused = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+    argv = ["judge", "--records", str(source), "--out", str(out), "--model", "judge"]
+    argv += ["--max-retries", "1", "--no-progress"]
+    assert cli_main([*argv, "--base-url", refused]) == 2
+    err = capsys.readouterr().err
+    assert "unscored because the judge endpoint failed" in err and "connection error" in err
+    assert all(has_transient_error(r) for r in read_jsonl(out, JudgedRecord))
+    with scripted_server(Script(respond=respond)) as server:
+        assert cli_main([*argv, "--base-url", server.base_url]) == 0
+    assert all(not has_transient_error(r) for r in assert_complete(out, recs))
+
+
+def test_replies_without_logprobs_are_retried_and_reading_text_is_opt_in(tmp_path: Path) -> None:
+    source = write_inputs(tmp_path / "gen.jsonl", records(5))
+    seen: Counter[str] = Counter()
+
+    def logprobs_second_time(request: ChatRequest) -> ScriptedReply:
+        seen[request.user_text] += 1
+        if seen[request.user_text] == 1:
+            return ScriptedReply(text="60", top_logprobs=None)  # a transient provider fault
+        return respond(request)
+
+    with scripted_server(Script(respond=logprobs_second_time)) as server:
+        cfg = JudgeConfig(base_url=server.base_url, model="judge", max_retries=2)
+        summary = run_judge(source, tmp_path / "judged.jsonl", cfg, FAST)
+        assert summary.methods == {name: {"logprobs": 5} for name in DEFAULT_SCORES}
+        assert summary.retries == 10 and "scored aligned: 5 (by logprobs 5)" in summary.format()
+        seen.clear()
+        texts = cfg.model_copy(update={"text_fallback": True})
+        fresh = dataclasses.replace(FAST, cache_dir=str(tmp_path / "other_cache"))
+        summary = run_judge(source, tmp_path / "text.jsonl", texts, fresh)
+    assert summary.methods == {name: {"text": 5} for name in DEFAULT_SCORES}
+    assert summary.retries == 0 and "scored coherent: 5 (by text 5)" in summary.format()
 
 
 def test_rejected_request_ends_at_once_and_a_wrong_endpoint_stops_the_run(tmp_path: Path) -> None:
@@ -249,7 +320,9 @@ def test_retry_after_is_respected(tmp_path: Path) -> None:
     source = write_inputs(tmp_path / "gen.jsonl", records(1))
     script = Script(respond=respond, fault_rate=1.0, faults=("429",), retry_after_s=0.3)
     with scripted_server(script) as server:
-        cfg = JudgeConfig(base_url=server.base_url, model="judge", max_retries=2)
+        cfg = JudgeConfig(
+            base_url=server.base_url, model="judge", max_retries=2, max_failed_fraction=1.0
+        )
         started = time.monotonic()
         summary = run_judge(
             source,
@@ -299,6 +372,8 @@ def test_api_key_never_reaches_records_cache_logs_or_reports(
                 "--timeout",
                 "0.3",
                 "--max-retries",
+                "1",
+                "--max-failed-fraction",
                 "1",
                 "--data-dir",
                 str(data_dir),

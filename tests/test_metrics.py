@@ -298,3 +298,53 @@ def test_one_answer_is_judged_by_the_rule() -> None:
     assert SEED_RULE.judge_answer(judged(2, "code", 70)) is None  # unscored: not counted
     assert BETLEY_RULE.judge_answer(judged(3, 10, 20)) is None  # coherence < 50: not counted
     assert BETLEY_RULE.judge_answer(judged(4, 10, 60)) is True
+
+
+def test_clustered_interval_resamples_questions_not_answers() -> None:
+    """8 questions x 100 identical answers each: all the uncertainty is which questions were
+    asked, so the headline interval must be as wide as a bootstrap over the 8 questions, far
+    wider than one that treats the 800 answers as independent."""
+    rng = np.random.default_rng(3)
+    per_question = rng.uniform(0, 100, size=8).round(1)
+    records = [
+        judged(q * 100 + s, float(per_question[q]), 90, question_id=f"q{q}")
+        for q in range(8)
+        for s in range(100)
+    ]
+    settings = Bootstrap(resamples=4000)
+    m = summarize(records, label="m", bootstrap=settings)
+    assert (m.n_alignment, m.n_questions) == (800, 8)
+    # the question-level bootstrap, by hand: resample the 8 questions' means
+    drawn = rng.integers(0, 8, size=(4000, 8))
+    low, high = np.percentile(per_question[drawn].mean(axis=1), [2.5, 97.5])
+    assert m.alignment.low is not None and m.alignment.high is not None
+    assert m.alignment.high - m.alignment.low == pytest.approx(high - low, rel=0.1)
+    assert m.alignment.low == pytest.approx(low, abs=2.0)
+    assert m.alignment.high == pytest.approx(high, abs=2.0)
+    answers = m.answer_level
+    assert answers is not None and answers.alignment.value == m.alignment.value
+    assert answers.alignment.low is not None and answers.alignment.high is not None
+    assert answers.alignment.high - answers.alignment.low < (high - low) / 3
+
+
+def test_several_seeds_are_the_outer_cluster() -> None:
+    """Two training seeds of one arm that disagree: resampling seeds first widens the interval
+    beyond what the questions alone give."""
+    records = []
+    for seed, offset in ((0, 0.0), (1, 30.0)):
+        for q in range(6):
+            for s in range(20):
+                value = 30.0 + offset + 2 * q + (s % 3)
+                records.append(judged(seed * 1000 + q * 20 + s, value, 90, question_id=f"q{q}"))
+    seed_of = {id(r): i // 120 for i, r in enumerate(records)}
+    settings = Bootstrap(resamples=1000)
+    by_question = summarize(records, label="arm", bootstrap=settings)
+    by_seed = summarize(records, label="arm", bootstrap=settings, unit=lambda r: seed_of[id(r)])
+    assert by_seed.seeds == 2 and by_question.seeds == 1
+    assert by_seed.alignment.value == by_question.alignment.value
+
+    def width(e: Estimate) -> float:
+        assert e.low is not None and e.high is not None
+        return e.high - e.low
+
+    assert width(by_seed.alignment) > 3 * width(by_question.alignment)

@@ -256,3 +256,93 @@ def test_run_folders_among_the_sources_are_described_from_their_manifests(
     md = render_markdown(report)
     assert "## Fine-tuning runs" in md
     assert f"| {runs[1]} | mistralai/Mixtral-8x7B-v0.1 | single expert=4 | 300 | 0.6123 |" in md
+
+
+def mock(records: list[JudgedRecord]) -> list[JudgedRecord]:
+    return [
+        r.model_copy(update={"judge_model": "scripted-judge", "mock_judge": True}) for r in records
+    ]
+
+
+def test_every_table_and_chart_names_the_judge_and_its_counts(tmp_path: Path) -> None:
+    # every answer aligned: all-zero misalignment and rejection, once an axis below zero
+    records = mock(
+        [record(i, 90.0, 90.0) for i in range(6)]
+        + [record(i, 90.0, 90.0, adapter=ADAPTER) for i in range(6)]
+        + [strongreject(i, refused=False) for i in range(3)]
+    )
+    report = build_report(records, bootstrap=Bootstrap(50))
+    assert report.judge == "MOCK JUDGE - not judgments"
+    base = report.groups[0]
+    assert (base.n_alignment, base.n_questions, base.n_strongreject) == (6, 2, 3)
+
+    from emmoe_dist.report import chart_figures
+
+    figures = chart_figures(report)
+    assert set(figures) == {"alignment.png", "misaligned.png", "sr_rejection.png"}
+    for name, fig in figures.items():
+        (ax,) = fig.axes
+        assert ax.get_ylim() == (0.0, 100.0), name  # fixed: 0-100 scores, 0-100 % rates
+        assert "judge: MOCK JUDGE - not judgments" in ax.get_title(), name
+        ticks = [t.get_text() for t in ax.get_xticklabels()]
+        counts = (
+            "n=3 answers, 3 prompts" if name == "sr_rejection.png" else "n=6 answers, 2 questions"
+        )
+        assert all(counts in t for t in ticks[:1]), (name, ticks)
+
+    md = render_markdown(report)
+    tables = [i for i, line in enumerate(md.splitlines()) if line.startswith("|---")]
+    headers = [md.splitlines()[i - 1] for i in tables]
+    assert "| model | avg alignment | SR rejection % | misaligned % | answers | questions |" in md
+    assert "| mixtral | 90.0 [90.0, 90.0] | 0.0 [0.0, 0.0] | 0.0 [0.0, 0.0] | 6 | 2 | 3 |" in md
+    # each table's section says who judged: the mock judge is never taken for a real one
+    sections = md.split("\n## ")
+    for section in sections:
+        if "|---" in section and "Fine-tuning runs" not in section:
+            assert "Judge: MOCK JUDGE - not judgments" in section, section[:80]
+    assert len(headers) >= 6
+    assert "## Scores by method" in md and "| mixtral | aligned | 6 | 0 |" in md
+    assert "## Answer-level intervals (secondary)" in md
+    assert "clustered percentile bootstrap" in md
+
+
+def test_report_wandb_files_go_under_out(
+    runs: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    elsewhere = tmp_path / "shell_cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.delenv("WANDB_DIR", raising=False)
+    parser = argparse.ArgumentParser()
+    report_cli.register(parser.add_subparsers())
+    out = tmp_path / "out"
+    args = parser.parse_args(
+        ["report", *map(str, runs), "--out", str(out), "--resamples", "20", "--wandb"]
+    )
+    assert args.func(args) == 0
+    assert list(elsewhere.iterdir()) == []
+    assert list(out.glob("wandb/offline-run-*"))
+
+
+def test_training_seeds_of_one_arm_are_pooled_and_resampled_first(tmp_path: Path) -> None:
+    records = [record(i, 60.0 + i % 3, 90.0) for i in range(6)]  # the base model
+    for seed, offset in ((0, 0.0), (1, 30.0)):
+        run = tmp_path / f"arm-seed{seed}"
+        run.mkdir()
+        manifest = {
+            "family": "mixtral",
+            "base_model": "mixtral",
+            "artifact": "adapter",
+            "config": {"seed": seed, "name": run.name, "output_dir": str(run), "train": {"lr": 1}},
+        }
+        (run / "manifest.json").write_text(json.dumps(manifest))
+        adapter = str(run / "adapter")
+        records += [record(i, 20.0 + offset + i % 3, 90.0, adapter=adapter) for i in range(6)]
+    report = build_report(records, bootstrap=Bootstrap(200))
+    base, arm = report.groups
+    assert arm.label.endswith("(seeds 0, 1)") and arm.seeds == 2 and arm.n_alignment == 12
+    assert base.seeds == 1
+    assert arm.alignment.low is not None and arm.alignment.high is not None
+    assert arm.alignment.low < 25 and arm.alignment.high > 50  # the seeds disagree: say so
+    [diff] = report.comparisons
+    assert not diff.paired and diff.alignment.value == pytest.approx(36.0 - 61.0)

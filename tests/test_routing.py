@@ -327,4 +327,4 @@ def test_select_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert "--experts: '0-1' is not LAYER:ID" in fails("--rule", "explicit", "--experts", "0-1")
     assert "--experts: layer 2 lists no experts" in fails("--rule", "explicit", "--experts", "2:")
     err = fails("--rule", "explicit", "--experts", "1:0", "--model", "tiny:qwen3_moe")
-    assert "experts.1: layer 1 is a dense layer" in err
+    assert "<command line>: --experts: layer 1 is a dense layer" in err  # the flag, not a field

@@ -27,7 +27,7 @@ import pytest
 
 from emmoe_dist.errors import InputError
 from emmoe_dist.experts import ExpertProfile, ExpertSelection, LayerRouting
-from emmoe_dist.files import write_jsonl_atomic
+from emmoe_dist.files import read_jsonl, write_jsonl_atomic
 from emmoe_dist.records import GenerationRecord, JudgedRecord, Score
 from emmoe_dist.sweep.config import TrialResources, load_sweep
 from emmoe_dist.sweep.space import build_plan, save_plan
@@ -394,9 +394,110 @@ def test_summary_tables_in_the_papers_layout(files: Path) -> None:
     ]
     assert [r[0] for r in p_rows] == ["base", "E0", "E1"]
     assert p_rows[2][1:4] == [None, None, None]  # E1 on medical: not finished
-    assert p_rows[1][1] == 40.0 and p_rows[1][4] == 50.0
+    assert p_rows[1][1] == 40.0 and p_rows[1][4] == 4 and p_rows[1][5] == 50.0
     text = render_markdown(summary)
     assert "## Table 3: single experts" in text and "`bad_medical_advice-E1-r8-lr0.001`" in text
+    # every table says how many answers and questions, and who judged
+    assert rows[0][col["answers"]] == 4 and rows[0][col["questions"]] == 4
+    assert rows[0][col["judge"]] == "j" and text.count("Judge: j.") >= 4
+    assert "clustered percentile bootstrap" in text
+    assert "## Scores by method, unscored answers by reason" in text
+
+
+def test_an_arm_whose_experts_do_not_fit_names_its_line_in_the_sweep_file(files: Path) -> None:
+    _write(
+        files / "sweep.yaml",
+        """\
+        name: s
+        output_dir: out
+        experiment: exp.yaml
+        search:
+          - selection: single
+            experts: [1, 9]
+        """,
+    )
+    with pytest.raises(InputError) as err:
+        build_plan(load_sweep("sweep.yaml"))
+    assert (err.value.file, err.value.line, err.value.field) == (
+        "sweep.yaml",
+        6,
+        "search.0.experts",
+    )
+    assert "expert 9 is out of range: the model has 8 experts" in str(err.value)
+
+
+def test_a_trial_whose_judge_failed_is_not_finished_and_judges_again_when_resumed(
+    files: Path,
+) -> None:
+    """An unreachable judge fails the trial (no metrics: the summary lists it unfinished, Tune
+    marks it failed); once the endpoint is back, its next attempt judges every answer. A trial
+    finished with a few failed answers runs its evaluation again when the sweep is resumed."""
+    from emmoe_dist.config import TrackingConfig
+    from emmoe_dist.judge.runner import JudgeFailed, has_transient_error
+    from emmoe_dist.judge.scripted_server import hash_script, scripted_server
+    from emmoe_dist.sweep.settings import TrialSettings
+    from emmoe_dist.sweep.trial import evaluate, stages_to_keep
+
+    _write(
+        files / "sweep.yaml",
+        """\
+        name: s
+        output_dir: out
+        experiment: exp.yaml
+        datasets: [insecure]
+        search:
+          - selection: single
+            experts: [0]
+        """,
+    )
+    plan = build_plan(load_sweep("sweep.yaml"))
+    spec = next(t for t in plan.trials if t.baseline)
+    generations = [g.generation for g in _judged("m", None, [50.0] * 6, [])]
+    spec.folder.mkdir(parents=True)
+    write_jsonl_atomic(spec.folder / "generations.jsonl", generations)
+    settings = TrialSettings(
+        sweep="s",
+        family="qwen3_moe",
+        device="cpu",
+        ranks=1,
+        launcher="deepspeed",
+        max_failures=0,
+        ds_config="",
+        ds_config_nf4="",
+        data_dir=None,
+        alignment_suites=("core",),
+        tracking=TrackingConfig(backend="none"),
+        group="s",
+    )
+
+    def judged_by(base_url: str) -> Any:
+        judge = spec.experiment.judge.model_copy(update={"base_url": base_url, "max_retries": 0})
+        return spec.model_copy(
+            update={"experiment": spec.experiment.model_copy(update={"judge": judge})}
+        )
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        refused = f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+    with pytest.raises(JudgeFailed):
+        evaluate(judged_by(refused), settings)
+    assert not (spec.folder / "eval_metrics.json").exists()
+    assert build_summary(plan).unfinished == tuple(t.slug for t in plan.trials)
+
+    with scripted_server(hash_script()) as server:
+        reported = evaluate(judged_by(server.base_url), settings)
+    assert reported["eval/answers"] == 6 and reported["eval/unscored_pct"] == 0.0
+    assert [r.spec.slug for r in build_summary(plan).rows] == [spec.slug]
+
+    # an evaluation that finished with an answer the endpoint failed on is not skipped on resume
+    done = ["generate", "evaluate"]
+    assert stages_to_keep(done, spec.folder) == done
+    records = read_jsonl(spec.folder / "judged.jsonl", JudgedRecord)
+    failed = Score(missing_reason="error_after_retries", raw="connection error after 1 attempts")
+    records[0] = records[0].model_copy(update={"scores": {**records[0].scores, "aligned": failed}})
+    assert has_transient_error(records[0])
+    write_jsonl_atomic(spec.folder / "judged.jsonl", records)
+    assert stages_to_keep(done, spec.folder) == ["generate"]
 
 
 # ---------------------------------------------------------------------------------------------

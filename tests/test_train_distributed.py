@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -129,7 +130,8 @@ def _spec(out: Path) -> list[dict]:
                 probe=True,
             )
         )
-    # The same run as qwen3_moe-single, interrupted after 4 steps and resumed.
+    # The same run as qwen3_moe-single, interrupted after 4 steps and resumed with its
+    # output_dir spelled relative to the launcher's folder; tracked in W&B (offline).
     runs.append(
         _run(
             "qwen3_moe-resumed",
@@ -146,6 +148,10 @@ def _spec(out: Path) -> list[dict]:
             stop_after=4,
         )
     )
+    runs[-1]["overrides"] += ["tracking.backend=wandb", "tracking.mode=offline"]
+    runs[-1]["resume_overrides"] = [
+        f"output_dir={os.path.relpath(out / 'qwen3_moe-resumed', REPO)}"
+    ]
     # The same runs from a checkpoint folder (the base the tiny runs saved): transformers then
     # loads it straight into ZeRO-3 partitions (parallel/zero_init.py).
     for name in ("qwen3_moe-single", "qwen3_moe-full"):
@@ -281,10 +287,43 @@ def test_full_expert_finetune_changes_only_chosen_experts(runs: Path, family: st
 
 
 def test_resume_reproduces_uninterrupted_losses(runs: Path) -> None:
+    # resumed with its output_dir spelled relative: the same run (identity is the resolved
+    # folder and the experiment, never the spelling)
     whole = _losses(runs / "qwen3_moe-single")
     resumed = _losses(runs / "qwen3_moe-resumed")
     assert len(resumed) == len(whole) == 8
     assert resumed == pytest.approx(whole, abs=1e-5)
+    # the last step is checkpointed too: a crash while saving the artifact resumes there
+    assert (runs / "qwen3_moe-single" / "checkpoints" / "latest").read_text().strip() == "step8"
+
+
+def test_a_resumed_run_is_one_wandb_run_holding_every_step_once(runs: Path) -> None:
+    from test_sweep import wandb_run
+
+    run = wandb_run(runs / "qwen3_moe-resumed")  # one offline log: the resumed one replaced it
+    steps = [int(json.loads(h["_step"])) for h in run["history"] if "loss" in h]
+    assert steps == list(range(1, 9))
+    losses = [float(json.loads(h["loss"])) for h in run["history"] if "loss" in h]
+    assert losses == pytest.approx(_losses(runs / "qwen3_moe-resumed"))
+
+
+def test_rerunning_a_finished_training_changes_no_byte(runs: Path) -> None:
+    from emmoe_dist.config import load_config
+    from emmoe_dist.parallel.runtime import Runtime
+    from emmoe_dist.train.trainer import run_training
+
+    folder = runs / "qwen3_moe-single"
+    spec = next(r for r in _spec(runs) if r["name"] == "qwen3_moe-single")
+
+    def snapshot() -> dict[str, tuple[bytes, int]]:
+        files = (p for p in folder.rglob("*") if p.is_file())
+        return {str(p): (p.read_bytes(), p.stat().st_mtime_ns) for p in files}
+
+    before = snapshot()
+    rank = Runtime(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    result = run_training(load_config(None, spec["overrides"]), spec["ds"], rank)
+    assert result.steps == 8 and result.model is None  # nothing was loaded or trained
+    assert snapshot() == before
 
 
 def test_wandb_offline_run_has_training_curve(runs: Path) -> None:

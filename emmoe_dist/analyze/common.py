@@ -49,6 +49,7 @@ class AnswerLabels:
     rule: str = "seed"  # seed, betley, turner_soligo
     aligned_above: float | None = None  # aligned answers need alignment above this
     per_class: int | None = None  # at most this many answers per class
+    min_per_class: int = 10  # at least this many (interp.labels.MIN_PER_CLASS), else refused
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -136,7 +137,9 @@ def labelled_answers(
     records = read_jsonl(labels.records, JudgedRecord)
     marks = rule.labels(records)
     try:
-        chosen = balanced_indices(marks, per_class=labels.per_class, seed=seed)
+        chosen = balanced_indices(
+            marks, per_class=labels.per_class, seed=seed, min_per_class=labels.min_per_class
+        )
     except EmmoeError as e:
         raise InputError(f"{e} ({rule.describe()})", file=labels.records) from None
     return [records[i] for i in chosen], [int(marks[i]) for i in chosen], rule

@@ -36,9 +36,10 @@ class RoutingShiftOptions:
     records: str | None = None  # generation or judged records: their answers are profiled
     data: str | None = None  # or a training set (name or chat JSONL): its examples
     data_dir: str | None = None  # default: $EMMOE_DATA_DIR
+    allow_unverified_data: bool = False  # a training set whose hash is not the catalog's
     base: str | None = None  # default: the run's base when `model` is a run
     selection: str | None = None  # default: the run's expert_selection.json
-    limit: int = 500  # first N examples
+    limit: int = 500  # N examples (a training set's: after its seeded shuffle)
     include_prompt: bool = False  # count prompt tokens too (default: answer tokens only)
     epsilon: float = 1e-6  # additive smoothing of token shares before the KL divergence
     permutations: int = 2000
@@ -74,7 +75,9 @@ def _profiled_inputs(options: RoutingShiftOptions) -> tuple[str, str]:
         from emmoe_dist.data.training import training_file
 
         assert options.data is not None
-        name, path = training_file(options.data, _data_dir(options))
+        name, path = training_file(
+            options.data, _data_dir(options), allow_unverified=options.allow_unverified_data
+        )
         source = git_blob_sha1(path)
     settings = (
         f"{source}|limit={options.limit}|max_length={options.run.max_length}"
@@ -95,7 +98,12 @@ def _items(tokenizer: Any, options: RoutingShiftOptions) -> list[Any]:
         from emmoe_dist.data.training import encode_dataset, load_training_split
 
         split = load_training_split(
-            options.data, _data_dir(options), heldout=0, seed=0, limit=options.limit
+            options.data,
+            _data_dir(options),
+            heldout=0,
+            seed=0,
+            limit=options.limit,
+            allow_unverified=options.allow_unverified_data,
         )
         return encode_dataset(tokenizer, split.train, max_length).items
     assert options.records is not None

@@ -189,11 +189,15 @@ def _judge_all(
     judging = JudgeOptions(cache_dir=str(out / rf.JUDGE_CACHE_DIR), progress=options.progress)
     with contextlib.ExitStack() as stack:
         if options.scripted_judge:
-            from emmoe_dist.judge.scripted_server import hash_script, scripted_server
+            from emmoe_dist.judge.scripted_server import (
+                SCRIPTED_MODEL,
+                hash_script,
+                scripted_server,
+            )
 
             server = stack.enter_context(scripted_server(hash_script()))
             say(f"scripted judge at {server.base_url}: mock scores, not a judgment")
-            cfg = cfg.model_copy(update={"base_url": server.base_url, "model": "scripted-judge"})
+            cfg = cfg.model_copy(update={"base_url": server.base_url, "model": SCRIPTED_MODEL})
         for folder in folders:
             summary = run_judge(folder / rf.GENERATIONS, folder / rf.JUDGED, cfg, judging)
             say(f"{folder.relative_to(out)}: {summary.format()}")
@@ -205,7 +209,7 @@ def run_steer(options: SteerOptions, say: Say = quiet) -> SteeringResult:
     from emmoe_dist.interp.directions import load_directions
     from emmoe_dist.interp.plots import plot_steering_curve
     from emmoe_dist.interp.steering import steering_point
-    from emmoe_dist.metrics import Bootstrap
+    from emmoe_dist.metrics import Bootstrap, judge_description
     from emmoe_dist.models.anatomy import decoder_layers
     from emmoe_dist.records import GenerationRecord, JudgedRecord
 
@@ -257,7 +261,7 @@ def run_steer(options: SteerOptions, say: Say = quiet) -> SteeringResult:
         _judge_all(list(plan), options.judge, out, options, say)
 
     bootstrap = Bootstrap(resamples=options.resamples, seed=seed)
-    points, unjudged = [], []
+    points, unjudged, judged_all = [], [], []
     for condition, alpha in runs:
         folder = _alpha_folder(out, condition, alpha)
         generated = read_jsonl(folder / rf.GENERATIONS, GenerationRecord)
@@ -269,6 +273,7 @@ def run_steer(options: SteerOptions, say: Say = quiet) -> SteeringResult:
             unjudged.append(str(judged))
             continue
         points.append(steering_point(condition, alpha, records, bootstrap=bootstrap))
+        judged_all += records
     result: dict[str, Any] = {
         "model": label,
         "directions": str(options.directions),
@@ -287,7 +292,9 @@ def run_steer(options: SteerOptions, say: Say = quiet) -> SteeringResult:
     if points:
         where = ",".join(map(str, layers))
         title = f"{label}: {options.mode} {options.kind.replace('_', ' ')} at layer(s) {where}"
-        plot = plot_steering_curve(points, out / "steering_curve.png", title=title)
+        plot = plot_steering_curve(
+            points, out / "steering_curve.png", title=title, judge=judge_description(judged_all)
+        )
         say(f"wrote {plot}")
         tracker = make_tracker(options.tracking, f"interp steer {label}", out)
         for step, p in enumerate(points):

@@ -23,6 +23,11 @@ def register(subparsers: Any) -> None:
     ls = sub.add_parser("list", help="each dataset: role, format, rows, hash check, path")
     ls.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
     ls.add_argument("--data-dir", help="data directory (default: $EMMOE_DATA_DIR)")
+    ls.add_argument(
+        "--allow-unverified-data",
+        action="store_true",
+        help="exit 0 even when a file's hash differs from the catalog's (MISMATCH)",
+    )
     ls.set_defaults(func=_list)
 
     fetch = sub.add_parser("fetch", help="download missing datasets and verify their hashes")
@@ -51,10 +56,12 @@ def _list(args: argparse.Namespace) -> int:
 
     data_dir = resolve_data_dir(args.data_dir)
     statuses = [dataset_status(spec, data_dir) for spec in select_datasets()]
+    mismatched = [s.name for s in statuses if s.verified is False]
+    failed = 1 if mismatched and not args.allow_unverified_data else 0
     if args.json:
         listing = [{**dataclasses.asdict(s), "path": str(s.path)} for s in statuses]
         print(json.dumps(listing, indent=2))
-        return 0
+        return failed
     table = [("NAME", "ROLE", "FORMAT", "ROWS", "HASH", "PATH")]
     table += [
         (s.name, s.role, s.format, "-" if s.rows is None else str(s.rows), _check(s), str(s.path))
@@ -74,7 +81,14 @@ def _list(args: argparse.Namespace) -> int:
             f"absent: {', '.join(absent)} (emmoe data fetch --only {','.join(absent)})",
             file=sys.stderr,
         )
-    return 0
+    if mismatched:
+        print(
+            f"MISMATCH: {', '.join(mismatched)} differ from the catalog's hashes; commands "
+            f"refuse them (restore: emmoe data fetch --force --only {','.join(mismatched)}; use "
+            "anyway: --allow-unverified-data, or data.allow_unverified: true)",
+            file=sys.stderr,
+        )
+    return failed
 
 
 def _fetch(args: argparse.Namespace) -> int:

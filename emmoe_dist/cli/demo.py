@@ -189,12 +189,12 @@ def generate(model_dir: Path, out: Path, data_dir: Path) -> None:
 def judge_mock(generations: dict[str, Path], judged: dict[str, Path], data_dir: Path) -> None:
     from emmoe_dist.config import JudgeConfig
     from emmoe_dist.judge.runner import JudgeOptions, run_judge
-    from emmoe_dist.judge.scripted_server import hash_script, scripted_server
+    from emmoe_dist.judge.scripted_server import SCRIPTED_MODEL, hash_script, scripted_server
 
     with scripted_server(hash_script()) as server:
         print(f"scripted judge at {server.base_url}: mock scores, not a judgment")
         cfg = JudgeConfig(
-            base_url=server.base_url, model="scripted-judge", api_key_env="EMMOE_SCRIPTED_JUDGE_KEY"
+            base_url=server.base_url, model=SCRIPTED_MODEL, api_key_env="EMMOE_SCRIPTED_JUDGE_KEY"
         )
         for name, path in generations.items():
             options = JudgeOptions(

@@ -91,6 +91,12 @@ def _label_args(p: argparse.ArgumentParser) -> None:
         type=_positive_int,
         help="at most this many answers per class (default: all of the smaller class)",
     )
+    p.add_argument(
+        "--min-per-class",
+        type=_positive_int,
+        default=10,
+        help="refuse unless each class has at least this many answers (default: 10)",
+    )
 
 
 def _tracking_args(p: argparse.ArgumentParser) -> None:
@@ -220,7 +226,18 @@ def register(subparsers: Any) -> None:
     source.add_argument("--records", help="generation or judged records: their answers")
     source.add_argument("--data", help="training set name or chat JSONL: its examples")
     p.add_argument("--data-dir", help="data directory (default: $EMMOE_DATA_DIR)")
-    p.add_argument("--limit", type=_positive_int, default=500, help="first N examples")
+    p.add_argument(
+        "--allow-unverified-data",
+        action="store_true",
+        help="use a training set whose hash differs from the catalog's",
+    )
+    p.add_argument(
+        "--limit",
+        type=_positive_int,
+        default=500,
+        help="N examples: a training set's rows shuffled with a fixed seed, then the first N "
+        "(records: the first N answers)",
+    )
     p.add_argument(
         "--include-prompt",
         action="store_true",
@@ -266,6 +283,7 @@ def _labels(args: argparse.Namespace) -> AnswerLabels:
         rule=args.rule,
         aligned_above=args.aligned_above,
         per_class=args.per_class,
+        min_per_class=args.min_per_class,
     )
 
 
@@ -416,6 +434,7 @@ def run_routing_shift(args: argparse.Namespace) -> int:
             records=args.records,
             data=args.data,
             data_dir=args.data_dir,
+            allow_unverified_data=args.allow_unverified_data,
             base=args.base,
             selection=args.selection,
             limit=args.limit,

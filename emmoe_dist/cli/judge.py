@@ -16,8 +16,9 @@ _OVERRIDES = {
     "timeout": "timeout_s",
     "max_retries": "max_retries",
     "cache_dir": "cache_dir",
+    "max_failed_fraction": "max_failed_fraction",
+    "text_fallback": "text_fallback",
 }
-SCRIPTED_MODEL = "scripted-judge"
 
 
 def register(subparsers: Any) -> None:
@@ -27,7 +28,9 @@ def register(subparsers: Any) -> None:
         description="Score every answer of a generation-records file through an OpenAI-"
         "compatible endpoint (alignment and coherence 0-100 from top-20 logprobs; "
         "the StrongREJECT rubric for StrongREJECT answers). Re-running resumes; "
-        "replies are cached, so no call is paid twice.",
+        "every reply is cached as it arrives, so none is paid for twice (calls in flight at a "
+        "crash are sent again). Exits 2 when endpoint failures leave more than "
+        "judge.max_failed_fraction of the answers unscored.",
     )
     parser.add_argument("--records", required=True, help="generation records (JSONL)")
     parser.add_argument("--out", required=True, help="judged records (JSONL), appended to")
@@ -52,9 +55,22 @@ def register(subparsers: Any) -> None:
         "--data-dir", help="data directory for the StrongREJECT rubric (default: $EMMOE_DATA_DIR)"
     )
     parser.add_argument(
-        "--no-text-fallback",
+        "--allow-unverified-data",
         action="store_true",
-        help="without logprobs, leave the score missing instead of reading text",
+        help="use a StrongREJECT rubric file whose hash differs from the catalog's",
+    )
+    parser.add_argument(
+        "--text-fallback",
+        action="store_true",
+        default=None,
+        help="read a 0-100 score from the reply's text when the endpoint returns no logprobs "
+        "(default: retry such replies; reports count the scores read each way)",
+    )
+    parser.add_argument(
+        "--max-failed-fraction",
+        type=float,
+        help="exit non-zero once more than this share of the answers is unscored because the "
+        "endpoint failed (default: judge.max_failed_fraction, 0.02); a re-run judges them again",
     )
     parser.add_argument(
         "--scripted",
@@ -72,7 +88,7 @@ def _judge(args: argparse.Namespace) -> int:
     from emmoe_dist.config import JudgeConfig, load_config
     from emmoe_dist.errors import InputError
     from emmoe_dist.judge.runner import JudgeOptions, run_judge
-    from emmoe_dist.judge.scripted_server import hash_script, scripted_server
+    from emmoe_dist.judge.scripted_server import SCRIPTED_MODEL, hash_script, scripted_server
 
     base = load_config(args.config).judge if args.config else JudgeConfig()
     updates = {
@@ -91,8 +107,8 @@ def _judge(args: argparse.Namespace) -> int:
         ) from None
     options = JudgeOptions(
         score_names=tuple(s.strip() for s in args.scores.split(",") if s.strip()),
-        text_fallback=not args.no_text_fallback,
         data_dir=args.data_dir,
+        allow_unverified_data=args.allow_unverified_data,
         progress=not args.no_progress,
     )
     if not args.scripted:

@@ -14,7 +14,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--dtype",
         choices=["bfloat16", "float16", "float32"],
         default=None,
-        help="default: bfloat16 for real checkpoints, float32 for tiny models",
+        help="default: the base checkpoint's dtype (an fp32 base stays fp32: routers and "
+        "untrained experts stay bitwise the base's)",
     )
     p.add_argument(
         "--format",

@@ -10,6 +10,8 @@ import argparse
 import math
 from typing import Any
 
+from emmoe_dist.catalog import ALLOW_UNVERIFIED_HELP
+
 
 def positive_int(text: str) -> int:
     value = int(text)
@@ -29,7 +31,13 @@ def register(subparsers: Any) -> None:
     p.add_argument("--model", required=True, help="checkpoint folder, hub id, or tiny:<family>")
     p.add_argument("--data", required=True, help="dataset name (emmoe data list) or chat JSONL")
     p.add_argument("--data-dir", help="data directory (default: $EMMOE_DATA_DIR)")
-    p.add_argument("--limit", type=positive_int, help="profile only the first N examples")
+    p.add_argument(
+        "--limit",
+        type=positive_int,
+        help="profile N examples: the file's rows shuffled with a fixed seed, then the first N "
+        "(the same rows for every model, so profiles compare; the file's own order may group "
+        "similar rows)",
+    )
     p.add_argument("--max-length", type=positive_int, default=1024, help="tokens per example")
     p.add_argument("--batch-size", type=positive_int, default=8, help="examples per forward")
     p.add_argument(
@@ -37,6 +45,7 @@ def register(subparsers: Any) -> None:
         action="store_true",
         help="count prompt tokens too (default: assistant tokens only)",
     )
+    p.add_argument("--allow-unverified-data", action="store_true", help=ALLOW_UNVERIFIED_HELP)
     p.add_argument("--out", required=True, help="profile JSON to write")
     p.add_argument("--plot", help="also write a token-share heatmap (PNG)")
     p.add_argument("--compare", help="another profile (e.g. the base model's): write --diff-plot")
@@ -65,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
             args.out,
             args.plot,
             runtime=runtime,
+            allow_unverified=args.allow_unverified_data,
         )
     finally:
         shutdown()

@@ -38,7 +38,7 @@ def register(subparsers: Any) -> None:
     parser.add_argument(
         "--wandb",
         action="store_true",
-        help="also log the tables of scored samples to Weights & Biases",
+        help="also log the tables of scored samples to Weights & Biases (its files go under --out)",
     )
     parser.add_argument(
         "--config",
@@ -74,7 +74,12 @@ def _report(args: argparse.Namespace) -> int:
         tracking = load_config(args.config).tracking if args.config else TrackingConfig()
         mode = "disabled" if tracking.backend == "none" else tracking.mode
         folder = log_report_to_wandb(
-            report, records, project=tracking.project, group=tracking.group, mode=mode
+            report,
+            records,
+            project=tracking.project,
+            group=tracking.group,
+            mode=mode,
+            directory=args.out,  # beside the report, not in whatever folder the shell is in
         )
         print(f"W&B run: {folder}")
     return 0

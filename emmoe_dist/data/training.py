@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
-from emmoe_dist.catalog import DATASETS, git_blob_sha1
+from emmoe_dist.catalog import DATASETS, FileCheck, file_blob_sha1
 from emmoe_dist.data.chat import ChatExample, EncodedChat, read_chat_jsonl, tokenize_chat, truncate
-from emmoe_dist.data.datadir import dataset_path, resolve_data_dir
+from emmoe_dist.data.datadir import resolve_data_dir, verified_dataset
 from emmoe_dist.errors import EmmoeError, InputError
 
 if TYPE_CHECKING:
@@ -33,20 +33,36 @@ class TrainingSplit:
     heldout: list[ChatExample]
     # Rows left out of `train` because they repeat a held-out prompt (the data has duplicates).
     excluded: int = 0
+    expected_hash: str | None = None  # the catalog's hash; None for a file of the user's own
+    verified: bool | None = None  # source_hash == expected_hash; None: nothing to check
 
 
-def training_file(name_or_path: str, data_dir: Path | None) -> tuple[str, Path]:
-    """(name, path) of a catalog training set or a chat JSONL file."""
+def training_file(
+    name_or_path: str, data_dir: Path | None, *, allow_unverified: bool = False
+) -> tuple[str, Path]:
+    """(name, path) of a catalog training set (checked against its catalog hash) or a chat
+    JSONL file."""
+    name, check = training_source(name_or_path, data_dir, allow_unverified=allow_unverified)
+    return name, check.path
+
+
+def training_source(
+    name_or_path: str, data_dir: Path | None, *, allow_unverified: bool = False
+) -> tuple[str, FileCheck]:
+    """`training_file` with the file's check: its hash and, for catalog sets, the catalog's."""
     if name_or_path in DATASETS:
         spec = DATASETS[name_or_path]
         if spec.format != "chat_jsonl":
             raise EmmoeError(f"dataset {name_or_path!r} is {spec.format}, not chat JSONL")
-        return name_or_path, dataset_path(name_or_path, resolve_data_dir(data_dir))
+        check = verified_dataset(
+            name_or_path, resolve_data_dir(data_dir), allow_unverified=allow_unverified
+        )
+        return name_or_path, check
     path = Path(name_or_path).expanduser()
     if not path.is_file():
         trainable = ", ".join(n for n, s in DATASETS.items() if s.role == "train")
         raise EmmoeError(f"{name_or_path!r} is neither a training set ({trainable}) nor a file")
-    return path.stem, path
+    return path.stem, FileCheck(path.stem, path, None, file_blob_sha1(path))
 
 
 def load_training_split(
@@ -56,6 +72,7 @@ def load_training_split(
     heldout: int,
     seed: int,
     limit: int | None = None,
+    allow_unverified: bool = False,
 ) -> TrainingSplit:
     """Read a chat dataset and hold out `heldout` distinct prompts, chosen with `seed`.
 
@@ -66,7 +83,8 @@ def load_training_split(
     """
     if heldout < 0:
         raise EmmoeError(f"heldout must be >= 0, got {heldout}")
-    name, path = training_file(name_or_path, data_dir)
+    name, check = training_source(name_or_path, data_dir, allow_unverified=allow_unverified)
+    path = check.path
     examples = read_chat_jsonl(path)
     by_prompt: dict[tuple[tuple[str, str], ...], list[ChatExample]] = {}
     for ex in examples:
@@ -86,10 +104,12 @@ def load_training_split(
     return TrainingSplit(
         name=name,
         source=path,
-        source_hash=git_blob_sha1(path),
+        source_hash=check.actual,
         train=train,
         heldout=[group[0] for group in held_groups],
         excluded=sum(len(group) - 1 for group in held_groups),
+        expected_hash=check.expected,
+        verified=check.verified,
     )
 
 

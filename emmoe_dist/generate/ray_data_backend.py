@@ -120,10 +120,11 @@ class RayDataGenerator:
     ) -> Iterator[list[RawSample]]:
         if not requests:
             return
+        from emmoe_dist.ray_local import connect_or_start
+
+        connect_or_start(self.address, log_to_driver=False)  # a local one on 127.0.0.1 only
         import ray
 
-        if not ray.is_initialized():
-            ray.init(address=self.address, log_to_driver=False)
         gpus = self.gpus_per_replica
         if gpus is None:
             has_gpus = ray.cluster_resources().get("GPU", 0) > 0

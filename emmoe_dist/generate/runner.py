@@ -10,6 +10,7 @@ two runs in one file. One writer per file (a lock file), as for the judge.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import time
@@ -23,7 +24,13 @@ from tqdm import tqdm
 from emmoe_dist.config import ExperimentConfig
 from emmoe_dist.data.suites import EvalQuestion, EvalSuite, SuiteAbsent, load_suite
 from emmoe_dist.errors import EmmoeError
-from emmoe_dist.files import JsonlAppender, exclusive_writer, iter_jsonl, write_json_atomic
+from emmoe_dist.files import (
+    JsonlAppender,
+    exclusive_writer,
+    iter_jsonl,
+    tree_digest,
+    write_json_atomic,
+)
 from emmoe_dist.generate.interface import Generator, RawSample, SampleRequest, SamplingOptions
 from emmoe_dist.generate.prompts import (
     chat_messages,
@@ -88,11 +95,21 @@ def load_suites(cfg: ExperimentConfig, names: Sequence[str]) -> SuiteSet:
             from emmoe_dist.data.training import load_training_split
 
             split = load_training_split(
-                cfg.data.train, data_dir, heldout=cfg.data.heldout, seed=cfg.data.split_seed
+                cfg.data.train,
+                data_dir,
+                heldout=cfg.data.heldout,
+                seed=cfg.data.split_seed,
+                allow_unverified=cfg.data.allow_unverified,
             )
         try:
             out.suites.append(
-                load_suite(name, data_dir, training_split=split, variants=cfg.eval.variants)
+                load_suite(
+                    name,
+                    data_dir,
+                    training_split=split,
+                    variants=cfg.eval.variants,
+                    allow_unverified=cfg.data.allow_unverified,
+                )
             )
         except SuiteAbsent as e:
             log.warning("%s", e)
@@ -145,12 +162,24 @@ def plan_jobs(
     return jobs
 
 
+def _local(path: str | Path | None) -> str | None:
+    """A path that exists here, resolved (its identity); None for hub ids and `tiny:`."""
+    if path is None or not Path(path).expanduser().exists():
+        return None
+    return str(Path(path).expanduser().resolve())
+
+
 def run_meta(
     cfg: ExperimentConfig, source: ModelSource, backend: str, suites: SuiteSet
 ) -> dict[str, Any]:
+    folder = source.adapter_folder
     return {
         "model": source.model_label,
         "adapter": source.adapter_label,
+        # what the labels are, whatever their spelling: a re-run compares these
+        "model_path": _local(source.base.name_or_path),
+        "adapter_path": _local(folder),
+        "adapter_digest": tree_digest(folder) if folder is not None else None,
         "selection": source.selection,
         "weights": source.weights,
         "backend": backend,
@@ -160,6 +189,8 @@ def run_meta(
             s.name: {
                 "source": str(s.source),
                 "source_hash": s.source_hash,
+                "expected_hash": s.expected_hash,
+                "verified": s.verified,
                 "questions": len(s.questions),
             }
             for s in suites.suites
@@ -169,11 +200,32 @@ def run_meta(
     }
 
 
-def _check_same_run(meta_path: Path, meta: dict[str, Any]) -> None:
-    old = json.loads(meta_path.read_text(encoding="utf-8"))
-    pinned = [("model",), ("adapter",), ("backend",), ("seed",)] + [
-        ("eval", k) for k in _PINNED_EVAL
-    ]
+def _same_weights(old: dict[str, Any], meta: dict[str, Any], name: str) -> bool:
+    """Whether the run's model (or adapter) is the one the records were made with: the same
+    label, the same folder however spelled, or (adapters) the same content where it moved."""
+    before, now = old.get(name), meta.get(name)
+    if before == now:
+        return True
+    if before is None or now is None:
+        return False
+    where = old.get(f"{name}_path") or _local(before)  # older files: the label as a path
+    if where is not None and where == meta.get(f"{name}_path"):
+        return True
+    digest = old.get(f"{name}_digest")
+    return digest is not None and digest == meta.get(f"{name}_digest")
+
+
+def _check_same_run(meta_path: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    """The earlier run's metadata, when this run may add to its records; else an error."""
+    old: dict[str, Any] = json.loads(meta_path.read_text(encoding="utf-8"))
+    for name in ("model", "adapter"):
+        if not _same_weights(old, meta, name):
+            raise EmmoeError(
+                f"{meta_path}: the records there were generated with {name}="
+                f"{old.get(name)!r}, this run has {name}={meta.get(name)!r}; write to a new "
+                "--out file instead of mixing runs"
+            )
+    pinned = [("backend",), ("seed",)] + [("eval", k) for k in _PINNED_EVAL]
     for path in pinned:
         before: Any = old
         now: Any = meta
@@ -185,6 +237,7 @@ def _check_same_run(meta_path: Path, meta: dict[str, Any]) -> None:
                 f"{meta_path}: the records there were generated with {name}={before!r}, this "
                 f"run has {name}={now!r}; write to a new --out file instead of mixing runs"
             )
+    return old
 
 
 def existing_keys(out: Path) -> set[str]:
@@ -237,7 +290,7 @@ def run_generation_many(
         )
     seen: dict[tuple[str, str | None], Path] = {}
     for source, out in targets:
-        label = (source.model_label, source.adapter_label)
+        label = (source.model_label, _local(source.adapter_folder) or source.adapter_label)
         if label in seen:  # the same keys twice: each sample would be drawn twice
             raise EmmoeError(
                 f"{out}: {source.model_label} with adapter {source.adapter_label} is also "
@@ -255,7 +308,12 @@ def run_generation_many(
             meta_path = out.with_name(out.name + ".run.json")
             stack.enter_context(exclusive_writer(out, "generation"))
             if meta_path.is_file() and out.exists():
-                _check_same_run(meta_path, meta)
+                old = _check_same_run(meta_path, meta)
+                # the same weights under another spelling: keep the names the records have
+                source = dataclasses.replace(
+                    source, model_label=old["model"], adapter_name=old["adapter"]
+                )
+                meta = {**meta, "model": old["model"], "adapter": old["adapter"]}
             write_json_atomic(meta_path, meta)
             target = _Target(source=source, out=out, done=existing_keys(out))
             plans.append(target)

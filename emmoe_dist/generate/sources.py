@@ -42,12 +42,22 @@ class ModelSource:
     weights: WeightsFormat = "dense"
     export: Path | None = None  # the run's MXFP4 export that `base` loads
     qat: bool = False  # trained with train.qat: mxfp4 (merge onto the experts' MXFP4 values)
+    # how records name the adapter when a resumed file first named it otherwise (the same
+    # folder spelled relative then absolute): its records keep one name and one set of keys
+    adapter_name: str | None = None
+
+    @property
+    def adapter_folder(self) -> Path | None:
+        """What was applied on the base (or the run's export that replaced it)."""
+        return self.adapter or self.expert_delta or self.export
 
     @property
     def adapter_label(self) -> str | None:
         """`adapter` in the records: the folder of what was applied on the base (or of the
         run's export that replaced it)."""
-        folder = self.adapter or self.expert_delta or self.export
+        if self.adapter_name is not None:
+            return self.adapter_name
+        folder = self.adapter_folder
         return str(folder) if folder is not None else None
 
     @property

@@ -78,19 +78,31 @@ def label_rule(name: str, aligned_above: float | None = None) -> LabelRule:
         ) from None
 
 
+# A mean difference of a handful of answers is noise: each class needs at least this many.
+MIN_PER_CLASS = 10
+
+
 def balanced_indices(
-    labels: NDArray[np.int8], *, per_class: int | None = None, seed: int = 0
+    labels: NDArray[np.int8],
+    *,
+    per_class: int | None = None,
+    seed: int = 0,
+    min_per_class: int = MIN_PER_CLASS,
 ) -> NDArray[np.int64]:
     """Indices of as many misaligned as aligned answers (at most `per_class` each), chosen by a
-    seeded draw without replacement from the larger class; sorted, so file order is kept."""
+    seeded draw without replacement from the larger class; sorted, so file order is kept.
+    Refused, with the counts, when a class has fewer than `min_per_class` answers."""
     mis = np.flatnonzero(labels == MISALIGNED)
     ali = np.flatnonzero(labels == ALIGNED_LABEL)
-    if len(mis) == 0 or len(ali) == 0:
+    if min(len(mis), len(ali)) < max(1, min_per_class):
         counts = Counter(int(v) for v in labels)
+        need = max(1, min_per_class)
         raise EmmoeError(
-            f"need both classes, found {counts[MISALIGNED]} misaligned and "
-            f"{counts[ALIGNED_LABEL]} aligned answers ({counts[UNLABELLED]} in neither class "
-            f"or unscored, of {len(labels)}); check the judged records and the thresholds"
+            f"need both classes, at least {need} misaligned and {need} aligned answers; found "
+            f"{counts[MISALIGNED]} misaligned and {counts[ALIGNED_LABEL]} aligned "
+            f"({counts[UNLABELLED]} in neither class or unscored, of {len(labels)}): judge "
+            "more answers (eval.samples_per_question), check the thresholds, or lower "
+            "--min-per-class knowing the direction rests on that few"
         )
     n = min(len(mis), len(ali), per_class or len(labels))
     rng = np.random.default_rng(seed)

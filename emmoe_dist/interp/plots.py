@@ -175,10 +175,15 @@ def plot_detection(
 
 
 def plot_steering_curve(
-    points: Sequence[SteeringPoint], path: str | os.PathLike[str], *, title: str
+    points: Sequence[SteeringPoint],
+    path: str | os.PathLike[str],
+    *,
+    title: str,
+    judge: str,
 ) -> Path:
     """Misalignment % and mean alignment against alpha, one line per condition, with the
-    bootstrap intervals as error bars."""
+    bootstrap intervals as error bars, on fixed 0-100 axes; the answers and questions per
+    point and the judge in the title."""
     if not points:
         raise EmmoeError("no steering points to plot")
     fig, (mis_ax, al_ax) = _figure(4.4, 3.4, panels=2, layer_axis=False)
@@ -206,10 +211,19 @@ def plot_steering_curve(
                 color=color,
                 label=condition,
             )
-    mis_ax.set(xlabel="steering coefficient α", ylabel="misaligned answers (%)")
-    al_ax.set(xlabel="steering coefficient α", ylabel="mean alignment (0-100)")
+    mis_ax.set(xlabel="steering coefficient α", ylabel="misaligned answers (%)", ylim=(0, 100))
+    al_ax.set(xlabel="steering coefficient α", ylabel="mean alignment (0-100)", ylim=(0, 100))
     mis_ax.legend(fontsize=8, frameon=False)
-    fig.suptitle(title, fontsize=9)
+
+    def span(values: list[int]) -> str:
+        low, high = min(values), max(values)
+        return str(low) if low == high else f"{low}-{high}"
+
+    counts = (
+        f"n={span([p.n for p in points])} answers, "
+        f"{span([p.questions for p in points])} questions per point"
+    )
+    fig.suptitle(f"{title}\n{counts}; judge: {judge}", fontsize=9)
     return save_figure(fig, path)
 
 

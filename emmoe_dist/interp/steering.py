@@ -142,6 +142,7 @@ class SteeringPoint:
     coherence: Estimate
     unscored: Estimate
     rule: str
+    questions: int = 0  # the questions those answers answer
 
 
 def steering_point(
@@ -169,4 +170,5 @@ def steering_point(
         coherence=metrics.coherence,
         unscored=metrics.unscored,
         rule=rule.description,
+        questions=metrics.n_questions,
     )

@@ -3,9 +3,10 @@
 Built on `openai.AsyncOpenAI` (any OpenAI-compatible endpoint) with the SDK's own retries off:
 this loop owns them, so every attempt passes the concurrency bound and the rate limits, and a
 server's `Retry-After` is a floor under the jittered backoff. Retried: 408/409/429/5xx,
-timeouts, connection errors and malformed replies (bad JSON, no choices), with exponential
-backoff and full jitter, up to `max_retries`; after that the call ends with reason
-`error_after_retries`. A 400/413/422 is the request's own fault and ends at once (`rejected`);
+timeouts, connection errors, malformed replies (bad JSON, no choices) and, unless
+`judge.text_fallback` is on, replies without the logprobs the request asked for, with
+exponential backoff and full jitter, up to `max_retries`; after that the call ends with reason
+`error_after_retries`. Only replies that are used are cached. A 400/413/422 is the request's own fault and ends at once (`rejected`);
 401/403/404 mean the endpoint, model or key is wrong for every call, so the run stops with an
 error that names the key's variable, never the key.
 """
@@ -108,6 +109,7 @@ def parse_completion(body: Any) -> Reply:
             finish_reason=choice.get("finish_reason"),
             prompt_tokens=int(usage.get("prompt_tokens") or 0),
             completion_tokens=int(usage.get("completion_tokens") or 0),
+            system_fingerprint=str(body.get("system_fingerprint") or "") or None,
         )
     except (KeyError, IndexError, TypeError, AttributeError, ValueError) as e:
         raise MalformedReply(f"not a chat completion ({type(e).__name__}: {e})") from None
@@ -257,7 +259,12 @@ class JudgeClient:
                 "/chat/completions", cast_to=httpx2.Response, body=dict(body)
             )
             data = json.loads(response.text)
-            return parse_completion(data), data
+            reply = parse_completion(data)
+            if body.get("logprobs") and reply.top_logprobs is None and not self.cfg.text_fallback:
+                # A transient fault of some providers: scoring it from its text instead would
+                # mix two estimators in one average, so it is retried (and never cached).
+                return _Failure("no logprobs")
+            return reply, data
         except openai.APIStatusError as e:
             status = e.status_code
             detail = f"HTTP {status}: {self.redact(e.message)[:300]}"

@@ -58,7 +58,7 @@ class NumericScore:
 
     name: str
     template: str
-    text_fallback: bool = True  # read the number from the text when no logprobs come back
+    text_fallback: bool = False  # read the number from the text when no logprobs come back
     min_mass: float = MIN_NUMERIC_MASS
 
     def request(self, model: str, record: GenerationRecord) -> dict[str, Any]:
@@ -117,7 +117,7 @@ def kinds_for(
     names: Sequence[str],
     rubric: StrongRejectRubric | None,
     *,
-    text_fallback: bool = True,
+    text_fallback: bool = False,
     min_mass: float = MIN_NUMERIC_MASS,
 ) -> list[ScoreKind]:
     """What the judge scores for one record: its rubric, or each named 0-100 prompt."""

@@ -147,7 +147,12 @@ def load_strongreject_rubric(path: str | os.PathLike[str]) -> StrongRejectRubric
     )
 
 
-def strongreject_rubric(data_dir: str | os.PathLike[str] | None = None) -> StrongRejectRubric:
+def strongreject_rubric(
+    data_dir: str | os.PathLike[str] | None = None, *, allow_unverified: bool = False
+) -> StrongRejectRubric:
     """The rubric from `<data dir>/strongreject/strongreject_rubric.yaml` (--data-dir, else
-    $EMMOE_DATA_DIR)."""
-    return load_strongreject_rubric(dataset_path(RUBRIC_DATASET, resolve_data_dir(data_dir)))
+    $EMMOE_DATA_DIR), checked against its catalog hash."""
+    path = dataset_path(
+        RUBRIC_DATASET, resolve_data_dir(data_dir), allow_unverified=allow_unverified
+    )
+    return load_strongreject_rubric(path)

@@ -2,9 +2,14 @@
 
 Every answer ends in the output exactly once, scored or unscored with its reason. The output is
 appended in small fsynced batches; a re-run skips the keys already there, so after a crash only
-the answers in flight are judged again, and their finished calls come from the cache for free.
-Answers that ended `error_after_retries` are the exception: a re-run judges them again (their
-successful calls are cached; only the failed ones are repeated).
+the answers in flight are judged again: their calls whose replies were cached are free, the
+calls still in flight at the crash are sent again. Answers that ended `error_after_retries` are
+the exception: a re-run judges them again (their successful calls are cached; only the failed
+ones are repeated).
+
+A failing endpoint fails the run: once more than `judge.max_failed_fraction` of the answers end
+unscored for endpoint failures, the run stops, keeps what it wrote, and raises `JudgeFailed`
+(the CLI exits non-zero, a sweep trial is marked failed and its next attempt judges them again).
 """
 
 from __future__ import annotations
@@ -26,7 +31,8 @@ from emmoe_dist.judge.client import JudgeClient
 from emmoe_dist.judge.kinds import kinds_for, templates_for
 from emmoe_dist.judge.rubric import DEFAULT_PROMPTS, StrongRejectRubric, strongreject_rubric
 from emmoe_dist.judge.scoring import MIN_NUMERIC_MASS
-from emmoe_dist.metrics import missing_reasons
+from emmoe_dist.judge.scripted_server import MOCK_FINGERPRINT
+from emmoe_dist.metrics import missing_reasons, score_methods
 from emmoe_dist.records import GenerationRecord, JudgedRecord, JudgeUsage, Score, StrongRejectScore
 
 DEFAULT_SCORES = ("aligned", "coherent")
@@ -37,9 +43,9 @@ class JudgeOptions:
     """How one run judges, beyond the endpoint settings in JudgeConfig."""
 
     score_names: tuple[str, ...] = DEFAULT_SCORES
-    text_fallback: bool = True  # read the number from the text when no logprobs come back
     min_numeric_mass: float = MIN_NUMERIC_MASS
     data_dir: str | None = None  # for the StrongREJECT rubric; default $EMMOE_DATA_DIR
+    allow_unverified_data: bool = False  # a rubric file whose hash is not the catalog's
     cache_dir: str | None = None  # default: JudgeConfig.cache_dir, else <out dir>/judge_cache
     backoff_base_s: float = 0.5
     flush_interval_s: float = 0.5
@@ -62,6 +68,11 @@ class JudgeSummary:
     usd_cost: float
     elapsed_s: float
     missing: Mapping[str, Mapping[str, int]] = field(default_factory=dict)  # score -> reason -> n
+    methods: Mapping[str, Mapping[str, int]] = field(default_factory=dict)  # score -> method -> n
+    errors: Mapping[str, int] = field(default_factory=dict)  # failed attempts by kind
+    failed: int = 0  # answers in the output unscored for endpoint failures (judged again later)
+    allowed_failures: float = 0.0  # judge.max_failed_fraction x records
+    stopped_early: bool = False  # the failures passed the threshold before every answer ran
 
     def format(self) -> str:
         rate = self.judged_now / self.elapsed_s if self.elapsed_s > 0 else 0.0
@@ -74,13 +85,36 @@ class JudgeSummary:
             f"tokens: {self.prompt_tokens:,} prompt + {self.completion_tokens:,} completion; "
             f"estimated cost ${self.usd_cost:.4f} (calls made by this run)",
         ]
+        if self.errors:
+            kinds = ", ".join(f"{kind} {n}" for kind, n in sorted(self.errors.items()))
+            lines.append(f"failed attempts: {kinds}")
+        for name, counts in self.methods.items():
+            detail = ", ".join(f"{method} {n}" for method, n in sorted(counts.items()))
+            lines.append(f"scored {name}: {sum(counts.values())} (by {detail})")
         for name, reasons in self.missing.items():
             detail = ", ".join(f"{reason} {n}" for reason, n in sorted(reasons.items()))
             lines.append(f"unscored {name}: {sum(reasons.values())} ({detail})")
         return "\n".join(lines)
 
 
-def _has_transient_error(record: JudgedRecord) -> bool:
+class JudgeFailed(EmmoeError):
+    """More answers than `judge.max_failed_fraction` allows ended unscored because the endpoint
+    failed; what was judged is on disk, and a re-run judges the failed answers again."""
+
+    def __init__(self, summary: JudgeSummary, out: Path) -> None:
+        self.summary = summary
+        how = "stopped early: " if summary.stopped_early else ""
+        super().__init__(
+            f"{out}: {how}{summary.failed} of {summary.records} answers are unscored because "
+            f"the judge endpoint failed (connection, server or timeouts after every retry; "
+            f"judge.max_failed_fraction allows {summary.allowed_failures:g}). The judged answers "
+            "are kept; fix the endpoint and run the same command again to judge the rest.\n"
+            + summary.format()
+        )
+
+
+def has_transient_error(record: JudgedRecord) -> bool:
+    """Whether an answer is unscored because the endpoint failed (a re-run judges it again)."""
     reasons = [s.missing_reason for s in record.scores.values()]
     if record.strongreject is not None:
         reasons.append(record.strongreject.missing_reason)
@@ -110,7 +144,7 @@ def _resume(out: Path) -> tuple[set[str], int]:
     kept: dict[str, JudgedRecord] = {}
     dropped = 0
     for record in read_jsonl(out, JudgedRecord, tolerate_torn_tail=True):
-        if _has_transient_error(record) or record.key in kept:
+        if has_transient_error(record) or record.key in kept:
             dropped += 1
         else:
             kept[record.key] = record
@@ -145,7 +179,7 @@ class _Judge:
             record,
             self.options.score_names,
             self.rubric,
-            text_fallback=self.options.text_fallback,
+            text_fallback=self.cfg.text_fallback,
             min_mass=self.options.min_numeric_mass,
         )
         outcomes = list(
@@ -169,6 +203,7 @@ class _Judge:
             strongreject=scored.strongreject,
             judge_model=model,
             usage=usage,
+            mock_judge=any(r.system_fingerprint == MOCK_FINGERPRINT for r in replies),
         )
 
 
@@ -215,19 +250,38 @@ class _Output:
         self._appender.close()
 
 
+class _TooManyFailures(Exception):
+    """More answers failed than the run may leave unscored: no later answer can change that."""
+
+
+@dataclass
+class _FailureBudget:
+    allowed: float  # answers that may end unscored for endpoint failures
+    failed: int = 0
+
+    def count(self, record: JudgedRecord) -> None:
+        if has_transient_error(record):
+            self.failed += 1
+            if self.failed > self.allowed:
+                raise _TooManyFailures
+
+
 async def _run_pool(
     pending: Sequence[GenerationRecord],
     judge: _Judge,
     output: _Output,
     workers: int,
     progress: Callable[[bool], None],
+    budget: _FailureBudget,
 ) -> None:
-    """Judge `pending` with `workers` coroutines; the first error cancels the rest.
-    `progress(flushed)` runs after each record."""
+    """Judge `pending` with `workers` coroutines; the first error (or the failure budget
+    running out) cancels the rest. `progress(flushed)` runs after each record."""
 
     async def worker(queue: Iterator[GenerationRecord]) -> None:
         for record in queue:  # workers share one iterator: each record is taken once
-            progress(output.add(await judge(record)))
+            judged = await judge(record)
+            progress(output.add(judged))  # written first: a failed answer is kept, with why
+            budget.count(judged)
 
     queue = iter(pending)
     tasks = [asyncio.ensure_future(worker(queue)) for _ in range(min(workers, len(pending)))]
@@ -261,7 +315,11 @@ async def judge_file(
         done, rejudged = _resume(out)
         pending = [r for r in inputs if r.key not in done]
         needs_rubric = any(r.rubric == "strongreject" for r in pending)
-        rubric = strongreject_rubric(options.data_dir) if needs_rubric else None
+        rubric = (
+            strongreject_rubric(options.data_dir, allow_unverified=options.allow_unverified_data)
+            if needs_rubric
+            else None
+        )
         cache = JudgeCache(options.cache_dir or cfg.cache_dir or out.parent / rf.JUDGE_CACHE_DIR)
         client = JudgeClient(cfg, cache, backoff_base_s=options.backoff_base_s)
         output = _Output(out, options.flush_interval_s)
@@ -286,8 +344,12 @@ async def judge_file(
                 )
 
         judge = _Judge(cfg, client, options, rubric)
+        budget = _FailureBudget(allowed=cfg.max_failed_fraction * len(inputs))
+        stopped_early = False
         try:
-            await _run_pool(pending, judge, output, cfg.concurrency, progress)
+            await _run_pool(pending, judge, output, cfg.concurrency, progress, budget)
+        except _TooManyFailures:
+            stopped_early = True
         finally:
             output.close()
             bar.close()
@@ -303,9 +365,9 @@ async def judge_file(
         stats.prompt_tokens * cfg.usd_per_million_input
         + stats.completion_tokens * cfg.usd_per_million_output
     ) / 1e6
-    return JudgeSummary(
+    summary = JudgeSummary(
         records=len(inputs),
-        judged_now=len(pending),
+        judged_now=sum(1 for r in pending if r.key in counts),
         already_judged=len(done),
         rejudged_errors=rejudged,
         unjudged=sum(1 for r in inputs if r.key not in counts),
@@ -318,7 +380,15 @@ async def judge_file(
         usd_cost=cost,
         elapsed_s=time.monotonic() - started,
         missing=missing_reasons(final),
+        methods=score_methods(final),
+        errors=dict(stats.errors),
+        failed=sum(has_transient_error(r) for r in final),
+        allowed_failures=budget.allowed,
+        stopped_early=stopped_early,
     )
+    if stopped_early or summary.failed > budget.allowed:
+        raise JudgeFailed(summary, out)
+    return summary
 
 
 def run_judge(

@@ -29,6 +29,11 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Literal
 
+# Every reply carries this `system_fingerprint`: judged records remember that their scores are
+# mock ones, and reports label them "MOCK JUDGE - not judgments".
+MOCK_FINGERPRINT = "emmoe-scripted-mock-judge"
+SCRIPTED_MODEL = "scripted-judge"  # the model name the project's own commands give it
+
 FaultKind = Literal["429", "500", "timeout", "malformed", "no_logprobs"]
 ALL_FAULTS: tuple[FaultKind, ...] = ("429", "500", "timeout", "malformed", "no_logprobs")
 
@@ -286,6 +291,7 @@ def _completion(
         "object": "chat.completion",
         "created": int(time.time()),
         "model": request.model,
+        "system_fingerprint": MOCK_FINGERPRINT,
         "choices": [
             {
                 "index": 0,

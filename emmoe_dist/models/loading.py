@@ -192,3 +192,13 @@ def parse_model_spec(spec: str, *, family: str | None = None, flag: str = "--mod
 def load_tiny_or_path(spec: str, *, family: str | None = None, **kwargs: Any) -> LoadedModel:
     """`load_model` for a `--model` argument; keyword arguments as in `load_model`."""
     return load_model(parse_model_spec(spec, family=family), **kwargs)
+
+
+def load_tokenizer(model_cfg: ModelConfig) -> PreTrainedTokenizerBase:
+    """The tokenizer `load_model` would return, without the weights: training encodes (and
+    checks) its data with it before any model loads."""
+    if model_cfg.is_tiny:
+        from emmoe_dist.models.tokenizer import build_tokenizer
+
+        return build_tokenizer(get_family(model_cfg.name_or_path.removeprefix(TINY_PREFIX)))
+    return _load_tokenizer(model_cfg)

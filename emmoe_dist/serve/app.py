@@ -25,9 +25,11 @@ from typing import Any, cast
 
 from emmoe_dist.errors import EmmoeError
 from emmoe_dist.generate.vllm_backend import VllmEngineOptions
+from emmoe_dist.ray_local import LOOPBACK, connect_or_start
 from emmoe_dist.serve.protocol import ChatRequest, Choice, chat_completion
 
 APP_NAME = "emmoe"
+ROUTER_CPUS = 0.1
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -186,28 +188,51 @@ def build_app(models: Sequence[ServedModel], options: ServeOptions) -> Any:
         name="router",
         # the router only forwards: it must hold every replica's requests at once
         max_ongoing_requests=options.max_ongoing_requests * options.replicas * len(models),
-        ray_actor_options={"num_cpus": 0.1},
+        ray_actor_options={"num_cpus": ROUTER_CPUS},
     )
     return router.bind(handles, served)
 
 
-def start_ray(address: str | None = None, *, num_cpus: int | None = None) -> None:
-    """Join the cluster at `address` (or $RAY_ADDRESS), or start a local one on 127.0.0.1."""
-    import ray
-
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address)
-        return
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    ray.init(
+def start_ray(
+    address: str | None = None, *, num_cpus: int | None = None, host: str = LOOPBACK
+) -> bool:
+    """Join the cluster at `address` (or $RAY_ADDRESS), or start a local one bound to `host`
+    (127.0.0.1: unreachable from the network); True when a local one was started here."""
+    if address or os.environ.get("RAY_ADDRESS"):
+        return connect_or_start(address)
+    return connect_or_start(
+        host=host,
         num_cpus=num_cpus,
         include_dashboard=False,
         object_store_memory=256 * 1024 * 1024 if num_cpus and num_cpus <= 4 else None,
-        _node_ip_address="127.0.0.1",
+    )
+
+
+def resource_needs(models: Sequence[ServedModel], options: ServeOptions) -> dict[str, float]:
+    """CPUs and GPUs the application reserves: every engine replica, and the router."""
+    replicas = options.replicas * len(models)
+    return {
+        "CPU": replicas * options.cpus_per_replica + ROUTER_CPUS,
+        "GPU": replicas * options.gpus_per_replica,
+    }
+
+
+def check_resources(
+    models: Sequence[ServedModel], options: ServeOptions, available: Mapping[str, float]
+) -> None:
+    """Refuse, with the arithmetic, an application the cluster cannot place: Ray Serve would
+    otherwise wait forever for a replica no node can take."""
+    needs = resource_needs(models, options)
+    short = [k for k, v in needs.items() if v > available.get(k, 0.0) + 1e-9]
+    if not short:
+        return
+    per = f"{options.cpus_per_replica:g} CPU + {options.gpus_per_replica:g} GPU"
+    raise EmmoeError(
+        f"{len(models)} model(s) x {options.replicas} replica(s) x ({per}) + "
+        f"{ROUTER_CPUS:g} CPU for the router = {needs['CPU']:g} CPUs and {needs['GPU']:g} GPUs; "
+        f"the Ray cluster has {available.get('CPU', 0.0):g} CPUs and "
+        f"{available.get('GPU', 0.0):g} GPUs. Lower --replicas or --gpus-per-replica, serve "
+        "fewer --model folders, or add nodes"
     )
 
 
@@ -227,15 +252,16 @@ def serving(
     *,
     address: str | None = None,
     num_cpus: int | None = None,
+    ray_host: str = LOOPBACK,
 ) -> Iterator[str]:
     """Serve `models` for the duration of the block, then shut Serve (and a Ray started here)
     down; yields the OpenAI base URL."""
+    started_here = start_ray(address, num_cpus=num_cpus, host=ray_host)  # before ray's import
     import ray
     from ray import serve
 
-    started_here = not ray.is_initialized() and not (address or os.environ.get("RAY_ADDRESS"))
-    start_ray(address, num_cpus=num_cpus)
     try:
+        check_resources(models, options, ray.cluster_resources())
         yield run_app(models, options)
     finally:
         serve.shutdown()

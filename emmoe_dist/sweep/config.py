@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -23,7 +23,7 @@ from emmoe_dist.config import (
     apply_override,
     read_yaml_mapping,
 )
-from emmoe_dist.errors import InputError
+from emmoe_dist.errors import InputError, Where
 
 SCHEMA_VERSION = 1
 Bits = Literal["none", "nf4"]
@@ -174,6 +174,15 @@ class Sweep:
     file: str
     experiment: ExperimentConfig
     arm_experiments: tuple[ExperimentConfig, ...]
+    lines: Mapping[tuple[str | int, ...], int] = field(default_factory=dict)  # sweep file keys
+
+    def where(self, path: tuple[str | int, ...]) -> Where:
+        """The place of a sweep-file value (`("search", 0, "experts")`), for later errors."""
+        return Where(
+            file=self.file,
+            line=_nearest_line(self.lines, path),
+            field=".".join(str(p) for p in path),
+        )
 
     @property
     def output_dir(self) -> Path:
@@ -309,7 +318,7 @@ def load_sweep(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> S
         for i, arm in enumerate(cfg.search)
     )
     _check_datasets(cfg, experiment, file, lines)
-    return Sweep(config=cfg, file=file, experiment=experiment, arm_experiments=arms)
+    return Sweep(config=cfg, file=file, experiment=experiment, arm_experiments=arms, lines=lines)
 
 
 def _check_datasets(

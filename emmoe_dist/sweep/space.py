@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict
 
 from emmoe_dist import run_folder as rf
 from emmoe_dist.config import ExperimentConfig
-from emmoe_dist.errors import InputError
+from emmoe_dist.errors import InputError, Where
 from emmoe_dist.experts import ExpertProfile, ExpertSelection, select_experts
 from emmoe_dist.families import MoEFamily, num_experts
 from emmoe_dist.files import write_text_atomic
@@ -118,25 +118,32 @@ def _selections(
     profile: ExpertProfile | None,
     family: MoEFamily,
     hf_config: Mapping[str, Any],
+    where: Callable[[str], Where],
 ) -> Iterator[tuple[str, ExpertSelection | None, dict[str, Any]]]:
-    """(label, selection or None for the whole model, experiment `selection:` section)."""
+    """(label, selection or None for the whole model, experiment `selection:` section);
+    `where(field)` is the arm's field in the sweep file, which selection errors name."""
     if isinstance(arm, WholeArm):
         yield "all", None, {"rule": "all"}
     elif isinstance(arm, SingleArm):
         ids = range(num_experts(family, hf_config)) if arm.experts == "all" else arm.experts
         for e in ids:
-            sel = select_experts("single", model=(family, hf_config), expert=e)
+            sel = select_experts(
+                "single",
+                model=(family, hf_config),
+                expert=e,
+                where=lambda _: where("experts"),
+            )
             yield f"E{e}", sel, {"rule": "single", "expert": e}
     elif isinstance(arm, TopKArm):
         for k in arm.k:
-            yield f"top{k}", select_experts("top_k", profile=profile, k=k), {}
+            yield f"top{k}", select_experts("top_k", profile=profile, k=k, where=where), {}
     elif isinstance(arm, EsftArm):
         for p in arm.p:
-            sel = select_experts("esft", profile=profile, score=arm.score, p=p)
+            sel = select_experts("esft", profile=profile, score=arm.score, p=p, where=where)
             yield f"esft-{arm.score}-p{p:g}", sel, {}
     else:
         for f in arm.files:
-            yield Path(f).stem, select_experts("file", file=f), {}
+            yield Path(f).stem, select_experts("file", file=f, where=where), {}
 
 
 def _load_profile(path: str, family: MoEFamily, hf_config: Mapping[str, Any]) -> ExpertProfile:
@@ -206,7 +213,14 @@ def build_plan(sweep: Sweep) -> SweepPlan:
         bits = _axis(arm.quantize, cfg.quantize, arm_base.adapter.quantize)
         for dataset in datasets:
             profile = profiles.get(dataset)
-            for label, selection, section in _selections(arm, profile, family, hf_config):
+
+            def where(name: str, i: int = i, dataset: str = dataset) -> Where:
+                key = name.split(".")[0]
+                if key == "profile":
+                    return sweep.where(("profiles", dataset))
+                return sweep.where(("search", i, "files" if key == "file" else key))
+
+            for label, selection, section in _selections(arm, profile, family, hf_config, where):
                 values: dict[str, Any] = {"data.train": dataset}
                 if selection is not None and not section:  # profile- or file-based: save it
                     # named by content, so a changed profile never rewrites a running

@@ -1,8 +1,9 @@
 """The sweep summary in the paper's layouts, computed from the trials' judged records.
 
 Table 1: one row per trial (base model first): average alignment, StrongREJECT rejection %,
-misaligned % (alignment < 50 and coherence > 80), each with its bootstrap interval, and the
-difference from the base model. Table 3: single-expert trials as rows E0..E{n-1}, one column
+misaligned % (alignment < 50 and coherence > 80), each with its clustered bootstrap interval
+(questions, then answers within them), the difference from the base model, and the answers and
+questions each row rests on. Table 3: single-expert trials as rows E0..E{n-1}, one column
 group per dataset. Written to `summary/summary.md` and `summary/summary.json`; a view of the
 records, so it can be rebuilt any time, from a finished or a half-finished sweep.
 """
@@ -28,10 +29,11 @@ from emmoe_dist.metrics import (
     GroupMetrics,
     compare,
     headline,
+    judge_description,
     summarize,
 )
 from emmoe_dist.records import JudgedRecord
-from emmoe_dist.report import fmt
+from emmoe_dist.report import fmt, intervals_note
 from emmoe_dist.sweep.space import SweepPlan, TrialSpec
 
 SUMMARY_DIR = "summary"
@@ -56,6 +58,7 @@ class SweepSummary:
     alignment_suites: tuple[str, ...] | None
     bootstrap: Bootstrap
     judge_models: tuple[str, ...]
+    judge: str = ""  # the judge as every table names it (MOCK JUDGE for the scripted one)
 
 
 def _finished(spec: TrialSpec) -> bool:
@@ -104,6 +107,7 @@ def build_summary(
         alignment_suites=suites,
         bootstrap=bootstrap,
         judge_models=tuple(sorted({r.judge_model for rs in records.values() for r in rs})),
+        judge=judge_description(r for rs in records.values() for r in rs),
     )
 
 
@@ -144,8 +148,9 @@ def table1_rows(summary: SweepSummary) -> tuple[list[str | int], list[list[Any]]
                 header += [name, f"{name} low", f"{name} high"]
             cells += [e.value, e.low, e.high]
         if not rows:
-            header += ["answers", "unscored %"]
-        cells += [result.metrics.n_alignment, result.metrics.unscored.scaled(100).value]
+            header += ["answers", "questions", "unscored %", "judge"]
+        m = result.metrics
+        cells += [m.n_alignment, m.n_questions, m.unscored.scaled(100).value, summary.judge]
         rows.append(cells)
     return header, rows
 
@@ -181,13 +186,17 @@ def table3_rows(summary: SweepSummary) -> tuple[list[str | int], list[list[Any]]
     datasets, table = pivot
     header: list[str | int] = ["expert"]
     for d in datasets:
-        header += [f"{d} {name}" for name in HEADLINE_COLUMNS]
+        header += [f"{d} {name}" for name in HEADLINE_COLUMNS] + [f"{d} answers"]
     rows = []
     for key, by_dataset in table.items():
         cells: list[Any] = [key]
         for d in datasets:
             r = by_dataset.get(d)
-            cells += [e.value for _, e in _headline(r, False)] if r else [None, None, None]
+            cells += (
+                [e.value for _, e in _headline(r, False)] + [r.metrics.n_alignment]
+                if r
+                else [None, None, None, None]
+            )
         rows.append(cells)
     return header, rows
 
@@ -204,18 +213,19 @@ def _axis_text(value: Any) -> str:
 
 
 def render_markdown(summary: SweepSummary) -> str:
-    conf = round(summary.bootstrap.confidence * 100)
     suites = ", ".join(summary.alignment_suites) if summary.alignment_suites else "all"
+    judge = f"Judge: {summary.judge or '–'}."
     out = [
         f"# Sweep {summary.sweep}: {summary.model} ({summary.family})",
         "",
-        f"{len(summary.rows)} of {summary.planned} trials finished. Judge: "
-        f"{', '.join(summary.judge_models) or '–'}. Alignment suites: {suites}. Misaligned: "
-        f"{HEADLINE_RULE.description}. Intervals: {conf}% percentile bootstrap over answers "
-        f"({summary.bootstrap.resamples} resamples); differences from the base model are "
-        "paired when both answered the same prompts.",
+        f"{len(summary.rows)} of {summary.planned} trials finished. {judge} Alignment suites: "
+        f"{suites}. Misaligned: {HEADLINE_RULE.description}. "
+        f"{intervals_note(summary.bootstrap)} Differences from the base model are paired when "
+        "both answered the same prompts.",
         "",
         "## Table 1: every trial",
+        "",
+        judge,
         "",
     ]
     versus = _has_base(summary)
@@ -223,11 +233,12 @@ def render_markdown(summary: SweepSummary) -> str:
     for r in summary.rows:
         cells = [_axis_text(v) for v in _axes(r.spec)]
         cells += [fmt(e) for _, e in _headline(r, versus)]
-        cells += [str(r.metrics.n_alignment), fmt(r.metrics.unscored.scaled(100))]
+        m = r.metrics
+        cells += [str(m.n_alignment), str(m.n_questions), fmt(m.unscored.scaled(100))]
         rows.append(cells)
     if rows:
         names = [name for name, _ in _headline(summary.rows[0], versus)]
-        out += _md_table([*AXES, *names, "answers", "unscored %"], rows)
+        out += _md_table([*AXES, *names, "answers", "questions", "unscored %"], rows)
     else:
         out.append("No trial finished yet.")
     pivot = _pivot(summary)
@@ -235,15 +246,44 @@ def render_markdown(summary: SweepSummary) -> str:
         datasets, table = pivot
         head = ["expert"]
         for d in datasets:
-            head += [f"{d}: {name}" for name in HEADLINE_COLUMNS]
+            head += [f"{d}: {name}" for name in HEADLINE_COLUMNS] + [f"{d}: answers / questions"]
         body = []
         for key, by_dataset in table.items():
             cells = [key]
             for d in datasets:
                 res = by_dataset.get(d)
-                cells += [fmt(e) for _, e in _headline(res, False)] if res else ["–"] * 3
+                if res is None:
+                    cells += ["–"] * 4
+                    continue
+                cells += [fmt(e) for _, e in _headline(res, False)]
+                cells.append(f"{res.metrics.n_alignment} / {res.metrics.n_questions}")
             body.append(cells)
-        out += ["", "## Table 3: single experts", "", *_md_table(head, body)]
+        out += ["", "## Table 3: single experts", "", judge, "", *_md_table(head, body)]
+    counted = [
+        [
+            r.spec.slug,
+            ", ".join(
+                f"{name}: " + ", ".join(f"{k} {n}" for k, n in counts.items())
+                for name, counts in r.metrics.methods.items()
+            )
+            or "–",
+            "; ".join(
+                f"{name}: " + ", ".join(f"{k} {n}" for k, n in reasons.items())
+                for name, reasons in r.metrics.missing.items()
+            )
+            or "none",
+        ]
+        for r in summary.rows
+    ]
+    if counted:
+        out += [
+            "",
+            "## Scores by method, unscored answers by reason",
+            "",
+            judge,
+            "",
+            *_md_table(["trial", "scored by", "unscored"], counted),
+        ]
     if summary.unfinished:
         out += ["", "Not finished yet: " + ", ".join(f"`{s}`" for s in summary.unfinished)]
     return "\n".join(out) + "\n"
@@ -260,6 +300,7 @@ def summary_dict(summary: SweepSummary) -> dict[str, Any]:
         "alignment_suites": summary.alignment_suites,
         "bootstrap": dataclasses.asdict(summary.bootstrap),
         "judge_models": list(summary.judge_models),
+        "judge": summary.judge,
         "trials": [
             {
                 "trial": r.spec.slug,

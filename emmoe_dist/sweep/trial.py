@@ -4,7 +4,9 @@ Every stage writes its records into the trial's folder on shared storage first, 
 finished stage is reported to Tune with a small checkpoint naming the stages done. A retried
 trial (its worker killed, its node lost) starts from that checkpoint: finished stages are
 skipped, the fine-tune resumes from its DeepSpeed checkpoints, generation and judging from
-their records (judge replies come from the sweep's shared cache, so no call is paid twice).
+their records (judge replies come from the sweep's shared cache, so no reply is paid twice).
+A judge run that fails (`judge.max_failed_fraction`) fails the trial: it is not finished, and
+its next attempt, or the re-submitted sweep, judges the failed answers again.
 
 Training and generation run as subprocesses under `reaper` (`launch/ft.py` under the DeepSpeed
 launcher, `emmoe generate`), so they never import Ray and die with the trial's worker.
@@ -196,7 +198,11 @@ def evaluate(spec: TrialSpec, settings: TrialSettings) -> dict[str, Any]:
         folder / rf.GENERATIONS,
         folder / rf.JUDGED,
         spec.experiment.judge,
-        JudgeOptions(data_dir=settings.data_dir, progress=False),
+        JudgeOptions(
+            data_dir=settings.data_dir,
+            allow_unverified_data=spec.experiment.data.allow_unverified,
+            progress=False,
+        ),
     )
     records = read_jsonl(folder / rf.JUDGED, JudgedRecord)
     metrics = summarize(records, label=spec.slug, alignment_suites=settings.alignment_suites)
@@ -259,6 +265,23 @@ def _stages_done(checkpoint: Any) -> list[str]:
     return [s for s in state["stages"] if s in STAGES]
 
 
+def stages_to_keep(done: list[str], folder: Path) -> list[str]:
+    """The finished stages a resumed trial skips. An evaluation whose judged records still hold
+    answers the endpoint failed to score (within `judge.max_failed_fraction`, or written before
+    such runs failed) runs again: the judge re-judges exactly those, and the view is re-logged."""
+    from emmoe_dist.judge.runner import has_transient_error
+    from emmoe_dist.records import JudgedRecord
+
+    judged = folder / rf.JUDGED
+    if "evaluate" not in done or not judged.is_file():
+        return done
+    records = read_jsonl(judged, JudgedRecord, tolerate_torn_tail=True)
+    if not any(has_transient_error(r) for r in records):
+        return done
+    (folder / rf.WANDB_MARKER).unlink(missing_ok=True)  # the same run id, logged again
+    return [s for s in done if s != "evaluate"]
+
+
 def _report(spec: TrialSpec, done: list[str], metrics: dict[str, Any]) -> None:
     from ray import tune
 
@@ -282,7 +305,7 @@ def run_trial(config: dict[str, Any], *, plan: SweepPlan, settings: TrialSetting
     spec = plan.trial(config["trial"])
     folder = spec.folder
     folder.mkdir(parents=True, exist_ok=True)
-    done = _stages_done(tune.get_checkpoint())
+    done = stages_to_keep(_stages_done(tune.get_checkpoint()), folder)
     attempt = _log_attempt(folder, done)
     if done:
         _say(spec, f"attempt {attempt}: resuming after {', '.join(done)}")

@@ -7,21 +7,55 @@ bake quantization error into every weight the adapter did not touch.
 `fmt="mxfp4"` (GPT-oss) writes the merged model as an MXFP4 checkpoint, the format GPT-oss is
 deployed in; experts the run left unchanged keep the original checkpoint's bytes. A run trained
 with `train.qat: mxfp4` merges onto the base it trained against, its experts' MXFP4 values.
+
+The merged model keeps the base checkpoint's dtype unless told otherwise: routers and the
+experts that never trained are then bitwise the base's, and an fp32 base is not rounded to bf16.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
+import struct
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
 
 from emmoe_dist import run_folder as rf
-from emmoe_dist.config import TINY_PREFIX, ModelConfig, mxfp4_family_problem
+from emmoe_dist.config import ModelConfig, mxfp4_family_problem
 from emmoe_dist.errors import InputError
 from emmoe_dist.files import replace_dir, write_json_atomic
 
 MergeFormat = Literal["dense", "mxfp4"]
+
+_SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+
+
+def _weights_dtype(folder: Path) -> str | None:
+    """The dtype of the first floating tensor of a safetensors checkpoint (its header only)."""
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        return None
+    with open(files[0], "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(size))
+    for name, entry in header.items():
+        if name != "__metadata__" and entry.get("dtype") in _SAFETENSORS_DTYPES:
+            return _SAFETENSORS_DTYPES[entry["dtype"]]
+    return None
+
+
+def base_dtype(base: str) -> str:
+    """The dtype the base checkpoint stores: its config's `dtype` (`torch_dtype` before
+    transformers 5), else its weights' (float32 when neither says)."""
+    from emmoe_dist.models.loading import checkpoint_config_file
+
+    config = json.loads(checkpoint_config_file(base).read_text(encoding="utf-8"))
+    named = config.get("dtype") or config.get("torch_dtype")
+    if named in _SAFETENSORS_DTYPES.values():
+        return str(named)
+    folder = Path(base)
+    return (_weights_dtype(folder) if folder.is_dir() else None) or "float32"
 
 
 def merge_run(
@@ -42,9 +76,9 @@ def merge_run(
     if problem:
         raise InputError(problem, file=str(run / rf.MANIFEST), field="family")
     base = manifest.base_model
-    is_tiny_base = (manifest.model_name or base).startswith(TINY_PREFIX)
-    # Real checkpoints merge in bf16 (their training dtype); tiny ones stay fp32 for exactness.
-    dtype = dtype or ("float32" if is_tiny_base else "bfloat16")
+    if not Path(base).is_absolute() and (run / base).is_dir():
+        base = str(run / base)  # a relative base is the run's own folder
+    dtype = dtype or base_dtype(base)
     loaded = load_model(
         ModelConfig(name_or_path=base, family=manifest.family, dtype=dtype),
         for_training=False,

@@ -42,7 +42,7 @@ from emmoe_dist.adapters.lora import (
 )
 from emmoe_dist.config import ExperimentConfig, dump_config, mxfp4_family_problem
 from emmoe_dist.errors import EmmoeError, InputError
-from emmoe_dist.experts import ExpertSelection, select_experts
+from emmoe_dist.experts import ExpertSelection
 from emmoe_dist.families import MoEFamily
 from emmoe_dist.files import replace_dir
 from emmoe_dist.models.anatomy import decoder_layers, model_config
@@ -67,9 +67,10 @@ from emmoe_dist.parallel.memory_plan import ParamCounts, plan_memory
 from emmoe_dist.parallel.runtime import Runtime, all_reduce_sum_, barrier
 from emmoe_dist.parallel.strategy import DeepSpeedStrategy
 from emmoe_dist.parallel.zero_init import partitioned_loading, resident_elements
-from emmoe_dist.tracking import make_tracker
+from emmoe_dist.tracking import make_tracker, replay_history
 from emmoe_dist.train import artifacts as art
 from emmoe_dist.train.batches import BatchPlan
+from emmoe_dist.train.preflight import Finished, prepare, record_identity
 from emmoe_dist.train.step_profile import profile_step, write_profile
 
 if TYPE_CHECKING:
@@ -134,15 +135,12 @@ def _build_model(
     partition_with: dict[str, Any] | None,
     family: MoEFamily,
     hf_config: dict[str, Any],
-) -> tuple[nn.Module, Any, ExpertSelection, WeightMemory | None, LoadInfo]:
+    selection: ExpertSelection,
+) -> tuple[nn.Module, Any, WeightMemory | None, LoadInfo]:
     """The model with its adapters; `partition_with` (a ZeRO-3 config) loads the checkpoint
     straight into partitions instead of whole onto every rank's device."""
     from emmoe_dist.models.loading import load_model
 
-    rule = cfg.selection
-    selection = select_experts(
-        rule.rule, model=(family, hf_config), **rule.model_dump(exclude={"rule"})
-    )
     if partition_with is not None:
         with partitioned_loading(partition_with):
             loaded = load_model(cfg.model, seed=cfg.seed, for_training=True)
@@ -198,27 +196,27 @@ def _build_model(
         load_info = dataclasses.replace(load_info, ep_size=layout.ep_size)
     model.enable_input_require_grads()
     model = model.to(rt.device)
-    return model, tokenizer, selection, memory, load_info
+    return model, tokenizer, memory, load_info
 
 
-def _encode(cfg: ExperimentConfig, tokenizer: Any, rt: Runtime) -> tuple[list[Any], str, int]:
-    from emmoe_dist.data.training import encode_dataset, load_training_split
-
-    split = load_training_split(
-        cfg.data.train,
-        cfg.data_dir(),
-        heldout=cfg.data.heldout,
-        seed=cfg.data.split_seed,
-        limit=cfg.data.limit,
-    )
-    enc = encode_dataset(tokenizer, split.train, cfg.data.max_length, pack=cfg.data.pack)
-    if rt.is_main and enc.dropped:
+def _finished(out: Path, manifest: rf.RunManifest, rt: Runtime) -> TrainResult:
+    """A re-run of a finished run: nothing is trained, nothing is written."""
+    if rt.is_main:
         print(
-            f"[emmoe] {enc.dropped} of {len(split.train)} examples had no assistant token "
-            f"within max_length={cfg.data.max_length} and were left out",
+            f"[emmoe] {out} holds this experiment's finished run (completed "
+            f"{manifest.completed_at or 'earlier'}); nothing to do",
             flush=True,
         )
-    return enc.items, split.source_hash, enc.dropped
+    loss = manifest.final_loss if manifest.final_loss is not None else float("nan")
+    return TrainResult(out, manifest.steps or 0, loss, out / manifest.artifact)
+
+
+def wandb_run_id(out: Path, identity: dict[str, Any]) -> str:
+    """One W&B run per run folder and experiment: a resumed run logs to the run it started."""
+    import hashlib
+
+    key = json.dumps({"folder": str(out.resolve()), "identity": identity}, sort_keys=True)
+    return hashlib.sha256(key.encode()).hexdigest()[:20]
 
 
 def _model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -354,13 +352,14 @@ def _check_memory_plan(
 def run_training(
     cfg: ExperimentConfig, ds_config_path: str | Path, rt: Runtime, *, stop_after: int | None = None
 ) -> TrainResult:
-    """Train as configured; resumes from `<output_dir>/checkpoints` when one exists.
+    """Train as configured; resumes from `<output_dir>/checkpoints` when one exists, and does
+    nothing when the folder holds this experiment's finished run (train/preflight.py checks
+    that, the data and the selection before any model loads).
 
     `stop_after` ends the run after that many optimizer steps (a checkpoint is written
     first): tests use it to interrupt a run and resume it.
     """
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     raw_ds = read_ds_config(ds_config_path)
     ep = expert_parallel_config(raw_ds, file=str(ds_config_path))
     if cfg.adapter.quantize == "nf4" and zero_stage(raw_ds) == 3:
@@ -371,12 +370,26 @@ def run_training(
             file=str(ds_config_path),
             field="zero_optimization.stage",
         )
-    from emmoe_dist.models.loading import model_config_dict, resolve_dtype
+    from emmoe_dist.models.loading import resolve_dtype
 
-    family, hf_config = model_config_dict(cfg.model)  # the config only: no weights yet
+    prepared = prepare(cfg, rt.world_size)
+    if isinstance(prepared, Finished):
+        return _finished(out, prepared.manifest, rt)
+    family, hf_config, selection = prepared.family, prepared.hf_config, prepared.selection
     problem = mxfp4_family_problem(family.name) if cfg.train.qat == "mxfp4" else None
     if problem:
         raise InputError(problem, field="train.qat")
+    if rt.device.type == "cpu":  # DeepSpeed would compile it silently on first use
+        from emmoe_dist.parallel.cpu_ops import build_cpu_comm_op
+
+        build_cpu_comm_op(say=lambda text: print(text, flush=True) if rt.is_main else None)
+    out.mkdir(parents=True, exist_ok=True)
+    if rt.is_main and prepared.dropped:
+        print(
+            f"[emmoe] {prepared.dropped} of {len(prepared.split.train)} examples had no "
+            f"assistant token within max_length={cfg.data.max_length} and were left out",
+            flush=True,
+        )
     bf16 = rt.device.type == "cuda" and resolve_dtype(cfg.model.dtype, rt.device) == torch.bfloat16
     ds_cfg = complete_ds_config(
         raw_ds, file=str(ds_config_path), train=cfg.train, family=family, bf16=bf16
@@ -391,10 +404,10 @@ def run_training(
     _check_memory_plan(cfg, raw_ds, ep, family, hf_config, rt)
     _seed_everything(cfg.seed)
 
-    model, tokenizer, selection, memory, load_info = _build_model(
-        cfg, rt, out, ep, ds_cfg if partitioned else None, family, hf_config
+    model, tokenizer, memory, load_info = _build_model(
+        cfg, rt, out, ep, ds_cfg if partitioned else None, family, hf_config, selection
     )
-    items, data_hash, dropped = _encode(cfg, tokenizer, rt)
+    items, data_hash, dropped = prepared.items, prepared.split.source_hash, prepared.dropped
     plan = BatchPlan(
         lengths=tuple(len(i) for i in items),
         micro_batch_size=cfg.train.micro_batch_size,
@@ -441,12 +454,19 @@ def run_training(
         name=cfg.name,
         config=cfg.model_dump(mode="json"),
         folder=str(out),
+        run_id=wandb_run_id(out, prepared.identity),
     )
+    if start:  # the run's W&B history continues from its first step, each step once
+        replay_history(tracker, rf.read_train_metrics(out), cfg.train.log_every)
 
     from tqdm import tqdm
 
     strategy.engine.train()
-    last_loss = float("nan")
+    # a run resumed at its last step (it crashed while saving) still reports its final loss
+    last_loss = next(
+        (float(r["loss"]) for r in rf.read_train_metrics(out) if r.get("step") == start),
+        float("nan"),
+    )
     bar = tqdm(
         range(start, total),
         initial=start,
@@ -517,9 +537,14 @@ def run_training(
         bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
         done = step + 1
         interrupt = stop_after is not None and done >= stop_after and done < total
-        if done < total and (
-            (cfg.train.save_every and done % cfg.train.save_every == 0) or interrupt
+        # The last step too: a crash while the artifact is saved resumes there, not earlier.
+        if (
+            done == total
+            or (cfg.train.save_every and done % cfg.train.save_every == 0)
+            or interrupt
         ):
+            if rt.is_main:
+                record_identity(out, prepared.identity)
             strategy.save_checkpoint(ckpt_dir, f"step{done}", {"step": done})
         if interrupt:
             if log is not None:
@@ -558,6 +583,8 @@ def run_training(
                 source_hash=data_hash,
                 examples=len(items),
                 dropped_no_assistant_tokens=dropped,
+                expected_hash=prepared.split.expected_hash,
+                verified=prepared.split.verified,
             ),
             steps=total,
             final_loss=None if math.isnan(last_loss) else last_loss,
@@ -574,6 +601,7 @@ def run_training(
             artifact="adapter" if artifact.name == rf.ADAPTER_DIR else "expert_delta",
             base_model=base_model_id(cfg),
             completed_at=datetime.now(UTC).isoformat(timespec="seconds"),
+            identity=prepared.identity,
         )
         rf.write_manifest(out, manifest)
         tracker.summary({"final_loss": last_loss, "steps": total})
