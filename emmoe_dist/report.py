@@ -285,7 +285,7 @@ def build_report(
     judges: tuple[JudgeView, ...] = ()
     if len(names) > 1:
         per_judge = by_judge(models)
-        judges = tuple(_judge_view(name, per_judge[name], suites, bootstrap) for name in names)
+        judges = tuple(judge_view(name, per_judge[name], suites, bootstrap) for name in names)
     return Report(
         groups=metrics,
         comparisons=comparisons,
@@ -325,7 +325,7 @@ def _seed_rows(
     )
 
 
-def _judge_view(
+def judge_view(
     name: str,
     records: Sequence[JudgedRecord],
     suites: Sequence[str] | None,
@@ -494,8 +494,8 @@ def render_markdown(report: Report, charts: Sequence[str] = ()) -> str:
             ),
         ]
     out += _seed_lines(report, judge)
-    out += _trajectory_lines(report, judge)
-    out += _judge_lines(report)
+    out += trajectory_lines(report.trajectories, judge)
+    out += judge_lines(report.judges, report.agreements)
     question_rows = [
         [
             g.label,
@@ -632,8 +632,9 @@ def _seed_lines(report: Report, judge: str) -> list[str]:
     ]
 
 
-def _trajectory_lines(report: Report, judge: str) -> list[str]:
-    if not report.trajectories:
+def trajectory_lines(trajectories: Sequence[Trajectory], judge: str) -> list[str]:
+    """Markdown: each arm's metrics at each step, and the spread of its seeds."""
+    if not trajectories:
         return []
     out = [
         "",
@@ -643,7 +644,7 @@ def _trajectory_lines(report: Report, judge: str) -> list[str]:
         "the final adapter), intervals clustered by question and, where the arm has several "
         "training seeds, seeds first. Loss: the training loss of that step, mean over seeds.",
     ]
-    for t in report.trajectories:
+    for t in trajectories:
         rows = []
         for p in t.points:
             m = p.metrics
@@ -706,8 +707,9 @@ def _trajectory_lines(report: Report, judge: str) -> list[str]:
     return out
 
 
-def _judge_lines(report: Report) -> list[str]:
-    if not report.judges:
+def judge_lines(judges: Sequence[JudgeView], agreements: Sequence[JudgeAgreement]) -> list[str]:
+    """Markdown: the headline per judge, and each pair of judges' agreement."""
+    if not judges:
         return []
     rows = [
         [
@@ -718,7 +720,7 @@ def _judge_lines(report: Report) -> list[str]:
             str(g.n_alignment),
             str(g.n_questions),
         ]
-        for view in report.judges
+        for view in judges
         for g in view.groups
     ]
 
@@ -740,7 +742,7 @@ def _judge_lines(report: Report) -> list[str]:
             pct(a.misaligned_agreement),
             f"{pct(a.misaligned_first)} / {pct(a.misaligned_second)}",
         ]
-        for a in report.agreements
+        for a in agreements
     ]
     rule = RULE_TITLES.get(HEADLINE_RULE.name, HEADLINE_RULE.name)
     return [
