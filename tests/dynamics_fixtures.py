@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-from emmoe_dist.files import write_jsonl_atomic
 from emmoe_dist.families import FAMILIES
+from emmoe_dist.files import write_jsonl_atomic
 from emmoe_dist.interp.directions import (
     MISALIGNED_MINUS_ALIGNED,
     DirectionInfo,

@@ -15,15 +15,19 @@ from pathlib import Path
 
 from emmoe_dist.errors import InputError
 from emmoe_dist.files import iter_jsonl, write_jsonl_atomic
+from emmoe_dist.metrics import model_label
 from emmoe_dist.records import JudgedRecord
 
+Answer = tuple[str, str]  # (model label, record key): one answer, whichever file holds it
 
-def _by_key(path: Path) -> dict[str, JudgedRecord]:
-    out: dict[str, JudgedRecord] = {}
+
+def _by_key(path: Path) -> dict[Answer, JudgedRecord]:
+    out: dict[Answer, JudgedRecord] = {}
     for line, record in enumerate(iter_jsonl(path, JudgedRecord, tolerate_torn_tail=True), 1):
-        if record.key in out:
+        answer = (model_label(record.generation), record.key)
+        if answer in out:
             raise InputError(f"answer {record.key!r} appears twice", file=str(path), line=line)
-        out[record.key] = record
+        out[answer] = record
     return out
 
 
@@ -37,14 +41,18 @@ def combine_judges(
     written. A name already used by the first judge, or an answer the first judge lacks, is an
     error: every further verdict must belong to an answer of the first file."""
     primary = _by_key(Path(first))
-    verdicts: dict[str, dict[str, JudgedRecord]] = {}
+    verdicts: dict[str, dict[Answer, JudgedRecord]] = {}
     for name, path in others.items():
         theirs = _by_key(Path(path))
-        stray = sorted(theirs.keys() - primary.keys())
+        stray = sorted(
+            k
+            for k, r in theirs.items()
+            if k not in primary or primary[k].generation != r.generation
+        )
         if stray:
             raise InputError(
                 f"judge {name!r} scored {len(stray)} answers that {first} does not hold, "
-                f"e.g. {stray[0]!r}",
+                f"e.g. {stray[0][1]!r} of {stray[0][0]!r}",
                 file=str(path),
             )
         verdicts[name] = theirs
