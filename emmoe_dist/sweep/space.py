@@ -124,6 +124,10 @@ def _absolute_paths(data: dict[str, Any]) -> None:
     data["eval"]["suites"] = [_absolute(s) for s in data["eval"]["suites"]]
     cache = data["judge"]["cache_dir"]
     data["judge"]["cache_dir"] = str(Path(cache).expanduser().resolve())
+    monitor = data["train"].get("monitor")
+    if monitor is not None:
+        for key in ("directions", "records"):
+            monitor[key] = _absolute(monitor.get(key))
 
 
 def _axis(values: list[Any] | None, default: list[Any] | None, fallback: Any) -> list[Any]:

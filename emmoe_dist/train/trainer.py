@@ -594,7 +594,9 @@ def run_training(
             row["peak_memory_gib"] = torch.cuda.max_memory_allocated(rt.device) / GIB
         done = step + 1
         if monitor is not None and monitor.due(done):
-            row.update(monitor.read())
+            read_at = time.perf_counter()
+            row.update(monitor.read())  # ends on the host: the time is the reading's own
+            row["monitor_s"] = time.perf_counter() - read_at
         if observe is not None:
             observe(done, wrapper.lm)
         if log is not None:
