@@ -133,6 +133,7 @@ def arm(name: str, exp: dict[str, Any], work: Path, args: argparse.Namespace) ->
     }
     readings = [(r["step"], r["monitor_s"]) for r in rows if "monitor_s" in r]
     if readings:
+        last_reading = next(r for r in reversed(rows) if "monitor_s" in r)
         every = exp["train"]["monitor"]["every"]
         warm = [s for step, s in readings if step > every] or [readings[-1][1]]
         out.update(
@@ -141,7 +142,7 @@ def arm(name: str, exp: dict[str, Any], work: Path, args: argparse.Namespace) ->
             first_reading_s=readings[0][1],
             reading_s=statistics.median(warm),
             overhead_pct=100 * statistics.median(warm) / (every * out["step_s"]),
-            keys=sorted(k for k in rows[-1] if k.startswith("monitor/")),
+            keys=sorted(k for k in last_reading if k.startswith("monitor/")),
         )
     return out
 

@@ -183,14 +183,14 @@ def build_trajectories(
         seed_of = {r: run_seed(manifests[r].config) for r in runs}
         seeds = tuple(sorted(set(seed_of.values())))
         label = _arm_label(runs, seeds)
-        steps: dict[int, list[tuple[int, JudgedRecord]]] = {}
+        steps: dict[int, list[tuple[int | None, JudgedRecord]]] = {}
         for run in runs:
             for step, answers in by_run[run].items():
                 steps.setdefault(step, []).extend((seed_of[run], a) for a in answers)
         model = manifests[runs[0]].model_name
         if model is not None and model in base:
-            # every seed starts from the base: its answers stand for each seed at step 0
-            steps[0] = [(seed, a) for seed in seeds for a in base[model]]
+            # every seed starts from the one base: its answers, once, are step 0 (seed None)
+            steps[0] = [(None, a) for a in base[model]]
         curves = tuple(_curve(run, seed_of[run]) for run in runs)
         losses = {c.seed: dict(c.columns.get(LOSS, ())) for c in curves}
         points = []
@@ -198,9 +198,9 @@ def build_trajectories(
             tagged = steps[step]
             unit_of = {id(a): seed for seed, a in tagged}
             answers = [a for _, a in tagged]
-            several = len({seed for seed, _ in tagged}) > 1
+            several = len({seed for seed, _ in tagged if seed is not None}) > 1
 
-            def unit(record: JudgedRecord, unit_of: dict[int, int] = unit_of) -> Hashable:
+            def unit(record: JudgedRecord, unit_of: dict[int, int | None] = unit_of) -> Hashable:
                 return unit_of[id(record)]
 
             metrics = summarize(
@@ -210,16 +210,17 @@ def build_trajectories(
                 bootstrap=bootstrap,
                 unit=unit if several else None,
             )
+            own = {s for s, _ in tagged if s is not None}
             per_seed = {
                 seed: headline(
                     summarize(
-                        [a for s, a in tagged if s == seed],
+                        [a for s, a in tagged if s in (seed, None)],
                         label=f"{label} step {step} seed {seed}",
                         alignment_suites=alignment_suites,
                         bootstrap=Bootstrap(resamples=1, seed=bootstrap.seed),
                     )
                 )
-                for seed in sorted({s for s, _ in tagged})
+                for seed in sorted(own or set(seeds))  # the base: every seed's step 0
             }
             step_losses = [losses[s][step] for s in per_seed if step in losses.get(s, {})]
             loss = float(np.mean(step_losses)) if step_losses else None

@@ -277,6 +277,8 @@ def test_a_report_draws_each_arm_over_training_with_seeds_pooled(tmp_path: Path)
     assert "(seeds 0, 1)" in report.groups[1].label
     (t,) = report.trajectories
     assert t.seeds == (0, 1) and [p.step for p in t.points] == [0, 2, 4]
+    base = t.points[0].metrics  # the one base model, its answers once, for every seed
+    assert (base.n_alignment, base.seeds, sorted(t.points[0].per_seed)) == (4, 1, [0, 1])
     assert t.label == "arm (seeds 0, 1)"
     rates = [headline(p.metrics).misaligned_pct.value for p in t.points]
     assert rates == [0.0, 12.5, 50.0]  # alignment < 50 with coherence 90

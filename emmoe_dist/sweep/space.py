@@ -122,8 +122,8 @@ def _absolute_paths(data: dict[str, Any]) -> None:
     for key in ("profile", "file"):
         data["selection"][key] = _absolute(data["selection"].get(key))
     data["eval"]["suites"] = [_absolute(s) for s in data["eval"]["suites"]]
-    cache = data["judge"]["cache_dir"]
-    data["judge"]["cache_dir"] = str(Path(cache).expanduser().resolve())
+    for judge in [data["judge"], *data["more_judges"]]:
+        judge["cache_dir"] = str(Path(judge["cache_dir"]).expanduser().resolve())
     monitor = data["train"].get("monitor")
     if monitor is not None:
         for key in ("directions", "records"):
@@ -208,8 +208,12 @@ def build_plan(sweep: Sweep) -> SweepPlan:
         data["name"] = f"{cfg.name}/{slug}"
         data["output_dir"] = str(out / TRIALS_DIR / slug)
         data["tracking"] = {**data["tracking"], "backend": "none"}  # the trial logs W&B itself
-        # one reply cache for every trial, unless the sweep's patch names another
+        # one reply cache for every trial, unless the sweep's patch names another; one per
+        # further judge (the cache key is the request, which does not name the endpoint)
         data["judge"]["cache_dir"] = data["judge"]["cache_dir"] or str(out / rf.JUDGE_CACHE_DIR)
+        for judge in data["more_judges"]:
+            default = out / f"{rf.JUDGE_CACHE_DIR}-{judge['name']}"
+            judge["cache_dir"] = judge["cache_dir"] or str(default)
         _absolute_paths(data)
         return ExperimentConfig.model_validate(data)
 

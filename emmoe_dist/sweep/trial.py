@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 from collections import deque
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -130,7 +131,9 @@ def judge_folder(folder: Path, spec: TrialSpec, settings: TrialSettings) -> Any:
         assert judge.name is not None  # the config requires it
         path = folder / rf.MORE_JUDGES_DIR / f"{judge.name}.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
-        run_judge(folder / rf.GENERATIONS, path, judge, options)
+        # its own cache: a reply is keyed by the request, which does not name the endpoint
+        cache = judge.cache_dir or str(folder / rf.MORE_JUDGES_DIR / f"cache-{judge.name}")
+        run_judge(folder / rf.GENERATIONS, path, judge, replace(options, cache_dir=cache))
         more[judge.name] = path
     if more:
         combine_judges(folder / rf.JUDGED, more, folder / rf.JUDGED)
