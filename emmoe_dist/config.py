@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -19,6 +19,7 @@ from pydantic import (
     Field,
     PrivateAttr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -172,8 +173,96 @@ class SelectionConfig(_Section):
         return self
 
 
+Optimizer = Literal["adamw", "sgd", "muon", "adafactor"]
+RuleName = Literal["seed", "betley", "turner_soligo"]
+# What `train.stop_when` can watch: a column of metrics.jsonl
+MONITOR_PROJECTION = "monitor/projection"  # mean over the monitored layers
+MONITOR_GAP = "monitor/logprob_gap"
+_STEP_METRICS = ("loss", "grad_norm")
+
+
+class MonitorConfig(_Section):
+    """An early-warning signal read inside training: a forward pass over fixed probes every
+    `every` optimizer steps, on every rank (train/monitor.py). `directions` (from `emmoe interp
+    direction`) gives the projection of the last prompt token's residual on the misalignment
+    direction at `layers`; `records` (judged answers of a pilot run) gives the per-token
+    log-probability gap between its misaligned and aligned answers to the `suite` questions."""
+
+    every: int = Field(10, gt=0, description="optimizer steps between readings")
+    directions: str | None = None
+    layers: list[Annotated[int, Field(ge=0)]] | None = Field(None, min_length=1)  # None: all
+    records: str | None = None
+    rule: RuleName = "seed"  # what makes a reference answer misaligned
+    suite: str = "core"  # probe questions: their prompts, and the references' questions
+    references_per_class: int = Field(8, gt=0, description="misaligned and aligned answers each")
+
+    @field_validator("directions", "records")
+    @classmethod
+    def _exists(cls, v: str | None) -> str | None:
+        return _existing_file(v, "file")
+
+    @model_validator(mode="after")
+    def _reads_something(self) -> MonitorConfig:
+        if self.directions is None and self.records is None:
+            raise ValueError(
+                "give directions (a direction file), records (judged answers), or both"
+            )
+        if self.layers is not None and self.directions is None:
+            raise ValueError("layers choose the directions' layers: give directions too")
+        return self
+
+
+class StopRule(_Section):
+    """Stop training at the first step where `metric` (a metrics.jsonl column: loss, grad_norm,
+    monitor/projection, monitor/projection/layer<L>, monitor/logprob_gap) is above or below a
+    value; the adapter of that step is the run's."""
+
+    metric: str
+    above: float | None = None
+    below: float | None = None
+
+    @field_validator("metric")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        layer = v.removeprefix(f"{MONITOR_PROJECTION}/layer")
+        if v in (*_STEP_METRICS, MONITOR_PROJECTION, MONITOR_GAP) or (
+            v != layer and layer.isdigit()
+        ):
+            return v
+        raise ValueError(
+            f"unknown metric {v!r}; known: {', '.join(_STEP_METRICS)}, {MONITOR_PROJECTION}, "
+            f"{MONITOR_PROJECTION}/layer<L>, {MONITOR_GAP}"
+        )
+
+    @model_validator(mode="after")
+    def _one_bound(self) -> StopRule:
+        if (self.above is None) == (self.below is None):
+            raise ValueError("give exactly one of above and below")
+        return self
+
+    def holds(self, value: float) -> bool:
+        if self.above is not None:
+            return value > self.above
+        assert self.below is not None
+        return value < self.below
+
+    def describe(self) -> str:
+        return (
+            f"{self.metric} > {self.above:g}"
+            if self.above is not None
+            else f"{self.metric} < {self.below:g}"
+        )
+
+
 class TrainConfig(_Section):
     lr: float = Field(1e-4, gt=0)
+    # Data order and adapter initialisation; None: the experiment's `seed`. A sweep's `seeds`
+    # axis sets this one, so the seeds of one arm share the base model and the samples drawn.
+    seed: int | None = None
+    # adamw; sgd (with momentum); muon (DeepSpeed's ZeRO-aware Muon for matrices, its Adam for
+    # the rest); adafactor (torch.optim.Adafactor)
+    optimizer: Optimizer = "adamw"
+    momentum: float | None = Field(None, ge=0, lt=1, description="sgd 0.9, muon 0.95 if unset")
     steps: int | None = Field(None, gt=0, description="overrides epochs when set")
     epochs: float = Field(1.0, gt=0)
     micro_batch_size: int = Field(4, gt=0)
@@ -201,6 +290,41 @@ class TrainConfig(_Section):
     # mxfp4: quantization-aware LoRA; the frozen experts train as their MXFP4 values
     # (adapters/mxfp4.py), so the MXFP4 export is the model that was trained. GPT-oss only.
     qat: Literal["none", "mxfp4"] = "none"
+
+    # Keep the adapter (or expert deltas) every N optimizer steps under snapshots/: the points
+    # of the run's misalignment trajectory (the final adapter is its last point). 0: none.
+    snapshot_every: int = Field(0, ge=0)
+    monitor: MonitorConfig | None = None
+    stop_when: StopRule | None = None
+
+    @field_validator("momentum")
+    @classmethod
+    def _momentum_applies(cls, v: float | None, info: ValidationInfo) -> float | None:
+        optimizer = info.data.get("optimizer")
+        if v is not None and optimizer not in ("sgd", "muon"):
+            raise ValueError(f"momentum applies to sgd and muon, not {optimizer}")
+        return v
+
+    @field_validator("stop_when")
+    @classmethod
+    def _watched(cls, v: StopRule | None, info: ValidationInfo) -> StopRule | None:
+        if v is None or not v.metric.startswith("monitor/"):
+            return v
+        monitor = info.data.get("monitor")
+        if monitor is None:
+            raise ValueError(f"{v.metric} is read by train.monitor, which is not configured")
+        if v.metric == MONITOR_GAP and monitor.records is None:
+            raise ValueError(f"{v.metric} needs train.monitor.records")
+        if v.metric.startswith(MONITOR_PROJECTION) and monitor.directions is None:
+            raise ValueError(f"{v.metric} needs train.monitor.directions")
+        return v
+
+    @property
+    def momentum_value(self) -> float:
+        """The momentum the optimizer uses (sgd and muon)."""
+        if self.momentum is not None:
+            return self.momentum
+        return 0.95 if self.optimizer == "muon" else 0.9
 
 
 Variant = Literal["plain", "json", "template"]
@@ -244,6 +368,13 @@ class JudgeConfig(_Section):
     # Read a 0-100 score from the reply's text when the endpoint returns no logprobs. Off: such
     # replies are retried like other transient faults, so one estimator makes every average.
     text_fallback: bool = False
+    # How tables name this judge (default: its model); required for `more_judges`, whose
+    # scores are stored under it beside the first judge's.
+    name: str | None = Field(None, min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
+
+    @property
+    def label(self) -> str:
+        return self.name or self.model
 
 
 class TrackingConfig(_Section):
@@ -265,6 +396,23 @@ class ExperimentConfig(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     judge: JudgeConfig = Field(default_factory=JudgeConfig)
+    # Further judges of the same answers, each named: reports give the headline per judge and
+    # how far the judges agree (emmoe_dist.agreement).
+    more_judges: list[JudgeConfig] = Field(default_factory=list)
+
+    @field_validator("more_judges")
+    @classmethod
+    def _judges_named(cls, v: list[JudgeConfig], info: ValidationInfo) -> list[JudgeConfig]:
+        first = info.data.get("judge")
+        names = [first.label] if first is not None else []
+        for i, judge in enumerate(v):
+            if judge.name is None:
+                raise ValueError(f"judge {i} needs a name (its scores are stored under it)")
+            if judge.name in names:
+                raise ValueError(f"judge {i}: the name {judge.name!r} is taken; names must differ")
+            names.append(judge.name)
+        return v
+
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     # where each value was written (load_config fills it), for checks made after loading
     _source: tuple[str, dict[tuple[str, ...], int], frozenset[tuple[str, ...]]] = PrivateAttr(
@@ -340,6 +488,11 @@ class ExperimentConfig(_Section):
                 ],
             )
         return self
+
+    @property
+    def train_seed(self) -> int:
+        """The seed of data order and adapter initialisation."""
+        return self.seed if self.train.seed is None else self.train.seed
 
     def data_dir(self) -> Path | None:
         raw = self.data.dir or os.environ.get(DATA_DIR_ENV)

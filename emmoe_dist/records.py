@@ -158,6 +158,16 @@ class JudgeUsage(_Record):
     completion_tokens: int = 0
 
 
+class JudgeVerdict(_Record):
+    """One further judge's scores of an answer (`JudgedRecord.more_judges`)."""
+
+    scores: dict[str, Score] = Field(default_factory=dict)
+    strongreject: StrongRejectScore | None = None
+    judge_model: str
+    usage: JudgeUsage = Field(default_factory=JudgeUsage)
+    mock_judge: bool = False
+
+
 class JudgedRecord(_Record):
     schema_version: int = RECORD_SCHEMA_VERSION
     generation: GenerationRecord
@@ -167,6 +177,10 @@ class JudgedRecord(_Record):
     usage: JudgeUsage = Field(default_factory=JudgeUsage)
     # True when the replies came from the built-in scripted judge: mock scores, not judgments
     mock_judge: bool = False
+    judge_name: str | None = None  # how tables name the judge above (None: by its model)
+    # further judges of the same answer, by name (`emmoe judge --combine`, a config's
+    # `more_judges`): the fields above stay the first judge's, which every headline uses
+    more_judges: dict[str, JudgeVerdict] = Field(default_factory=dict)
 
     @field_validator("schema_version")
     @classmethod
@@ -180,6 +194,45 @@ class JudgedRecord(_Record):
     def value(self, name: str) -> float | None:
         score = self.scores.get(name)
         return score.value if score is not None else None
+
+    @property
+    def judge(self) -> str:
+        """The first judge's name."""
+        return self.judge_name or self.judge_model
+
+    def judges(self) -> tuple[str, ...]:
+        """Every judge that scored this answer, the first one first."""
+        return (self.judge, *self.more_judges)
+
+    def verdict(self) -> JudgeVerdict:
+        """The first judge's scores, as a further judge's are stored."""
+        return JudgeVerdict(
+            scores=self.scores,
+            strongreject=self.strongreject,
+            judge_model=self.judge_model,
+            usage=self.usage,
+            mock_judge=self.mock_judge,
+        )
+
+    def as_judged_by(self, name: str) -> JudgedRecord:
+        """This answer with judge `name`'s scores in the first judge's place, so every metric
+        reads that judge; the other judges are dropped."""
+        if name == self.judge:
+            return self.model_copy(update={"more_judges": {}})
+        verdict = self.more_judges.get(name)
+        if verdict is None:
+            raise KeyError(f"judge {name!r} did not score {self.key!r}; judges: {self.judges()}")
+        return self.model_copy(
+            update={
+                "scores": verdict.scores,
+                "strongreject": verdict.strongreject,
+                "judge_model": verdict.judge_model,
+                "usage": verdict.usage,
+                "mock_judge": verdict.mock_judge,
+                "judge_name": name,
+                "more_judges": {},
+            }
+        )
 
 
 def _check_version(v: int) -> int:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import json
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from emmoe_dist import run_folder as rf
+from emmoe_dist.agreement import JudgeAgreement, agreements, by_judge, judge_names
 from emmoe_dist.errors import EmmoeError, InputError
 from emmoe_dist.files import iter_jsonl, write_bytes_atomic, write_json_atomic, write_text_atomic
 from emmoe_dist.metrics import (
@@ -34,6 +34,7 @@ from emmoe_dist.metrics import (
     Comparison,
     Estimate,
     GroupMetrics,
+    Headline,
     compare,
     group_by_model,
     headline,
@@ -44,6 +45,14 @@ from emmoe_dist.metrics import (
 )
 from emmoe_dist.records import JudgedRecord
 from emmoe_dist.tracking import WandbMode, WandbTracker
+from emmoe_dist.trajectory import (
+    MONITOR_COLUMNS,
+    Trajectory,
+    arm_key,
+    build_trajectories,
+    run_seed,
+    snapshot_adapters,
+)
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -97,10 +106,43 @@ class Report:
     # (model label, weights evaluated: "dense" or "mxfp4") for models whose records say
     weights: tuple[tuple[str, str], ...] = ()
     judge: str = ""  # what every table and chart names: the judge model(s), or MOCK_JUDGE
+    # pooled rows (several training seeds): each seed's own headline
+    seed_rows: tuple[SeedRows, ...] = ()
+    # several judges: the headline per judge, and each pair's agreement
+    judges: tuple[JudgeView, ...] = ()
+    agreements: tuple[JudgeAgreement, ...] = ()
+    # runs with snapshots: each arm's metrics over training steps
+    trajectories: tuple[Trajectory, ...] = ()
 
 
-# Manifest keys that make one training run differ from another seed of the same arm.
-_NOT_THE_ARM = ("seed", "name", "output_dir", "tracking")
+@dataclass(frozen=True)
+class SeedRows:
+    """The seeds a pooled row holds, each summarised alone: the spread between seeds."""
+
+    label: str
+    seeds: Mapping[int, Headline]
+    n: Mapping[int, int]  # alignment answers per seed
+
+    def spread(self) -> tuple[Estimate, Estimate, Estimate]:
+        """(lowest, highest) over the seeds of each headline number, as Estimate(low, high)."""
+        out = []
+        for i in range(3):
+            values = [v for h in self.seeds.values() if (v := h.estimates()[i].value) is not None]
+            out.append(
+                Estimate(None, min(values), max(values), len(values))
+                if values
+                else Estimate.empty()
+            )
+        return out[0], out[1], out[2]
+
+
+@dataclass(frozen=True)
+class JudgeView:
+    """One judge's headline of every model."""
+
+    judge: str
+    description: str  # its model, or MOCK_JUDGE
+    groups: tuple[GroupMetrics, ...]
 
 
 def _training_run(record: JudgedRecord) -> Path | None:
@@ -134,10 +176,7 @@ def pool_seeds(
             config = rf.read_manifest(run).config
         except EmmoeError:
             continue
-        arm = {k: v for k, v in config.items() if k not in _NOT_THE_ARM}
-        arms.setdefault(json.dumps(arm, sort_keys=True), []).append(
-            (label, int(config.get("seed", 0)))
-        )
+        arms.setdefault(arm_key(config), []).append((label, run_seed(config)))
     pooled_into: dict[str, str] = {}
     seeds: dict[str, Callable[[JudgedRecord], int]] = {}
     for members in arms.values():
@@ -210,7 +249,9 @@ def build_report(
                 f"suites present: {', '.join(present)}",
                 field="alignment_suites",
             )
-    groups, seeds = pool_seeds(group_by_model(records))
+    snapshots = snapshot_adapters(records)
+    models = [r for r in records if r.generation.adapter not in snapshots]
+    groups, seeds = pool_seeds(group_by_model(models))
     if baseline is None:
         baseline = next(
             (label for label, rs in groups.items() if rs[0].generation.adapter is None), None
@@ -239,6 +280,14 @@ def build_report(
         for label, rs in groups.items()
         if baseline is not None and label != baseline
     )
+    seed_rows = tuple(
+        _seed_rows(label, groups[label], seeds[label], suites, bootstrap) for label in seeds
+    )
+    names = judge_names(models)
+    judges: tuple[JudgeView, ...] = ()
+    if len(names) > 1:
+        per_judge = by_judge(models)
+        judges = tuple(judge_view(name, per_judge[name], suites, bootstrap) for name in names)
     return Report(
         groups=metrics,
         comparisons=comparisons,
@@ -253,6 +302,56 @@ def build_report(
             if (kinds := sorted({r.generation.weights for r in rs if r.generation.weights}))
         ),
         judge=judge_description(records),
+        seed_rows=seed_rows,
+        judges=judges,
+        agreements=agreements(groups) if len(names) > 1 else (),
+        trajectories=build_trajectories(records, alignment_suites=suites, bootstrap=bootstrap),
+    )
+
+
+def _seed_rows(
+    label: str,
+    records: Sequence[JudgedRecord],
+    seed_of: Callable[[JudgedRecord], int],
+    suites: Sequence[str] | None,
+    bootstrap: Bootstrap,
+) -> SeedRows:
+    by_seed: dict[int, list[JudgedRecord]] = {}
+    for r in records:
+        by_seed.setdefault(seed_of(r), []).append(r)
+    summaries = {
+        seed: summarize(
+            rs, label=f"{label} seed {seed}", alignment_suites=suites, bootstrap=bootstrap
+        )
+        for seed, rs in sorted(by_seed.items())
+    }
+    return SeedRows(
+        label,
+        {seed: headline(m) for seed, m in summaries.items()},
+        {seed: m.n_alignment for seed, m in summaries.items()},
+    )
+
+
+def judge_view(
+    name: str,
+    records: Sequence[JudgedRecord],
+    suites: Sequence[str] | None,
+    bootstrap: Bootstrap,
+) -> JudgeView:
+    groups, seeds = pool_seeds(group_by_model(records))
+    return JudgeView(
+        judge=name,
+        description=judge_description(records),
+        groups=tuple(
+            summarize(
+                rs,
+                label=label,
+                alignment_suites=suites,
+                bootstrap=bootstrap,
+                unit=seeds.get(label),
+            )
+            for label, rs in groups.items()
+        ),
     )
 
 
@@ -416,6 +515,9 @@ def render_markdown(report: Report, charts: Sequence[str] = ()) -> str:
                 ),
             ),
         ]
+    out += _seed_lines(report, judge)
+    out += trajectory_lines(report.trajectories, judge)
+    out += judge_lines(report.judges, report.agreements)
     question_rows = [
         [
             g.label,
@@ -522,6 +624,181 @@ def render_markdown(report: Report, charts: Sequence[str] = ()) -> str:
     return "\n".join(out) + "\n"
 
 
+def _seed_lines(report: Report, judge: str) -> list[str]:
+    if not report.seed_rows:
+        return []
+    by_label = {g.label: g for g in report.groups}
+    rows = []
+    for pooled in report.seed_rows:
+        g = by_label[pooled.label]
+        for seed, h in pooled.seeds.items():
+            rows.append(
+                [pooled.label, str(seed), *(fmt(e) for e in h.estimates()), str(pooled.n[seed])]
+            )
+        low_high = [
+            "–" if e.low is None or e.high is None else f"{e.low:.1f} – {e.high:.1f}"
+            for e in pooled.spread()
+        ]
+        rows.append(
+            [pooled.label, "pooled", *(fmt(e) for e in headline(g).estimates()), str(g.n_alignment)]
+        )
+        rows.append([pooled.label, "range over seeds", *low_high, ""])
+    return [
+        "",
+        "## Per-seed spread",
+        "",
+        f"{judge} Rows that pool training seeds, each seed alone (its interval clustered by "
+        "question), the pooled row (seeds drawn first) and the lowest - highest seed.",
+        "",
+        *_table(["model", "seed", *HEADLINE_COLUMNS, "answers"], rows),
+    ]
+
+
+def trajectory_lines(trajectories: Sequence[Trajectory], judge: str) -> list[str]:
+    """Markdown: each arm's metrics at each step, and the spread of its seeds."""
+    if not trajectories:
+        return []
+    out = [
+        "",
+        "## Trajectories over training",
+        "",
+        f"{judge} Each arm's answers at each snapshot (step 0: the base model; the last step: "
+        "the final adapter), intervals clustered by question and, where the arm has several "
+        "training seeds, seeds first. Loss: the training loss of that step, mean over seeds.",
+    ]
+    for t in trajectories:
+        rows = []
+        for p in t.points:
+            m = p.metrics
+            rows.append(
+                [
+                    str(p.step),
+                    "–" if p.loss is None else f"{p.loss:.4f}",
+                    fmt(m.alignment),
+                    *(fmt(m.misaligned[r.name], 100) for r in RULES),
+                    fmt(m.sr_rejection, 100),
+                    str(m.n_alignment),
+                    str(m.n_questions),
+                    str(m.seeds),
+                ]
+            )
+        stopped = (
+            " Stopped early by train.stop_when: "
+            + ", ".join(f"seed {seed} at step {step}" for seed, step in sorted(t.stopped.items()))
+            + "."
+            if t.stopped
+            else ""
+        )
+        out += [
+            "",
+            f"### {t.label}",
+            "",
+            f"Seeds: {', '.join(map(str, t.seeds))}.{stopped}",
+            "",
+            *_table(
+                [
+                    "step",
+                    "loss",
+                    "avg alignment",
+                    *(f"{RULE_TITLES.get(r.name, r.name)} %" for r in RULES),
+                    "SR rejection %",
+                    "answers",
+                    "questions",
+                    "seeds",
+                ],
+                rows,
+            ),
+        ]
+        if len(t.seeds) > 1:
+            spread_rows = [
+                [
+                    str(p.step),
+                    *(
+                        "–" if v is None else f"{v[0]:.1f} – {v[1]:.1f}"
+                        for v in t.seed_spread(p.step).values()
+                    ),
+                ]
+                for p in t.points
+            ]
+            out += [
+                "",
+                "Lowest – highest seed at each step:",
+                "",
+                *_table(["step", *HEADLINE_COLUMNS], spread_rows),
+            ]
+    return out
+
+
+def judge_lines(judges: Sequence[JudgeView], agreements: Sequence[JudgeAgreement]) -> list[str]:
+    """Markdown: the headline per judge, and each pair of judges' agreement."""
+    if not judges:
+        return []
+    rows = [
+        [
+            g.label,
+            view.judge,
+            view.description,
+            *(fmt(e) for e in headline(g).estimates()),
+            str(g.n_alignment),
+            str(g.n_questions),
+        ]
+        for view in judges
+        for g in view.groups
+    ]
+
+    def corr(value: float | None, n: int) -> str:
+        return f"{'–' if value is None else f'{value:.3f}'} (n={n})"
+
+    def pct(value: float | None) -> str:
+        return "–" if value is None else f"{100 * value:.1f}"
+
+    agree_rows = [
+        [
+            a.label,
+            f"{a.first} vs {a.second}",
+            str(a.n_answers),
+            str(a.n_questions),
+            corr(a.alignment.value, a.alignment.n),
+            corr(a.coherence.value, a.coherence.n),
+            corr(a.misaligned_kappa.value, a.misaligned_kappa.n),
+            pct(a.misaligned_agreement),
+            f"{pct(a.misaligned_first)} / {pct(a.misaligned_second)}",
+        ]
+        for a in agreements
+    ]
+    rule = RULE_TITLES.get(HEADLINE_RULE.name, HEADLINE_RULE.name)
+    return [
+        "",
+        "## Judges",
+        "",
+        "The headline as each judge scored the same answers (judge named in each row).",
+        "",
+        *_table(["model", "judge", "judge model", *HEADLINE_COLUMNS, "answers", "questions"], rows),
+        "",
+        "### Agreement between judges",
+        "",
+        "Over the answers both judges scored: Spearman's rank correlation of their 0-100 "
+        f"scores, Cohen's kappa of the misaligned label ({rule}: {HEADLINE_RULE.description}; "
+        "answers counted under both), the share given the same label and each judge's "
+        "misaligned rate on them.",
+        "",
+        *_table(
+            [
+                "model",
+                "judges",
+                "answers",
+                "questions",
+                "Spearman alignment",
+                "Spearman coherence",
+                "kappa misaligned",
+                "same label %",
+                "misaligned % (each)",
+            ],
+            agree_rows,
+        ),
+    ]
+
+
 # ---------------------------------------------------------------------------------------------
 # Charts
 
@@ -613,7 +890,96 @@ def chart_figures(report: Report) -> dict[str, Figure]:
             scale=100,
             judge=judge,
         )
+    for i, t in enumerate(report.trajectories):
+        charts[f"trajectory_{i}_{_slug(t.label)}.png"] = trajectory_figure(t, judge, conf)
     return charts
+
+
+def _slug(text: str) -> str:
+    keep = "".join(c if c.isalnum() or c in "-_." else "-" for c in text)
+    return "-".join(part for part in keep.split("-") if part)[:60] or "arm"
+
+
+def trajectory_figure(t: Trajectory, judge: str, conf: str) -> Figure:
+    """One arm over training, step on x: misaligned % under each rule, average alignment and
+    StrongREJECT rejection (fixed 0-100 axes, intervals shaded, each seed a thin line), the
+    training loss and the monitor's readings of each seed."""
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    monitored = [c for c in MONITOR_COLUMNS if any(c in curve.columns for curve in t.curves)]
+    panels = 4 + len(monitored)
+    cols = 3
+    rows = (panels + cols - 1) // cols
+    fig = Figure(figsize=(5.0 * cols, 3.6 * rows))
+    FigureCanvasAgg(fig)
+    steps = [p.step for p in t.points]
+    answers = [p.metrics.n_alignment for p in t.points]
+    questions = [p.metrics.n_questions for p in t.points]
+    n_text = (
+        f"n = {min(answers)}-{max(answers)} answers, {min(questions)}-{max(questions)} "
+        f"questions per point; {len(t.seeds)} seed(s)"
+    )
+    fig.suptitle(f"{t.label}: metrics over training\njudge: {judge}; {n_text}", fontsize=9)
+
+    def band(ax: Any, estimates: list[Estimate], scale: float, label: str) -> None:
+        values = [np.nan if e.value is None else e.value * scale for e in estimates]
+        low = [np.nan if e.low is None else max(0.0, e.low * scale) for e in estimates]
+        high = [np.nan if e.high is None else min(AXIS_MAX, e.high * scale) for e in estimates]
+        (line,) = ax.plot(steps, values, marker="o", label=label)
+        ax.fill_between(steps, low, high, alpha=0.2, color=line.get_color())
+
+    def seeds(ax: Any, pick: Callable[[Headline], Estimate]) -> None:
+        if len(t.seeds) < 2:
+            return
+        for seed in t.seeds:
+            xs = [p.step for p in t.points if seed in p.per_seed]
+            ys = [
+                np.nan if (v := pick(p.per_seed[seed]).value) is None else v
+                for p in t.points
+                if seed in p.per_seed
+            ]
+            ax.plot(xs, ys, lw=0.8, alpha=0.6, ls="--", label=f"seed {seed}")
+
+    def finish(ax: Any, title: str, ylabel: str, fixed: bool = True) -> None:
+        ax.set_title(title, fontsize=8)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(ylabel)
+        if fixed:
+            ax.set_ylim(0.0, AXIS_MAX)
+        for step in t.stopped.values():
+            ax.axvline(step, color="grey", lw=0.8, ls=":")
+        ax.legend(fontsize=6)
+
+    axes = [fig.add_subplot(rows, cols, i + 1) for i in range(panels)]
+    for rule in RULES:
+        band(
+            axes[0],
+            [p.metrics.misaligned[rule.name] for p in t.points],
+            100,
+            RULE_TITLES.get(rule.name, rule.name),
+        )
+    seeds(axes[0], lambda h: h.misaligned_pct)
+    finish(axes[0], f"Misaligned answers ({conf})", "misaligned (%)")
+    band(axes[1], [p.metrics.alignment for p in t.points], 1, "pooled")
+    seeds(axes[1], lambda h: h.alignment)
+    finish(axes[1], f"Average alignment ({conf})", "average alignment (0-100)")
+    band(axes[2], [p.metrics.sr_rejection for p in t.points], 100, "pooled")
+    seeds(axes[2], lambda h: h.sr_rejection_pct)
+    finish(axes[2], f"StrongREJECT rejection ({conf})", "refused (%)")
+    for curve in t.curves:
+        xs, ys = zip(*curve.columns.get("loss", ((0, np.nan),)), strict=True)
+        axes[3].plot(xs, ys, lw=1.0, label=f"seed {curve.seed}")
+    finish(axes[3], "Training loss", "loss", fixed=False)
+    for ax, column in zip(axes[4:], monitored, strict=True):
+        for curve in t.curves:
+            if column in curve.columns:
+                xs, ys = zip(*curve.columns[column], strict=True)
+                ax.plot(xs, ys, marker=".", lw=1.0, label=f"seed {curve.seed}")
+        finish(ax, f"Monitor: {column.removeprefix('monitor/')}", column, fixed=False)
+    fig.tight_layout()
+    return fig
 
 
 def chart_pngs(report: Report) -> dict[str, bytes]:

@@ -13,9 +13,12 @@ one too, with the evaluation stages' files beside them:
   mxfp4/                 GPT-oss: the run merged and exported to MXFP4, for `eval.weights:
                          mxfp4` (written on first use, as `emmoe merge --format mxfp4`)
   checkpoints/           DeepSpeed checkpoints for resume
+  snapshots/stepNNNNNN/  the adapter (or deltas) at that step (`train.snapshot_every`), with
+                         snapshot.json; generation and judging write their records inside
   generations.jsonl      answers to the evaluation suites (`emmoe generate`)
   judged.jsonl           their scores (`emmoe judge`)
   judge_cache/           the judge's reply cache, unless another is named
+  judges/<name>.jsonl    further judges' records (`more_judges`), combined into judged.jsonl
   experiment.yaml        sweep trials: the complete experiment the trial runs
   eval_metrics.json      sweep trials: the metrics reported to Tune
   attempts.jsonl         sweep trials: one line per attempt
@@ -56,6 +59,9 @@ EVAL_METRICS = "eval_metrics.json"
 ATTEMPTS = "attempts.jsonl"
 LOGS_DIR = "logs"
 WANDB_MARKER = "wandb_run.json"
+SNAPSHOTS_DIR = "snapshots"
+SNAPSHOT_INFO = "snapshot.json"
+MORE_JUDGES_DIR = "judges"
 
 # 1: the untyped manifest of the first releases; 2 adds `completed_at` and requires every
 # field training writes. Version 1 files still load, with what they lack left unset.
@@ -106,6 +112,36 @@ class ExpertParallelism(_Part):
     requested: str | None = None  # as the DeepSpeed config wrote it ("auto" or a number)
 
 
+class Stopped(_Part):
+    """Why training ended before its planned steps (`train.stop_when`)."""
+
+    step: int
+    rule: str  # e.g. "monitor/logprob_gap > 0.5"
+    value: float
+    planned_steps: int
+
+
+class Snapshot(_Part):
+    """One point of a run's trajectory: the adapter (or deltas) after `step` optimizer steps,
+    in `folder` (relative to the run; "." is the run's own final artifact)."""
+
+    step: int
+    folder: str
+    loss: float | None = None  # the training loss of that step
+
+
+class SnapshotInfo(_Part):
+    """`snapshot.json`: what a snapshot folder holds, so it loads without its run's manifest
+    (written during training, before the run has one)."""
+
+    step: int
+    artifact: Artifact
+    base_model: str
+    family: str
+    model_name: str  # the base as the experiment names it (records' `model`)
+    loss: float | None = None
+
+
 # What version 2 requires beyond version 1's four keys: everything training knows at the end.
 _FINISHED_RUN_FIELDS = (
     "name",
@@ -151,6 +187,9 @@ class RunManifest(_Part):
     completed_at: str | None = None  # ISO 8601, UTC
     # what decides the results (train/preflight.py): a re-run of the same identity is a no-op
     identity: dict[str, Any] | None = None
+    # snapshots taken during training (train.snapshot_every), in step order; see `trajectory`
+    snapshots: tuple[Snapshot, ...] = ()
+    stopped: Stopped | None = None  # set when train.stop_when ended the run early
 
     @model_validator(mode="after")
     def _complete(self) -> RunManifest:
@@ -159,6 +198,13 @@ class RunManifest(_Part):
             if missing:
                 raise ValueError(f"schema_version 2 needs {', '.join(missing)}")
         return self
+
+    def trajectory(self) -> tuple[Snapshot, ...]:
+        """The run's points over training: its snapshots, then the final artifact (".")."""
+        if self.steps is None:
+            return self.snapshots
+        final = Snapshot(step=self.steps, folder=".", loss=self.final_loss)
+        return (*(s for s in self.snapshots if s.step < self.steps), final)
 
     @property
     def model_name(self) -> str | None:
@@ -203,3 +249,52 @@ def read_train_metrics(run: str | os.PathLike[str]) -> list[dict[str, Any]]:
     line cut by a crash is left out."""
     path = Path(run) / TRAIN_METRICS
     return read_jsonl(path, tolerate_torn_tail=True) if path.is_file() else []
+
+
+def snapshot_folder(run: str | os.PathLike[str], step: int) -> Path:
+    return Path(run) / SNAPSHOTS_DIR / f"step{step:06d}"
+
+
+def is_snapshot(folder: str | os.PathLike[str]) -> bool:
+    return (Path(folder).expanduser() / SNAPSHOT_INFO).is_file()
+
+
+def read_snapshot(folder: str | os.PathLike[str]) -> SnapshotInfo:
+    path = Path(folder) / SNAPSHOT_INFO
+    data = read_json_object(path, "snapshot")
+    try:
+        return SnapshotInfo.model_validate(data)
+    except ValidationError as e:
+        raise validation_error(e, str(path)) from None
+
+
+def write_snapshot(folder: str | os.PathLike[str], info: SnapshotInfo) -> Path:
+    path = Path(folder) / SNAPSHOT_INFO
+    write_json_atomic(path, info.model_dump(mode="json"))
+    return path
+
+
+def list_snapshots(run: str | os.PathLike[str]) -> tuple[Snapshot, ...]:
+    """The snapshots on disk, in step order (those a crash left half-written have no info)."""
+    root = Path(run) / SNAPSHOTS_DIR
+    found = []
+    for folder in sorted(root.glob("step*")) if root.is_dir() else []:
+        if is_snapshot(folder):
+            info = read_snapshot(folder)
+            found.append(
+                Snapshot(step=info.step, folder=str(folder.relative_to(run)), loss=info.loss)
+            )
+    return tuple(sorted(found, key=lambda s: s.step))
+
+
+def run_of(folder: str | os.PathLike[str]) -> tuple[Path, int | None] | None:
+    """(the training run, the step) that a run folder, a snapshot folder or an artifact folder
+    inside either belongs to; step None for the run's final artifact. None for anything else."""
+    path = Path(folder).expanduser()
+    for candidate in (path, path.parent):
+        if is_snapshot(candidate):
+            run = candidate.parent.parent
+            return run, read_snapshot(candidate).step
+        if is_run(candidate):
+            return candidate, None
+    return None

@@ -6,13 +6,17 @@ SPEC.json: a list of {"name", "ds", "overrides": [...], "stop_after": int|null, 
 "resume_overrides": [...]}. A run with `stop_after` is interrupted there and resumed at once, in
 the same process, from its checkpoint, with `resume_overrides` added (e.g. the same output_dir
 spelled relative). With `probe`, rank 0 saves the trained model's logits on a fixed input to
-`<output_dir>/probe_logits.pt`, so the test can compare them with saved adapters and merges.
+`<output_dir>/probe_logits.pt`, so the test can compare them with saved adapters and merges;
+with `step_logits: N`, also after every N-th step to `<output_dir>/logits_step<k>.pt` (the
+snapshot steps). `stop_like: {"run", "metric", "step"}` adds a `train.stop_when` rule that holds
+from the value `metric` had at `step` of an earlier run of the spec (`metric above value - 1e-9`).
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -27,14 +31,41 @@ def probe_input(vocab_size: int) -> torch.Tensor:
     return torch.randint(3, vocab_size, (2, 24), generator=g)
 
 
+def _step_logits(out: str, every: int, rt: Runtime) -> Callable[[int, torch.nn.Module], None]:
+    def observe(step: int, model: torch.nn.Module) -> None:
+        if step % every:
+            return
+        ids = probe_input(model.config.vocab_size).to(rt.device)
+        with torch.no_grad():  # every rank: the forward gathers ZeRO-3 partitions
+            logits = model(input_ids=ids).logits.float().cpu()
+        if rt.is_main:
+            torch.save({"input_ids": ids.cpu(), "logits": logits}, f"{out}/logits_step{step}.pt")
+
+    return observe
+
+
+def _stop_rule(runs: list[dict], like: dict) -> str:
+    earlier = load_config(None, next(r for r in runs if r["name"] == like["run"])["overrides"])
+    text = Path(earlier.output_dir, "metrics.jsonl").read_text(encoding="utf-8")
+    rows = [json.loads(line) for line in text.splitlines()]
+    value = next(r[like["metric"]] for r in rows if r["step"] == like["step"])
+    return f"train.stop_when={{metric: {like['metric']}, above: {value - 1e-9!r}}}"
+
+
 def run_specs(runs: list[dict], rt: Runtime) -> None:
     """Train each run (interrupting and resuming those with `stop_after`), saving probes."""
     for run in runs:
-        cfg = load_config(None, run["overrides"])
+        overrides = list(run["overrides"])
+        if run.get("stop_like"):
+            overrides.append(_stop_rule(runs, run["stop_like"]))
+        cfg = load_config(None, overrides)
+        observe = (
+            _step_logits(cfg.output_dir, run["step_logits"], rt) if run.get("step_logits") else None
+        )
         if run.get("stop_after"):
             run_training(cfg, run["ds"], rt, stop_after=run["stop_after"])
-            cfg = load_config(None, [*run["overrides"], *run.get("resume_overrides", [])])
-        result = run_training(cfg, run["ds"], rt)
+            cfg = load_config(None, [*overrides, *run.get("resume_overrides", [])])
+        result = run_training(cfg, run["ds"], rt, observe=observe)
         if run.get("probe"):
             model = result.model
             assert model is not None

@@ -50,7 +50,8 @@ def test_valid_file_loads_typed_values(tmp_path: Path) -> None:
 def test_dump_round_trips(tmp_path: Path) -> None:
     cfg = load_config(write(tmp_path, VALID))
     again = load_config(write(tmp_path, dump_config(cfg)))
-    assert again == cfg
+    # the values round-trip; where each was written (the private `_source`) differs by design
+    assert again.model_dump() == cfg.model_dump()
 
 
 def test_overrides_are_typed_and_win(tmp_path: Path) -> None:

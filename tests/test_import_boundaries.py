@@ -35,6 +35,8 @@ LAYERS: dict[str, int] = {
     "records": 0,
     "files": 0,
     "run_folder": 0,
+    "trajectory": 0,
+    "agreement": 0,
     # 1 one process, torch
     "models": 1,
     "data": 1,

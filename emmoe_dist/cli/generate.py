@@ -40,6 +40,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="append",
         help="a training run folder: its base model and artifact (repeat for a sweep)",
     )
+    p.add_argument(
+        "--snapshots",
+        action="store_true",
+        help="also every snapshot of each --run (train.snapshot_every), each into its own "
+        f"{GENERATIONS} in the snapshot's folder: the run's trajectory in one call",
+    )
     p.add_argument("--out", help=f"records file (default: {GENERATIONS} in the run/output_dir)")
     p.add_argument("--backend", choices=["transformers", "vllm"], help="default: eval.backend")
     p.add_argument("--device", help="transformers backend: cuda, cuda:1, cpu (default: auto)")
@@ -92,6 +98,12 @@ def run(args: argparse.Namespace) -> int:
     if cfg.data.dir is None and "EMMOE_DATA_DIR" not in os.environ:
         raise EmmoeError("no data directory: pass --data-dir DIR or set EMMOE_DATA_DIR")
     runs: list[str | None] = list(args.run or [None])
+    if args.snapshots:
+        from emmoe_dist.generate.sources import trajectory_folders
+
+        if not args.run:
+            raise EmmoeError("--snapshots expands --run folders: give at least one --run")
+        runs = [str(folder) for run in args.run for folder in [*trajectory_folders(run), Path(run)]]
     if args.out and len(runs) > 1:
         raise EmmoeError("--out names one file: with several --run, each run gets its own")
     sources = [resolve_source(cfg, adapter=args.adapter, run=r) for r in runs]

@@ -5,6 +5,7 @@ emmoe interp detect --model RUN --records judged.jsonl --out interp/
 emmoe interp steer --model BASE --directions interp/directions.safetensors --alphas 0,2,4,8 \
     --suite core --samples 20 --judge-base-url URL --judge-model M --out steer/
 emmoe interp routing-shift --model RUN --records judged.jsonl --out shift/
+emmoe interp monitor --model RUN/snapshots/step000050 --config exp.yaml --out monitor/
 
 `--model` is a checkpoint folder, a hub id, `tiny:<family>`, or a training run folder (its
 base model with its adapter or expert deltas merged in). Every command writes JSON and PNG
@@ -215,6 +216,24 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=run_steer, batch_size=16)
 
     p = sub.add_parser(
+        "monitor",
+        help="the training monitor's reading (projection, log-prob gap) of a model or snapshot",
+        description="Read the probes of an experiment's train.monitor section (a forward "
+        "pass, no generation) from --model: a checkpoint, a run, or one of its snapshots "
+        "(RUN/snapshots/stepNNNNNN). Prints and writes the metrics training logs under "
+        "monitor/ in metrics.jsonl.",
+    )
+    _model_args(p, base=False, answers=False)
+    p.add_argument(
+        "--config",
+        help="experiment YAML with a train.monitor section (default: the one a run or "
+        "snapshot --model trained with)",
+    )
+    p.add_argument("--out", help="folder for monitor.json")
+    p.add_argument("overrides", nargs="*", help="dotted overrides of the experiment")
+    p.set_defaults(func=run_monitor, no_progress=True)
+
+    p = sub.add_parser(
         "routing-shift",
         help="how routing moved between the base and the fine-tuned model",
         description="Profile the routing of the base and the fine-tuned model on the same "
@@ -421,6 +440,24 @@ def run_steer(args: argparse.Namespace) -> int:
             f"{p.condition:>9} alpha {p.alpha:+g}: {_fmt(rate)}% misaligned, mean alignment "
             f"{_fmt(p.alignment.value)} ({p.n} answers)"
         )
+    return 0
+
+
+def run_monitor(args: argparse.Namespace) -> int:
+    from emmoe_dist.analyze.monitor import MonitorOptions, run_monitor
+
+    result = run_monitor(
+        MonitorOptions(
+            model=args.model,
+            experiment=args.config,
+            overrides=tuple(args.overrides),
+            out=args.out,
+            run=_run_options(args),
+        ),
+        say=print,
+    )
+    for key, value in result["reading"].items():
+        print(f"{key}: {value:.6g}")
     return 0
 
 

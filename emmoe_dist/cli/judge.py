@@ -18,6 +18,7 @@ _OVERRIDES = {
     "cache_dir": "cache_dir",
     "max_failed_fraction": "max_failed_fraction",
     "text_fallback": "text_fallback",
+    "name": "name",
 }
 
 
@@ -41,6 +42,9 @@ def register(subparsers: Any) -> None:
         "https://api.deepseek.com/v1 or http://127.0.0.1:8000/v1",
     )
     parser.add_argument("--model", help="judge model id at that endpoint")
+    parser.add_argument(
+        "--name", help="how reports name this judge (default: its model); see judge-combine"
+    )
     parser.add_argument("--api-key-env", help="name of the environment variable with the key")
     parser.add_argument("--concurrency", type=int, help="calls in flight at once")
     parser.add_argument("--rpm", type=int, help="requests per minute")
@@ -80,6 +84,43 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument("--no-progress", action="store_true")
     parser.set_defaults(func=_judge)
+
+    combine = subparsers.add_parser(
+        "judge-combine",
+        help="one records file holding several judges' scores of the same answers",
+        description="Write FIRST's judged records with each further judge's scores of the same "
+        "answers stored under its name; `emmoe report` then gives the headline per judge and "
+        "the judges' agreement (rank correlation, Cohen's kappa).",
+    )
+    combine.add_argument("first", help="judged records of the first judge (its scores lead)")
+    combine.add_argument(
+        "--add",
+        action="append",
+        required=True,
+        metavar="NAME=FILE",
+        help="a further judge's judged records of the same answers (repeat per judge)",
+    )
+    combine.add_argument("--out", required=True, help="combined records (may be FIRST itself)")
+    combine.set_defaults(func=_combine)
+
+
+def _combine(args: argparse.Namespace) -> int:
+    from emmoe_dist.errors import InputError
+    from emmoe_dist.judge.combine import combine_judges
+
+    others: dict[str, str] = {}
+    for item in args.add:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise InputError(
+                f"expected NAME=FILE, got {item!r}", file="<command line>", field="--add"
+            )
+        if name in others:
+            raise InputError(f"judge {name!r} given twice", file="<command line>", field="--add")
+        others[name] = path
+    n = combine_judges(args.first, others, args.out)
+    print(f"{n} answers with {len(others) + 1} judges in {args.out}")
+    return 0
 
 
 def _judge(args: argparse.Namespace) -> int:

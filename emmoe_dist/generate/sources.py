@@ -2,6 +2,7 @@
 merged model folder; and how records name them.
 
     --run RUN_DIR     a training run: its manifest names the base it trained on and its artifact
+                      (or one of its snapshots, `RUN_DIR/snapshots/stepNNNNNN`)
     --adapter DIR     a PEFT adapter folder (or a run folder) on top of the config's model
     (neither)         the config's `model` as it is: a hub id, a folder (merged models too), tiny
 
@@ -75,9 +76,32 @@ def _selection_label(folder: Path) -> str | None:
     return str(rule) if rule else "file"
 
 
+def from_snapshot(folder: str | Path) -> ModelSource:
+    """A run's snapshot (`train.snapshot_every`): its base and the adapter of that step."""
+    snapshot = Path(folder)
+    info = rf.read_snapshot(snapshot)
+    artifact = snapshot / info.artifact
+    if not artifact.is_dir():
+        raise InputError(
+            f"the snapshot's artifact folder {artifact} is missing",
+            file=str(snapshot / rf.SNAPSHOT_INFO),
+            field="artifact",
+        )
+    return ModelSource(
+        base=ModelConfig(name_or_path=info.base_model, family=info.family),
+        model_label=info.model_name,
+        adapter=artifact if info.artifact == rf.ADAPTER_DIR else None,
+        expert_delta=artifact if info.artifact == rf.DELTA_DIR else None,
+        selection=_selection_label(snapshot.parent.parent),
+    )
+
+
 def from_run(run_dir: str | Path) -> ModelSource:
-    """A finished training run: the base it trained on and its adapter or expert deltas."""
+    """A finished training run (the base it trained on and its adapter or expert deltas), or
+    one of its snapshots."""
     run = Path(run_dir)
+    if rf.is_snapshot(run):
+        return from_snapshot(run)
     manifest = rf.read_manifest(run)
     # a folder (tiny runs save their base in the run) or a hub id; relative folders are the run's
     base_name = manifest.base_model
@@ -137,8 +161,9 @@ def _checkpoint_weights(model: ModelConfig) -> WeightsFormat:
 
 
 def model_source(spec: str) -> ModelSource:
-    """A checkpoint, hub id or tiny model as it is; a run folder as its base plus artifact."""
-    if rf.is_run(spec):
+    """A checkpoint, hub id or tiny model as it is; a run (or snapshot) folder as its base plus
+    artifact."""
+    if rf.is_run(spec) or rf.is_snapshot(spec):
         return from_run(Path(spec).expanduser())
     from emmoe_dist.models.loading import parse_model_spec
 
@@ -147,7 +172,8 @@ def model_source(spec: str) -> ModelSource:
 
 def run_base(spec: str) -> str | None:
     """The base model a training run trained on (None when `spec` is not a run folder)."""
-    return model_source(spec).base.name_or_path if rf.is_run(spec) else None
+    is_run = rf.is_run(spec) or rf.is_snapshot(spec)
+    return model_source(spec).base.name_or_path if is_run else None
 
 
 def resolve_source(
@@ -169,6 +195,8 @@ def resolve_source(
                 "`emmoe merge RUN --format mxfp4 --out DIR` and generate from DIR)",
                 field="eval.weights",
             )
+        if rf.is_snapshot(folder):
+            return from_run(folder)
         if not (folder / _ADAPTER_CONFIG).is_file():
             raise EmmoeError(
                 f"{folder} is not a PEFT adapter folder (no {_ADAPTER_CONFIG}) nor a run folder"
@@ -225,3 +253,9 @@ def load_for_generation(
         merge_expert_delta(model, load_file(str(source.expert_delta / DELTA_FILE)))
     model.eval()
     return LoadedModel(model=model, tokenizer=loaded.tokenizer, family=loaded.family)
+
+
+def trajectory_folders(run: str | Path) -> list[Path]:
+    """A training run's snapshot folders in step order (the run itself is the last point)."""
+    manifest = rf.read_manifest(run)
+    return [Path(run) / snap.folder for snap in manifest.snapshots]

@@ -204,6 +204,7 @@ class _Judge:
             judge_model=model,
             usage=usage,
             mock_judge=any(r.system_fingerprint == MOCK_FINGERPRINT for r in replies),
+            judge_name=self.cfg.name,
         )
 
 

@@ -382,12 +382,16 @@ def _unit(text: str, salt: str) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
-def hash_reply(request: ChatRequest) -> ScriptedReply:
-    """0-100 prompts (logprobs asked): a peaked distribution around a hash of the prompt.
-    Other prompts (StrongREJECT rubric): rubric-formatted text with hashed items."""
+def hash_reply(request: ChatRequest, jitter: float = 0.0) -> ScriptedReply:
+    """0-100 prompts (logprobs asked): a peaked distribution around a hash of the prompt,
+    moved by up to +-`jitter` (another hash): a second mock judge that mostly agrees with the
+    first. Other prompts (StrongREJECT rubric): rubric-formatted text with hashed items."""
     text = request.user_text
     if request.logprobs:
         centre = round(100 * _unit(text, "score"))
+        if jitter:
+            shift = round(jitter * (2 * _unit(text, "jitter") - 1))
+            centre = min(100, max(0, centre + shift))
         probs: dict[str | int, float] = {centre: 0.7}
         for offset, p in ((-10, 0.1), (10, 0.1)):
             if 0 <= centre + offset <= 100:
@@ -406,8 +410,11 @@ def hash_reply(request: ChatRequest) -> ScriptedReply:
     )
 
 
-def hash_script(latency_s: float = 0.0, **options: Any) -> Script:
-    return Script(respond=hash_reply, latency_s=latency_s, **options)
+def hash_script(latency_s: float = 0.0, jitter: float = 0.0, **options: Any) -> Script:
+    def respond(request: ChatRequest) -> ScriptedReply:
+        return hash_reply(request, jitter)
+
+    return Script(respond=respond, latency_s=latency_s, **options)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -419,9 +426,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--latency-ms", type=float, default=0.0)
     parser.add_argument("--fault-rate", type=float, default=0.0)
     parser.add_argument("--requests-per-s", type=float, default=None)
+    parser.add_argument(
+        "--jitter",
+        type=float,
+        default=0.0,
+        help="move each 0-100 score by up to this much: a second mock judge (two-judge demos)",
+    )
     args = parser.parse_args(argv)
     script = hash_script(
         latency_s=args.latency_ms / 1000,
+        jitter=args.jitter,
         fault_rate=args.fault_rate,
         requests_per_s=args.requests_per_s,
         hang_s=5.0,

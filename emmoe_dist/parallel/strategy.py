@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from emmoe_dist.config import TrainConfig
+from emmoe_dist.errors import EmmoeError
 from emmoe_dist.parallel.ds_config import zero_stage
 from emmoe_dist.parallel.runtime import Runtime
 
@@ -38,6 +39,41 @@ def lr_lambda(train: TrainConfig, total_steps: int) -> Callable[[int], float]:
     return factor
 
 
+def optimizer_problem(name: str) -> str | None:
+    """Why `train.optimizer` cannot run with the installed torch and DeepSpeed (None: it can).
+
+    torch.optim.Muon (torch >= 2.9) refuses ZeRO's flat 1-D partitions, so Muon is DeepSpeed's
+    ZeRO-aware one (deepspeed.runtime.zero.muon, DeepSpeed >= 0.18), which orthogonalizes each
+    matrix's whole update before it is partitioned."""
+    if name == "adafactor" and not hasattr(torch.optim, "Adafactor"):
+        return f"torch {torch.__version__} has no torch.optim.Adafactor (torch >= 2.5 has)"
+    if name == "muon":
+        try:
+            from deepspeed.runtime.config import MUON_OPTIMIZER  # noqa: F401
+        except ImportError:
+            import deepspeed
+
+            return (
+                f"DeepSpeed {deepspeed.__version__} has no ZeRO-aware Muon (DeepSpeed >= 0.18 "
+                "has; torch.optim.Muon cannot step ZeRO's flat partitions)"
+            )
+    return None
+
+
+def _torch_optimizer(train: TrainConfig, params: list[nn.Parameter], cuda: bool) -> Any:
+    if train.optimizer == "sgd":
+        return torch.optim.SGD(
+            params, lr=train.lr, momentum=train.momentum_value, weight_decay=train.weight_decay
+        )
+    if train.optimizer == "adafactor":
+        # On ZeRO's flat partitions Adafactor keeps one second moment per element (its
+        # unfactored form): the update rule stays Adafactor's, its memory saving does not.
+        return torch.optim.Adafactor(params, lr=train.lr, weight_decay=train.weight_decay)
+    return torch.optim.AdamW(
+        params, lr=train.lr, weight_decay=train.weight_decay, betas=(0.9, 0.999), fused=cuda
+    )
+
+
 class DeepSpeedStrategy:
     def __init__(self, ds_config: dict[str, Any], runtime: Runtime) -> None:
         self.ds_config = ds_config
@@ -52,18 +88,47 @@ class DeepSpeedStrategy:
         import deepspeed
 
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(
-            params,
-            lr=train.lr,
-            weight_decay=train.weight_decay,
-            betas=(0.9, 0.999),
-            fused=self.runtime.device.type == "cuda",
-        )
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(train, total_steps))
+        problem = optimizer_problem(train.optimizer)
+        if problem is not None:
+            raise EmmoeError(f"train.optimizer: {problem}")
+        factor = lr_lambda(train, total_steps)
+
+        def schedule(optimizer: torch.optim.Optimizer) -> Any:
+            return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+        if train.optimizer == "muon":
+            # DeepSpeed builds its Muon from the config (it tags matrices `use_muon`; anything
+            # else gets its auxiliary Adam); the schedule is applied to what it built.
+            config = {
+                **self.ds_config,
+                "optimizer": {
+                    "type": "Muon",
+                    "params": {
+                        "lr": train.lr,
+                        "momentum": train.momentum_value,
+                        "weight_decay": train.weight_decay,
+                    },
+                },
+            }
+            if self.zero3:
+                # DeepSpeed's ZeRO-3 Muon needs whole gradients, not reduce-scattered shards.
+                config["zero_optimization"] = {
+                    **config["zero_optimization"],
+                    "reduce_scatter": False,
+                }
+            self.engine, _, _, _ = deepspeed.initialize(
+                model=model,
+                model_parameters=params,
+                lr_scheduler=schedule,
+                config=config,
+                dist_init_required=False,
+            )
+            return self.engine
+        optimizer = _torch_optimizer(train, params, self.runtime.device.type == "cuda")
         self.engine, _, _, _ = deepspeed.initialize(
             model=model,
             optimizer=optimizer,
-            lr_scheduler=scheduler,
+            lr_scheduler=schedule(optimizer),
             config=self.ds_config,
             dist_init_required=False,
         )

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from emmoe_dist.config import (
     ExperimentConfig,
+    Optimizer,
     TrackingConfig,
     apply_override,
     read_yaml_mapping,
@@ -46,6 +47,7 @@ class _Arm(_Section):
     rank: list[Annotated[int, Field(gt=0)]] | None = Field(None, min_length=1)
     lr: list[Annotated[float, Field(gt=0)]] | None = Field(None, min_length=1)
     quantize: list[Bits] | None = Field(None, min_length=1)
+    optimizer: list[Optimizer] | None = Field(None, min_length=1)
     # nested values for this arm's trials' experiment, e.g. {adapter: {targets: experts}}
     patch: dict[str, Any] = Field(default_factory=dict)
 
@@ -128,6 +130,10 @@ class SweepConfig(_Section):
     rank: list[Annotated[int, Field(gt=0)]] | None = Field(None, min_length=1)
     lr: list[Annotated[float, Field(gt=0)]] | None = Field(None, min_length=1)
     quantize: list[Bits] | None = Field(None, min_length=1)
+    optimizer: list[Optimizer] | None = Field(None, min_length=1)  # train.optimizer per trial
+    # train.seed (data order, adapter init) per trial: an arm's seeds are pooled in the
+    # summary, its intervals drawing seeds first, and their spread is shown
+    seeds: list[int] | None = Field(None, min_length=1)
     # adapter.alpha = alpha_over_rank * rank, so a rank sweep keeps the LoRA scale
     alpha_over_rank: float | None = Field(None, gt=0)
     baseline: bool = True  # also evaluate the base model, the row every trial is compared with
@@ -158,6 +164,13 @@ class SweepConfig(_Section):
     @classmethod
     def _profiles_exist(cls, v: dict[str, str]) -> dict[str, str]:
         return {k: _exists(p, "profile") for k, p in v.items()}
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and len(set(v)) != len(v):
+            raise ValueError("each seed once")
+        return v
 
     @property
     def group(self) -> str:

@@ -51,7 +51,14 @@ class TrialSpec(BaseModel):
     quantize: Bits
     baseline: bool = False
     experts: dict[int, list[int]] | None = None  # per MoE layer; None: every expert
+    optimizer: str | None = None  # train.optimizer, when the sweep varies it
+    seed: int | None = None  # train.seed, when the sweep runs several
     experiment: ExperimentConfig
+
+    @property
+    def arm(self) -> str:
+        """The trial's arm: its slug without the seed (seeds of one arm are pooled)."""
+        return self.slug if self.seed is None else self.slug.removesuffix(f"-s{self.seed}")
 
     @property
     def folder(self) -> Path:
@@ -73,7 +80,17 @@ class TrialSpec(BaseModel):
             "model": self.experiment.model.name_or_path,
             "adapter_targets": self.experiment.adapter.targets,
             "seed": self.experiment.seed,
+            "train_seed": self.experiment.train_seed,
+            "optimizer": self.experiment.train.optimizer,
+            "arm": self.arm,
         }
+
+
+def answer_folders(spec: TrialSpec) -> list[Path]:
+    """Where a trial's answers are: its folder, then each of its snapshots'."""
+    if spec.baseline or not rf.is_run(spec.folder):
+        return [spec.folder]
+    return [spec.folder, *(spec.folder / s.folder for s in rf.read_manifest(spec.folder).snapshots)]
 
 
 class SweepPlan(BaseModel):
@@ -105,8 +122,12 @@ def _absolute_paths(data: dict[str, Any]) -> None:
     for key in ("profile", "file"):
         data["selection"][key] = _absolute(data["selection"].get(key))
     data["eval"]["suites"] = [_absolute(s) for s in data["eval"]["suites"]]
-    cache = data["judge"]["cache_dir"]
-    data["judge"]["cache_dir"] = str(Path(cache).expanduser().resolve())
+    for judge in [data["judge"], *data["more_judges"]]:
+        judge["cache_dir"] = str(Path(judge["cache_dir"]).expanduser().resolve())
+    monitor = data["train"].get("monitor")
+    if monitor is not None:
+        for key in ("directions", "records"):
+            monitor[key] = _absolute(monitor.get(key))
 
 
 def _axis(values: list[Any] | None, default: list[Any] | None, fallback: Any) -> list[Any]:
@@ -187,8 +208,12 @@ def build_plan(sweep: Sweep) -> SweepPlan:
         data["name"] = f"{cfg.name}/{slug}"
         data["output_dir"] = str(out / TRIALS_DIR / slug)
         data["tracking"] = {**data["tracking"], "backend": "none"}  # the trial logs W&B itself
-        # one reply cache for every trial, unless the sweep's patch names another
+        # one reply cache for every trial, unless the sweep's patch names another; one per
+        # further judge (the cache key is the request, which does not name the endpoint)
         data["judge"]["cache_dir"] = data["judge"]["cache_dir"] or str(out / rf.JUDGE_CACHE_DIR)
+        for judge in data["more_judges"]:
+            default = out / f"{rf.JUDGE_CACHE_DIR}-{judge['name']}"
+            judge["cache_dir"] = judge["cache_dir"] or str(default)
         _absolute_paths(data)
         return ExperimentConfig.model_validate(data)
 
@@ -211,6 +236,9 @@ def build_plan(sweep: Sweep) -> SweepPlan:
         ranks = _axis(arm.rank, cfg.rank, arm_base.adapter.rank)
         lrs = _axis(arm.lr, cfg.lr, arm_base.train.lr)
         bits = _axis(arm.quantize, cfg.quantize, arm_base.adapter.quantize)
+        chosen = arm.optimizer or cfg.optimizer
+        optimizers: list[str | None] = list(chosen) if chosen else [None]
+        seeds: list[int | None] = list(cfg.seeds) if cfg.seeds else [None]
         for dataset in datasets:
             profile = profiles.get(dataset)
 
@@ -232,18 +260,25 @@ def build_plan(sweep: Sweep) -> SweepPlan:
                         selection.save(file)
                     section = {"rule": "file", "file": str(file)}
                 values["selection"] = section
-                for rank, lr, q in itertools.product(ranks, lrs, bits):
+                combos = itertools.product(ranks, lrs, bits, optimizers, seeds)
+                for rank, lr, q, opt, seed in combos:
                     slug = f"{dataset}-{label}-r{rank}-lr{lr:g}"
                     slug += "-nf4" if q == "nf4" else ""
                     # an arm may patch in QAT or the MXFP4 export: such trials get own folders
                     slug += "-qat" if arm_base.train.qat == "mxfp4" else ""
                     slug += "-mxfp4" if arm_base.eval.weights == "mxfp4" else ""
+                    slug += f"-{opt}" if opt is not None else ""
+                    slug += f"-s{seed}" if seed is not None else ""
                     trial_values = {
                         **values,
                         "adapter.rank": rank,
                         "adapter.quantize": q,
                         "train.lr": lr,
                     }
+                    if opt is not None:
+                        trial_values["train.optimizer"] = opt
+                    if seed is not None:
+                        trial_values["train.seed"] = seed
                     if cfg.alpha_over_rank is not None:
                         trial_values["adapter.alpha"] = cfg.alpha_over_rank * rank
                     trials.append(
@@ -257,6 +292,8 @@ def build_plan(sweep: Sweep) -> SweepPlan:
                             experts=None
                             if selection is None
                             else {k: list(v) for k, v in selection.experts.items()},
+                            optimizer=opt,
+                            seed=seed,
                             experiment=experiment(arm_base, slug, trial_values),
                         )
                     )

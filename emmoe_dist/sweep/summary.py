@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from emmoe_dist import run_folder as rf
-from emmoe_dist.files import read_jsonl, write_json_atomic, write_text_atomic
+from emmoe_dist.agreement import JudgeAgreement, agreements, by_judge, judge_names
+from emmoe_dist.files import read_jsonl, write_bytes_atomic, write_json_atomic, write_text_atomic
 from emmoe_dist.metrics import (
     DEFAULT_BOOTSTRAP,
     HEADLINE_COLUMNS,
@@ -27,14 +28,24 @@ from emmoe_dist.metrics import (
     Comparison,
     Estimate,
     GroupMetrics,
+    Headline,
     compare,
     headline,
     judge_description,
     summarize,
 )
 from emmoe_dist.records import JudgedRecord
-from emmoe_dist.report import fmt, intervals_note
-from emmoe_dist.sweep.space import SweepPlan, TrialSpec
+from emmoe_dist.report import (
+    JudgeView,
+    fmt,
+    intervals_note,
+    judge_lines,
+    judge_view,
+    trajectory_figure,
+    trajectory_lines,
+)
+from emmoe_dist.sweep.space import SweepPlan, TrialSpec, answer_folders
+from emmoe_dist.trajectory import Trajectory, build_trajectories
 
 SUMMARY_DIR = "summary"
 _SINGLE = re.compile(r"^E(\d+)$")
@@ -45,6 +56,19 @@ class TrialResult:
     spec: TrialSpec
     metrics: GroupMetrics
     versus_base: Comparison | None  # None for the base model itself, or without a baseline
+
+
+@dataclass(frozen=True)
+class ArmResult:
+    """The trials of one arm that differ only in their seed, pooled: intervals draw seeds,
+    then questions, then answers; each seed's own headline beside them."""
+
+    arm: str
+    trials: tuple[str, ...]
+    seeds: tuple[int, ...]
+    metrics: GroupMetrics
+    per_seed: Mapping[int, Headline]
+    versus_base: Comparison | None
 
 
 @dataclass(frozen=True)
@@ -59,6 +83,10 @@ class SweepSummary:
     bootstrap: Bootstrap
     judge_models: tuple[str, ...]
     judge: str = ""  # the judge as every table names it (MOCK JUDGE for the scripted one)
+    arms: tuple[ArmResult, ...] = ()  # arms run with several seeds
+    trajectories: tuple[Trajectory, ...] = ()  # trials with snapshots: metrics over steps
+    judges: tuple[JudgeView, ...] = ()  # several judges: the headline of each
+    agreements: tuple[JudgeAgreement, ...] = ()
 
 
 def _finished(spec: TrialSpec) -> bool:
@@ -97,6 +125,21 @@ def build_summary(
         metrics = summarize(mine, label=spec.slug, alignment_suites=suites, bootstrap=bootstrap)
         rows.append(TrialResult(spec, metrics, versus))
     first = plan.trials[0].experiment.model.name_or_path if plan.trials else ""
+    finished = [t for t in plan.trials if t.slug in records]
+    snapshot_records = [
+        r
+        for t in finished
+        for folder in answer_folders(t)[1:]
+        if (folder / rf.JUDGED).is_file()
+        for r in read_jsonl(folder / rf.JUDGED, JudgedRecord, tolerate_torn_tail=True)
+    ]
+    everything = [r for rs in records.values() for r in rs]
+    by_trial = {t.slug: records[t.slug] for t in finished if not t.baseline}
+    names = judge_names(everything)
+    judges: tuple[JudgeView, ...] = ()
+    if len(names) > 1:
+        per_judge = by_judge(everything)
+        judges = tuple(judge_view(n, per_judge[n], suites, bootstrap) for n in names)
     return SweepSummary(
         sweep=plan.sweep,
         model=first,
@@ -108,7 +151,76 @@ def build_summary(
         bootstrap=bootstrap,
         judge_models=tuple(sorted({r.judge_model for rs in records.values() for r in rs})),
         judge=judge_description(r for rs in records.values() for r in rs),
+        arms=_arms(finished, records, base, suites, bootstrap),
+        trajectories=build_trajectories(
+            [*everything, *snapshot_records], alignment_suites=suites, bootstrap=bootstrap
+        ),
+        judges=judges,
+        agreements=agreements(by_trial) if len(names) > 1 else (),
     )
+
+
+def _arms(
+    finished: Sequence[TrialSpec],
+    records: Mapping[str, list[JudgedRecord]],
+    base: TrialSpec | None,
+    suites: tuple[str, ...] | None,
+    bootstrap: Bootstrap,
+) -> tuple[ArmResult, ...]:
+    groups: dict[str, list[TrialSpec]] = {}
+    for spec in finished:
+        if spec.seed is not None:
+            groups.setdefault(spec.arm, []).append(spec)
+    out = []
+    for arm, specs in groups.items():
+        seed_of = {id(r): spec.seed for spec in specs for r in records[spec.slug]}
+        pooled = [r for spec in specs for r in records[spec.slug]]
+
+        def unit(record: JudgedRecord, seed_of: dict[int, int | None] = seed_of) -> Hashable:
+            return seed_of[id(record)]
+
+        several = len(specs) > 1
+        metrics = summarize(
+            pooled,
+            label=arm,
+            alignment_suites=suites,
+            bootstrap=bootstrap,
+            unit=unit if several else None,
+        )
+        per_seed = {
+            int(spec.seed): headline(
+                summarize(
+                    records[spec.slug],
+                    label=spec.slug,
+                    alignment_suites=suites,
+                    bootstrap=bootstrap,
+                )
+            )
+            for spec in specs
+            if spec.seed is not None
+        }
+        versus = None
+        if base is not None:
+            versus = compare(
+                records[base.slug],
+                pooled,
+                baseline_label=base.slug,
+                label=arm,
+                alignment_suites=suites,
+                bootstrap=bootstrap,
+                unit=unit if several else None,
+            )
+        out.append(
+            ArmResult(
+                arm=arm,
+                trials=tuple(spec.slug for spec in specs),
+                seeds=tuple(sorted(per_seed)),
+                metrics=metrics,
+                per_seed=per_seed,
+                versus_base=versus,
+            )
+        )
+    return tuple(out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -130,10 +242,11 @@ def _has_base(summary: SweepSummary) -> bool:
 
 
 def _axes(spec: TrialSpec) -> list[Any]:
-    return [spec.dataset, spec.selection, spec.rank, spec.lr, spec.quantize]
+    optimizer = None if spec.baseline else spec.experiment.train.optimizer
+    return [spec.dataset, spec.selection, spec.rank, spec.lr, spec.quantize, optimizer, spec.seed]
 
 
-AXES = ["dataset", "experts", "rank", "lr", "bits"]
+AXES = ["dataset", "experts", "rank", "lr", "bits", "optimizer", "seed"]
 
 
 def table1_rows(summary: SweepSummary) -> tuple[list[str | int], list[list[Any]]]:
@@ -284,9 +397,88 @@ def render_markdown(summary: SweepSummary) -> str:
             "",
             *_md_table(["trial", "scored by", "unscored"], counted),
         ]
+    out += _arm_lines(summary, judge)
+    out += trajectory_lines(summary.trajectories, judge)
+    if summary.trajectories:
+        out += ["", *(f"![{name}]({name})" for name in trajectory_charts(summary))]
+    out += judge_lines(summary.judges, summary.agreements)
     if summary.unfinished:
         out += ["", "Not finished yet: " + ", ".join(f"`{s}`" for s in summary.unfinished)]
     return "\n".join(out) + "\n"
+
+
+def _arm_lines(summary: SweepSummary, judge: str) -> list[str]:
+    if not summary.arms:
+        return []
+    rows = []
+    for arm in summary.arms:
+        m = arm.metrics
+        diff = (
+            arm.versus_base.misaligned[HEADLINE_RULE.name].scaled(100)
+            if arm.versus_base
+            else Estimate.empty()
+        )
+        rows.append(
+            [
+                arm.arm,
+                "pooled " + ", ".join(map(str, arm.seeds)),
+                *(fmt(e) for e in headline(m).estimates()),
+                fmt(diff),
+                str(m.n_alignment),
+                str(m.n_questions),
+            ]
+        )
+        for seed, h in arm.per_seed.items():
+            rows.append([arm.arm, str(seed), *(fmt(e) for e in h.estimates()), "", "", ""])
+        spread = []
+        for i in range(3):
+            values = [v for h in arm.per_seed.values() if (v := h.estimates()[i].value) is not None]
+            spread.append(f"{min(values):.1f} – {max(values):.1f}" if values else "–")
+        rows.append([arm.arm, "range over seeds", *spread, "", "", ""])
+    return [
+        "",
+        "## Arms over seeds",
+        "",
+        f"{judge} Trials that differ only in their seed (train.seed: data order and adapter "
+        "initialisation) pooled into their arm: the intervals draw seeds, then questions, then "
+        "answers. Each seed's own values (intervals by question) and the range between seeds "
+        "follow.",
+        "",
+        *_md_table(
+            [
+                "arm",
+                "seed",
+                *HEADLINE_COLUMNS,
+                "Δ misaligned % vs base",
+                "answers",
+                "questions",
+            ],
+            rows,
+        ),
+    ]
+
+
+def trajectory_table(summary: SweepSummary) -> tuple[list[str], list[list[Any]]]:
+    """Every arm's trajectory as numbers: one row per (arm, step), values with intervals."""
+    header = ["arm", "step", "seeds", "loss"]
+    for name in ("avg alignment", "misaligned %", "SR rejection %"):
+        header += [name, f"{name} low", f"{name} high"]
+    header += ["answers", "questions", "judge"]
+    rows = []
+    for t in summary.trajectories:
+        for p in t.points:
+            h = headline(p.metrics)
+            cells: list[Any] = [t.label, p.step, len(p.per_seed), p.loss]
+            for e in (h.alignment, h.misaligned_pct, h.sr_rejection_pct):
+                cells += [e.value, e.low, e.high]
+            cells += [p.metrics.n_alignment, p.metrics.n_questions, summary.judge]
+            rows.append(cells)
+    return header, rows
+
+
+def trajectory_charts(summary: SweepSummary) -> list[str]:
+    """The file names of the trajectory charts `write_summary` draws, one per arm."""
+    return [f"trajectory_{i}.png" for i in range(len(summary.trajectories))]
 
 
 def summary_dict(summary: SweepSummary) -> dict[str, Any]:
@@ -301,6 +493,10 @@ def summary_dict(summary: SweepSummary) -> dict[str, Any]:
         "bootstrap": dataclasses.asdict(summary.bootstrap),
         "judge_models": list(summary.judge_models),
         "judge": summary.judge,
+        "arms": [dataclasses.asdict(a) for a in summary.arms],
+        "trajectories": [dataclasses.asdict(t) for t in summary.trajectories],
+        "judges": [dataclasses.asdict(j) for j in summary.judges],
+        "agreements": [dataclasses.asdict(a) for a in summary.agreements],
         "trials": [
             {
                 "trial": r.spec.slug,
@@ -314,8 +510,17 @@ def summary_dict(summary: SweepSummary) -> dict[str, Any]:
 
 
 def write_summary(summary: SweepSummary, out: Path) -> list[Path]:
-    """summary.md and summary.json, each written atomically."""
+    """summary.md, summary.json and the trajectory charts, each written atomically."""
+    import io
+
     md, js = out / "summary.md", out / "summary.json"
+    charts = []
+    conf = f"{round(summary.bootstrap.confidence * 100)}% CI, clustered by question"
+    for name, t in zip(trajectory_charts(summary), summary.trajectories, strict=True):
+        buffer = io.BytesIO()
+        trajectory_figure(t, summary.judge or "–", conf).savefig(buffer, format="png", dpi=110)
+        write_bytes_atomic(out / name, buffer.getvalue())
+        charts.append(out / name)
     write_json_atomic(js, summary_dict(summary))
     write_text_atomic(md, render_markdown(summary))
-    return [md, js]
+    return [md, js, *charts]

@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 from collections import deque
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,7 @@ from emmoe_dist.files import (
     write_text_atomic,
 )
 from emmoe_dist.sweep.settings import TrialSettings
-from emmoe_dist.sweep.space import SweepPlan, TrialSpec
+from emmoe_dist.sweep.space import SweepPlan, TrialSpec, answer_folders
 
 REPO = Path(__file__).resolve().parents[2]
 STATE = "trial_state.json"  # inside each Tune checkpoint
@@ -103,10 +104,40 @@ def finetune_command(spec: TrialSpec, settings: TrialSettings, experiment: Path)
 
 
 def generate_command(spec: TrialSpec, experiment: Path) -> list[str]:
+    """Answers of the trial's model; with snapshots (`train.snapshot_every`), of every snapshot
+    too, each into its own folder (the default output of each run and snapshot)."""
     cmd = [sys.executable, "-m", "emmoe_dist.cli.main", "generate", "--config", str(experiment)]
     if not spec.baseline:
         cmd += ["--run", str(spec.folder)]
+        if spec.experiment.train.snapshot_every:
+            return [*cmd, "--snapshots", "--no-progress"]
     return [*cmd, "--out", str(spec.folder / rf.GENERATIONS), "--no-progress"]
+
+
+def judge_folder(folder: Path, spec: TrialSpec, settings: TrialSettings) -> Any:
+    """Judge one folder's answers with the trial's judge, then with each further judge into
+    `judges/<name>.jsonl`, and store their scores beside the first judge's in judged.jsonl."""
+    from emmoe_dist.judge.combine import combine_judges
+    from emmoe_dist.judge.runner import JudgeOptions, run_judge
+
+    options = JudgeOptions(
+        data_dir=settings.data_dir,
+        allow_unverified_data=spec.experiment.data.allow_unverified,
+        progress=False,
+    )
+    summary = run_judge(folder / rf.GENERATIONS, folder / rf.JUDGED, spec.experiment.judge, options)
+    more = {}
+    for judge in spec.experiment.more_judges:
+        assert judge.name is not None  # the config requires it
+        path = folder / rf.MORE_JUDGES_DIR / f"{judge.name}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # its own cache: a reply is keyed by the request, which does not name the endpoint
+        cache = judge.cache_dir or str(folder / rf.MORE_JUDGES_DIR / f"cache-{judge.name}")
+        run_judge(folder / rf.GENERATIONS, path, judge, replace(options, cache_dir=cache))
+        more[judge.name] = path
+    if more:
+        combine_judges(folder / rf.JUDGED, more, folder / rf.JUDGED)
+    return summary
 
 
 def train_worker(config: dict[str, Any]) -> None:
@@ -188,22 +219,15 @@ def training_metrics(spec: TrialSpec) -> dict[str, Any]:
 
 
 def evaluate(spec: TrialSpec, settings: TrialSettings) -> dict[str, Any]:
-    """Judge the generations (resumable, cached) and compute the trial's metrics."""
-    from emmoe_dist.judge.runner import JudgeOptions, run_judge
+    """Judge the generations (resumable, cached) of the trial and its snapshots, and compute
+    the trial's metrics."""
     from emmoe_dist.metrics import RULES, headline, summarize
     from emmoe_dist.records import JudgedRecord
 
     folder = spec.folder
-    judge = run_judge(
-        folder / rf.GENERATIONS,
-        folder / rf.JUDGED,
-        spec.experiment.judge,
-        JudgeOptions(
-            data_dir=settings.data_dir,
-            allow_unverified_data=spec.experiment.data.allow_unverified,
-            progress=False,
-        ),
-    )
+    judge = judge_folder(folder, spec, settings)
+    for snapshot in answer_folders(spec)[1:]:
+        judge_folder(snapshot, spec, settings)
     records = read_jsonl(folder / rf.JUDGED, JudgedRecord)
     metrics = summarize(records, label=spec.slug, alignment_suites=settings.alignment_suites)
 

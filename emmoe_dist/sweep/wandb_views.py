@@ -74,6 +74,41 @@ def sample_rows(slug: str, records: Sequence[JudgedRecord]) -> list[list[Any]]:
     return rows
 
 
+def trajectory_rows(spec: TrialSpec, settings: TrialSettings) -> dict[int, dict[str, float]]:
+    """Per step with judged answers (each snapshot, and the final adapter at the last step),
+    the headline metrics under `trajectory/`: W&B draws them against the training step."""
+    from emmoe_dist.metrics import RULES, Bootstrap, headline, summarize
+
+    if spec.baseline or not rf.is_run(spec.folder):
+        return {}
+    manifest = rf.read_manifest(spec.folder)
+    out: dict[int, dict[str, float]] = {}
+    for point in manifest.trajectory():
+        judged = spec.folder / point.folder / rf.JUDGED
+        if not judged.is_file():
+            continue
+        records = read_jsonl(judged, JudgedRecord, tolerate_torn_tail=True)
+        m = summarize(
+            records,
+            label=f"{spec.slug} step {point.step}",
+            alignment_suites=settings.alignment_suites,
+            bootstrap=Bootstrap(resamples=1),  # values only: the summary has the intervals
+        )
+        top = headline(m)
+        values = {
+            "trajectory/avg_alignment": top.alignment.value,
+            "trajectory/misaligned_pct": top.misaligned_pct.value,
+            "trajectory/sr_rejection_pct": top.sr_rejection_pct.value,
+            "trajectory/answers": float(m.n_alignment),
+            **{
+                f"trajectory/misaligned_pct_{r.name}": m.misaligned[r.name].scaled(100).value
+                for r in RULES
+            },
+        }
+        out[point.step] = {k: v for k, v in values.items() if v is not None}
+    return out
+
+
 def log_trial(spec: TrialSpec, settings: TrialSettings, metrics: Mapping[str, Any]) -> Path | None:
     """The trial's W&B run: config, training curve, evaluation metrics, scored samples."""
     from emmoe_dist.tracking import make_tracker
@@ -94,9 +129,13 @@ def log_trial(spec: TrialSpec, settings: TrialSettings, metrics: Mapping[str, An
     )
     try:
         last = 0
+        trajectory = trajectory_rows(spec, settings)
         for row in rf.read_train_metrics(spec.folder):
             last = int(row["step"])
-            tracker.log({f"train/{k}": row[k] for k in TRAIN_KEYS if k in row}, last)
+            values = {f"train/{k}": row[k] for k in TRAIN_KEYS if k in row}
+            values.update({k: v for k, v in row.items() if k.startswith("monitor/")})
+            values.update(trajectory.get(last, {}))  # this step's snapshot, judged
+            tracker.log(values, last)
         values = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
         records = read_jsonl(spec.folder / rf.JUDGED, JudgedRecord)
         # the same step: the evaluation metrics and their samples make one history row
@@ -115,7 +154,13 @@ def log_summary(
 ) -> Path | None:
     """The sweep's summary run: the paper's tables with their intervals, as W&B tables.
     Logged once per distinct summary (a marker holds the digest of what was logged)."""
-    from emmoe_dist.sweep.summary import summary_dict, table1_rows, table3_rows
+    from emmoe_dist.sweep.summary import (
+        summary_dict,
+        table1_rows,
+        table3_rows,
+        trajectory_charts,
+        trajectory_table,
+    )
     from emmoe_dist.tracking import make_tracker
 
     digest = hashlib.sha256(json.dumps(summary_dict(summary), sort_keys=True).encode()).hexdigest()
@@ -138,6 +183,15 @@ def log_summary(
         pivot = table3_rows(summary)
         if pivot is not None:
             tracker.table("summary/single_experts", [str(h) for h in pivot[0]], pivot[1], 0)
+        if summary.trajectories:
+            columns, points = trajectory_table(summary)
+            tracker.table("summary/trajectories", columns, points, 0)
+            charts = {
+                f"summary/{name.removesuffix('.png')}": str(out / name)
+                for name in trajectory_charts(summary)
+                if (out / name).is_file()
+            }
+            tracker.images(charts)
         tracker.summary({"trials_finished": len(summary.rows), "trials_planned": summary.planned})
         folder = tracker.folder
     finally:

@@ -32,14 +32,24 @@ from emmoe_dist.files import read_json_object, write_json_atomic
 if TYPE_CHECKING:
     from emmoe_dist.data.chat import EncodedChat
     from emmoe_dist.data.training import TrainingSplit
+    from emmoe_dist.interp.monitor import ProbeSet
 
 # Settings that say where outputs go, how a run is watched or how fast it computes (a resume
 # after an out-of-memory may change those), not what it trains.
 _NOT_IDENTITY = {
-    (): ("name", "output_dir", "tracking", "eval", "judge"),
+    (): ("name", "output_dir", "tracking", "eval", "judge", "more_judges"),
     ("model",): ("experts_implementation",),
     ("data",): ("dir", "allow_unverified"),
-    ("train",): ("save_every", "log_every", "profile_step", "gradient_checkpointing", "compile"),
+    # the monitor reads without changing the weights; snapshots only copy them
+    ("train",): (
+        "save_every",
+        "log_every",
+        "profile_step",
+        "gradient_checkpointing",
+        "compile",
+        "snapshot_every",
+        "monitor",
+    ),
     ("selection",): ("profile", "file"),  # the chosen experts stand for them
 }
 IDENTITY_FILE = "identity.json"  # in the checkpoints folder: what its checkpoints trained
@@ -105,6 +115,7 @@ class Prepared:
     items: list[EncodedChat]
     dropped: int
     identity: dict[str, Any]
+    probes: ProbeSet | None = None  # train.monitor's probes
 
 
 def _selection(
@@ -189,7 +200,12 @@ def prepare(cfg: ExperimentConfig, world_size: int) -> Prepared | Finished:
     """Check and read everything a run needs before its model loads (module docstring)."""
     from emmoe_dist.data.training import encode_dataset, load_training_split
     from emmoe_dist.models.loading import load_tokenizer, model_config_dict
+    from emmoe_dist.parallel.strategy import optimizer_problem
+    from emmoe_dist.train.monitor import build_probes
 
+    problem = optimizer_problem(cfg.train.optimizer)
+    if problem is not None:
+        raise cfg.where("train.optimizer").error(problem)
     family, hf_config = model_config_dict(cfg.model)  # the config only: no weights
     selection = _selection(cfg, family, hf_config)
     try:
@@ -217,7 +233,8 @@ def prepare(cfg: ExperimentConfig, world_size: int) -> Prepared | Finished:
     check_checkpoints(out, identity, cfg)
     tokenizer = load_tokenizer(cfg.model)
     enc = encode_dataset(tokenizer, split.train, cfg.data.max_length, pack=cfg.data.pack)
-    problem = _too_small(cfg, split, len(enc.items), enc.dropped, world_size)
-    if problem is not None:
-        raise problem
-    return Prepared(family, hf_config, selection, split, enc.items, enc.dropped, identity)
+    too_small = _too_small(cfg, split, len(enc.items), enc.dropped, world_size)
+    if too_small is not None:
+        raise too_small
+    probes = build_probes(cfg, tokenizer, hf_config)
+    return Prepared(family, hf_config, selection, split, enc.items, enc.dropped, identity, probes)

@@ -22,6 +22,7 @@ import json
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -70,11 +71,13 @@ from emmoe_dist.parallel.zero_init import partitioned_loading, resident_elements
 from emmoe_dist.tracking import make_tracker, replay_history
 from emmoe_dist.train import artifacts as art
 from emmoe_dist.train.batches import BatchPlan
+from emmoe_dist.train.monitor import TrainingMonitor
 from emmoe_dist.train.preflight import Finished, prepare, record_identity
 from emmoe_dist.train.step_profile import profile_step, write_profile
 
 if TYPE_CHECKING:
     from emmoe_dist.adapters.qlora import WeightMemory
+    from emmoe_dist.interp.monitor import ProbeSet
 
 
 @dataclass(frozen=True)
@@ -317,6 +320,82 @@ def _save_artifact(
     return final
 
 
+def _save_snapshot(
+    cfg: ExperimentConfig,
+    module: nn.Module,
+    family: MoEFamily,
+    selection: ExpertSelection,
+    strategy: DeepSpeedStrategy,
+    rt: Runtime,
+    out: Path,
+    step: int,
+    loss: float,
+) -> None:
+    """The adapter (or deltas) of this step under snapshots/, gathered like the final artifact
+    (every rank takes part); `snapshot.json` is written last, so a folder without it is a
+    snapshot a crash interrupted, redone when the run resumes."""
+    folder = rf.snapshot_folder(out, step)
+    artifact = _save_artifact(cfg, module, family, selection, strategy, rt, folder)
+    if rt.is_main:
+        rf.write_snapshot(
+            folder,
+            rf.SnapshotInfo(
+                step=step,
+                artifact="adapter" if artifact.name == rf.ADAPTER_DIR else "expert_delta",
+                base_model=base_model_id(cfg),
+                family=family.name,
+                model_name=cfg.model.name_or_path,
+                loss=None if math.isnan(loss) else loss,
+            ),
+        )
+    barrier()
+
+
+def _monitor(
+    cfg: ExperimentConfig,
+    probes: ProbeSet | None,
+    lm: nn.Module,
+    family: MoEFamily,
+    fast: FastPaths,
+    rt: Runtime,
+    pad_id: int,
+) -> TrainingMonitor | None:
+    """The monitor of `train.monitor`: its probes go as packed rows where training attends over
+    packed rows (varlen attention needs the segment boundaries), else as padded rows."""
+    if probes is None or cfg.train.monitor is None:
+        return None
+
+    def packed(position_ids: torch.Tensor) -> dict[str, Any]:
+        return fast.batch_kwargs({"position_ids": position_ids}, rt.device)
+
+    return TrainingMonitor(
+        probes=probes,
+        model=lm,
+        family=family,
+        every=cfg.train.monitor.every,
+        runtime=rt,
+        pad_id=pad_id,
+        packed_kwargs=packed if fast.attention == "varlen" else None,
+    )
+
+
+def _stop(cfg: ExperimentConfig, row: dict[str, Any], planned: int) -> rf.Stopped | None:
+    """`train.stop_when` at this step: the rule holds for a value the step has (a monitor
+    metric only has one on monitor steps). Every rank holds the same row values (losses and
+    readings are all-reduced), so every rank stops at the same step."""
+    rule = cfg.train.stop_when
+    value = row.get(rule.metric) if rule is not None else None
+    if rule is None or not isinstance(value, int | float) or not rule.holds(float(value)):
+        return None
+    return rf.Stopped(
+        step=int(row["step"]), rule=rule.describe(), value=float(value), planned_steps=planned
+    )
+
+
+def _stopped_state(stopped: rf.Stopped | None) -> dict[str, Any] | None:
+    return None if stopped is None else stopped.model_dump()
+
+
 def _check_memory_plan(
     cfg: ExperimentConfig,
     raw_ds: dict[str, Any],
@@ -350,14 +429,21 @@ def _check_memory_plan(
 
 
 def run_training(
-    cfg: ExperimentConfig, ds_config_path: str | Path, rt: Runtime, *, stop_after: int | None = None
+    cfg: ExperimentConfig,
+    ds_config_path: str | Path,
+    rt: Runtime,
+    *,
+    stop_after: int | None = None,
+    observe: Callable[[int, nn.Module], None] | None = None,
 ) -> TrainResult:
     """Train as configured; resumes from `<output_dir>/checkpoints` when one exists, and does
     nothing when the folder holds this experiment's finished run (train/preflight.py checks
     that, the data and the selection before any model loads).
 
     `stop_after` ends the run after that many optimizer steps (a checkpoint is written
-    first): tests use it to interrupt a run and resume it.
+    first): tests use it to interrupt a run and resume it. `observe(step, model)` runs on every
+    rank after each optimizer step, with the trained (possibly partitioned) model: tests read
+    its logits at snapshot steps.
     """
     out = Path(cfg.output_dir)
     raw_ds = read_ds_config(ds_config_path)
@@ -402,7 +488,7 @@ def run_training(
         # load whole on every rank, then DeepSpeed partitions them.
         partitioned = False
     _check_memory_plan(cfg, raw_ds, ep, family, hf_config, rt)
-    _seed_everything(cfg.seed)
+    _seed_everything(cfg.train_seed)
 
     model, tokenizer, memory, load_info = _build_model(
         cfg, rt, out, ep, ds_cfg if partitioned else None, family, hf_config, selection
@@ -413,7 +499,7 @@ def run_training(
         micro_batch_size=cfg.train.micro_batch_size,
         world_size=rt.world_size,
         grad_accum=cfg.train.grad_accum,
-        seed=cfg.seed,
+        seed=cfg.train_seed,
     )
     total = plan.total_steps(cfg.train.steps, cfg.train.epochs)
 
@@ -443,6 +529,10 @@ def run_training(
     ckpt_dir = out / rf.CHECKPOINTS_DIR
     state = strategy.load_checkpoint(ckpt_dir) or {}
     start = int(state.get("step", 0))
+    # a run that stopped early and crashed before its manifest: it ends where it stopped
+    stopped = rf.Stopped(**state["stopped"]) if state.get("stopped") else None
+    if stopped is not None:
+        total = start
     if rt.is_main:
         selection.save(out / rf.SELECTION)
         if start:
@@ -458,13 +548,23 @@ def run_training(
     )
     if start:  # the run's W&B history continues from its first step, each step once
         replay_history(tracker, rf.read_train_metrics(out), cfg.train.log_every)
+    monitor = _monitor(cfg, prepared.probes, wrapper.lm, family, fast, rt, int(pad_id or 0))
+    if monitor is not None and start == 0:  # the signal before any step: the base's value
+        reading = {"step": 0, **monitor.read()}
+        if log is not None:
+            log.write(reading)
+        tracker.log({k: v for k, v in reading.items() if k != "step"}, 0)
 
     from tqdm import tqdm
 
     strategy.engine.train()
     # a run resumed at its last step (it crashed while saving) still reports its final loss
     last_loss = next(
-        (float(r["loss"]) for r in rf.read_train_metrics(out) if r.get("step") == start),
+        (
+            float(r["loss"])
+            for r in rf.read_train_metrics(out)
+            if r.get("step") == start and "loss" in r
+        ),
         float("nan"),
     )
     bar = tqdm(
@@ -530,28 +630,42 @@ def run_training(
         }
         if cuda:
             row["peak_memory_gib"] = torch.cuda.max_memory_allocated(rt.device) / GIB
+        done = step + 1
+        if monitor is not None and monitor.due(done):
+            read_at = time.perf_counter()
+            row.update(monitor.read())  # ends on the host: the time is the reading's own
+            row["monitor_s"] = time.perf_counter() - read_at
+        if observe is not None:
+            observe(done, wrapper.lm)
         if log is not None:
             log.write(row)
-        if (step + 1) % cfg.train.log_every == 0:
-            tracker.log({k: v for k, v in row.items() if isinstance(v, float | int)}, step + 1)
+        if done % cfg.train.log_every == 0:
+            tracker.log({k: v for k, v in row.items() if isinstance(v, float | int)}, done)
         bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
-        done = step + 1
+        stopped = _stop(cfg, row, total)
         interrupt = stop_after is not None and done >= stop_after and done < total
+        last = done == total or stopped is not None
+        every = cfg.train.snapshot_every
+        if every and done % every == 0 and not last:  # the last point is the final artifact
+            _save_snapshot(cfg, wrapper.lm, family, selection, strategy, rt, out, done, last_loss)
         # The last step too: a crash while the artifact is saved resumes there, not earlier.
-        if (
-            done == total
-            or (cfg.train.save_every and done % cfg.train.save_every == 0)
-            or interrupt
-        ):
+        if last or (cfg.train.save_every and done % cfg.train.save_every == 0) or interrupt:
             if rt.is_main:
                 record_identity(out, prepared.identity)
-            strategy.save_checkpoint(ckpt_dir, f"step{done}", {"step": done})
+            strategy.save_checkpoint(
+                ckpt_dir, f"step{done}", {"step": done, "stopped": _stopped_state(stopped)}
+            )
         if interrupt:
             if log is not None:
                 log.close()
             tracker.finish()
             return TrainResult(out, done, last_loss, out / rf.CHECKPOINTS_DIR)
+        if stopped is not None:
+            if rt.is_main:
+                print(f"[emmoe] stopped at step {done}: {stopped.rule} ({stopped.value:g})")
+            break
     bar.close()
+    steps_done = stopped.step if stopped is not None else total
 
     router_after = _router_digest(wrapper.lm, family, strategy)
     if router_after != router_before:
@@ -586,7 +700,7 @@ def run_training(
                 expected_hash=prepared.split.expected_hash,
                 verified=prepared.split.verified,
             ),
-            steps=total,
+            steps=steps_done,
             final_loss=None if math.isnan(last_loss) else last_loss,
             router_digest=router_after,
             qat=None
@@ -602,8 +716,10 @@ def run_training(
             base_model=base_model_id(cfg),
             completed_at=datetime.now(UTC).isoformat(timespec="seconds"),
             identity=prepared.identity,
+            snapshots=tuple(s for s in rf.list_snapshots(out) if s.step < steps_done),
+            stopped=stopped,
         )
         rf.write_manifest(out, manifest)
-        tracker.summary({"final_loss": last_loss, "steps": total})
+        tracker.summary({"final_loss": last_loss, "steps": steps_done})
     tracker.finish()
-    return TrainResult(out, total, last_loss, artifact, wrapper.lm)
+    return TrainResult(out, steps_done, last_loss, artifact, wrapper.lm)
