@@ -208,30 +208,41 @@ _SAVED_EXPERT_KEY = re.compile(
 )
 
 
-def saved_expert_deltas(
-    state: Mapping[str, torch.Tensor], family: MoEFamily, num_experts: int, scaling: float = 1.0
-) -> dict[tuple[int, str], torch.Tensor]:
-    """Per-expert ‖ΔW_e‖ (Frobenius) from a saved PEFT adapter state dict.
+def saved_expert_factors(
+    state: Mapping[str, torch.Tensor], family: MoEFamily
+) -> dict[tuple[int, str], dict[str, str]]:
+    """The keys of the expert LoRA factors in a saved PEFT adapter state dict:
+    (layer, parameter name) -> {"A": key, "B": key}.
 
-    Keys: (layer, parameter name) -> tensor [E] of norms. PEFT nests one wrapper per targeted
-    parameter, the first listed innermost, so `k` levels of `base_layer.` name the parameter
-    `target_parameters[-1 - k]`.
+    PEFT nests one wrapper per targeted parameter, the first listed innermost, so `k` levels
+    of `base_layer.` name the parameter `target_parameters[-1 - k]`.
     """
     targets = [p.rsplit(".", 1)[-1] for p in family.expert_param_paths()]
     experts_path = family.experts_path
-    factors: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
-    for key, tensor in state.items():
+    found: dict[tuple[int, str], dict[str, str]] = {}
+    for key in state:
         m = _SAVED_EXPERT_KEY.search(key)
         if m is None or m.group("path") != experts_path:
             continue
         depth = m.group("nest").count("base_layer.")
         param = targets[len(targets) - 1 - depth]
-        factors.setdefault((int(m.group("layer")), param), {})[m.group("ab")] = tensor.float()
+        found.setdefault((int(m.group("layer")), param), {})[m.group("ab")] = key
+    return dict(sorted(found.items()))
+
+
+def saved_expert_deltas(
+    state: Mapping[str, torch.Tensor], family: MoEFamily, num_experts: int, scaling: float = 1.0
+) -> dict[tuple[int, str], torch.Tensor]:
+    """Per-expert ‖ΔW_e‖ (Frobenius) from a saved PEFT adapter state dict.
+
+    Keys: (layer, parameter name) -> tensor [E] of norms (`saved_expert_factors`).
+    """
     out: dict[tuple[int, str], torch.Tensor] = {}
-    for k, ab in sorted(factors.items()):
+    for k, keys in saved_expert_factors(state, family).items():
+        lora_a, lora_b = state[keys["A"]].float(), state[keys["B"]].float()
         norms = []
         for e in range(num_experts):
-            a, b = expert_factors(ab["A"], ab["B"], num_experts, e)
+            a, b = expert_factors(lora_a, lora_b, num_experts, e)
             norms.append(torch.linalg.matrix_norm(b @ a) * scaling)
         out[k] = torch.stack(norms)
     return out
