@@ -66,7 +66,7 @@ def study(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     model = apply_lora(model, FAMILY, adapter, selection)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for layer, module in expert_adapters(model):
+        for _, module in expert_adapters(model):
             for name in module.names:
                 for factor in module.factors(name, TRAINED):
                     factor.copy_(torch.randn(factor.shape, generator=gen) * 0.5)
@@ -142,8 +142,8 @@ def _logits(source_spec: str) -> torch.Tensor:
 
 def test_ablating_the_only_trained_expert_gives_the_base_exactly(study: dict[str, Path]) -> None:
     from emmoe_dist.analyze.ablate import single_expert_ablation, write_ablation
-    from emmoe_dist.models.loading import model_config_dict
     from emmoe_dist.generate.sources import from_run
+    from emmoe_dist.models.loading import model_config_dict
 
     run = study["run"]
     family, config = model_config_dict(from_run(run).base)

@@ -416,9 +416,7 @@ def run_ablate(options: AblateOptions, say: Say = quiet) -> AblateResult:
     }
     write_json(out / rf.ABLATION_SUMMARY, summary, say)
     if full_row is not None:
-        write_text_atomic(
-            out / "ablations.md", ablations_markdown(full_row, rows, judges)
-        )
+        write_text_atomic(out / "ablations.md", ablations_markdown(full_row, rows, judges))
     tracker = make_tracker(options.tracking, f"interp ablate {run.name}", out)
     for step, row in enumerate(rows):
         tracker.log(
