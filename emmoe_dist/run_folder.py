@@ -116,7 +116,7 @@ class RouterTraining(_Part):
 
     weights: Literal["lora", "full"]  # LoRA on the router weight, or the router weights
     aux_loss_coef: float  # `train.router_aux_loss_coef`: 0 is the auxiliary loss off
-    digest_before: str  # sha256 of the router tensors before the first step
+    digest_before: str  # sha256 of the router tensors (and a router LoRA's factors) at step 0
     profile_examples: int  # training examples profiled before and after (ROUTING_BEFORE/AFTER)
     tokens: int  # their tokens counted
     mean_kl: float  # KL(after || before) of the token shares, mean over MoE layers, nats

@@ -6,6 +6,11 @@ unchosen expert before training: with A_e = 0 and B_e = 0 the gradients of both 
 (dL/dB_e = G_e A_e^T, dL/dA_e = B_e^T G_e), AdamW's update of a zero gradient with zero
 moments is exactly zero, and so ΔW_e = B_e A_e stays exactly 0 for the whole run, with no
 hooks that a sharding engine could bypass. `unselected_expert_max` checks it at save time.
+
+The router never trains, unless the adapter's `train_router` asks for the router-training arm:
+then LoRA on the router weight (PEFT `target_parameters`, the router being a module that
+applies its weight with `F.linear`, not an `nn.Linear`), or its full weights trainable, saved
+as PEFT `modules_to_save` so that stock PEFT loads and merges them.
 """
 
 from __future__ import annotations
@@ -35,18 +40,31 @@ def attention_regex(family: MoEFamily) -> str:
     return rf"(.*\.)?{re.escape(family.layers_path)}\.\d+\.{re.escape(family.attention)}\.({mods})"
 
 
+def router_lora(adapter: AdapterConfig) -> bool:
+    return adapter.train_router and adapter.router_weights == "lora"
+
+
+def router_full(adapter: AdapterConfig) -> bool:
+    return adapter.train_router and adapter.router_weights == "full"
+
+
 def lora_config(family: MoEFamily, adapter: AdapterConfig) -> LoraConfig:
     """The PEFT config of the whole adapter, as saved next to it and read by stock PEFT."""
     from peft import LoraConfig
 
     on_attention = adapter.targets in ("attention+experts", "attention")
     on_experts = adapter.targets in ("attention+experts", "experts")
+    # Experts first: PEFT nests the wrappers of one module's parameters in list order, and the
+    # router is another module, so the experts' key names stay what `peft_state_dict` writes.
+    parameters = list(family.expert_param_paths()) if on_experts else []
+    parameters += [f"{family.router_path}.weight"] if router_lora(adapter) else []
     return LoraConfig(
         r=adapter.rank,
         lora_alpha=adapter.alpha,  # type: ignore[arg-type]  # PEFT annotates int; float works
         # An explicit empty list: `None` would make PEFT pick its per-architecture defaults.
         target_modules=attention_regex(family) if on_attention else [],
-        target_parameters=list(family.expert_param_paths()) if on_experts else None,
+        target_parameters=parameters or None,
+        modules_to_save=[family.router_path] if router_full(adapter) else None,
         lora_dropout=0.0,  # PEFT's ParamWrapper cannot factor dropout out of a fused expert
         bias="none",
         task_type="CAUSAL_LM",
@@ -75,7 +93,8 @@ def apply_lora(
     """
     for p in model.parameters():
         p.requires_grad_(False)
-    if adapter.targets in ("attention+experts", "attention"):
+    on_attention = adapter.targets in ("attention+experts", "attention")
+    if on_attention or router_lora(adapter):
         from peft import LoraConfig, get_peft_model
 
         model = get_peft_model(
@@ -83,7 +102,10 @@ def apply_lora(
             LoraConfig(
                 r=adapter.rank,
                 lora_alpha=adapter.alpha,  # type: ignore[arg-type]  # PEFT annotates int; float works
-                target_modules=attention_regex(family),
+                target_modules=attention_regex(family) if on_attention else [],
+                target_parameters=[f"{family.router_path}.weight"]
+                if router_lora(adapter)
+                else None,
                 lora_dropout=0.0,
                 bias="none",
                 task_type="CAUSAL_LM",
@@ -93,7 +115,13 @@ def apply_lora(
     if adapter.targets in ("attention+experts", "experts"):
         wrap_experts(model, family, adapter.rank, adapter.alpha)
         restrict_to_selection(model, selection)
-    assert_router_frozen(model, family)
+    if router_full(adapter):
+        from emmoe_dist.models.anatomy import router_parameters
+
+        for p in router_parameters(model, family).values():
+            p.requires_grad_(True)
+    if not adapter.train_router:
+        assert_router_frozen(model, family)
     return model
 
 
@@ -118,9 +146,18 @@ def _match_base_dtype(model: nn.Module) -> None:
                     p.data = p.data.to(dtype)
 
 
-def adapter_state_dict(model: nn.Module, family: MoEFamily) -> dict[str, torch.Tensor]:
-    """Every LoRA tensor under stock PEFT's key names (attention and experts)."""
+def adapter_state_dict(
+    model: nn.Module, family: MoEFamily, *, router_weights: bool = False
+) -> dict[str, torch.Tensor]:
+    """Every LoRA tensor under stock PEFT's key names (attention, experts and a router LoRA);
+    with `router_weights`, the router's own tensors too, as PEFT saves `modules_to_save`."""
     state = peft_state_dict(model, family)
+    if router_weights:
+        from emmoe_dist.models.anatomy import router_parameters
+
+        for name, p in router_parameters(model, family).items():
+            path = name.removeprefix("module.").removeprefix("base_model.model.")
+            state[f"base_model.model.{path}"] = p.detach().to("cpu", copy=True).contiguous()
     if hasattr(model, "peft_config"):
         from peft import get_peft_model_state_dict
 

@@ -41,6 +41,13 @@ def vllm_generator(
         raise EmmoeError(
             f"the runs were trained on different bases ({sorted(bases)}): one per call"
         )
+    routed = [s.label for s in sources if s.trains_router]
+    if routed:
+        raise EmmoeError(
+            f"vLLM applies no LoRA to routers, and {routed[0]} trained its router: merge the "
+            "run (`emmoe merge RUN --out DIR`) and generate with model.name_or_path=DIR, or "
+            "use --backend transformers"
+        )
     if any(s.expert_delta is not None for s in sources):
         raise EmmoeError(
             "vLLM serves LoRA adapters, not expert deltas: merge the run "

@@ -77,8 +77,10 @@ def apply_fast_paths(
     device: torch.device,
     packed: bool,
     zero3: bool,
+    aux_loss_coef: float = 0.0,
 ) -> tuple[CausalLMLoss, FastPaths]:
-    """Switch `model` to its fast paths in place; returns the loss module that trains it."""
+    """Switch `model` to its fast paths in place; returns the loss module that trains it
+    (with the router's balancing loss at `aux_loss_coef`, router-training arms only)."""
     fast = kernels == "auto"
     cuda = device.type == "cuda"
     expert_pass = "fused" if fast else "reference"
@@ -95,7 +97,7 @@ def apply_fast_paths(
     loss_fn: LossFn = reference_loss
     if fast and not zero3 and fused_loss_available(device):
         loss_fn, loss_name = fused_loss(), "fused"
-    wrapper = CausalLMLoss(model, family, loss_fn, head_module=zero3)
+    wrapper = CausalLMLoss(model, family, loss_fn, head_module=zero3, aux_loss_coef=aux_loss_coef)
 
     compiled = 0
     want_compile = compile is True or (compile == "auto" and fast and cuda)

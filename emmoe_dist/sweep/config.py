@@ -46,6 +46,8 @@ class _Arm(_Section):
     rank: list[Annotated[int, Field(gt=0)]] | None = Field(None, min_length=1)
     lr: list[Annotated[float, Field(gt=0)]] | None = Field(None, min_length=1)
     quantize: list[Bits] | None = Field(None, min_length=1)
+    # the router-training arm (adapter.train_router) as an axis: [false, true] runs both
+    train_router: list[bool] | None = Field(None, min_length=1)
     # nested values for this arm's trials' experiment, e.g. {adapter: {targets: experts}}
     patch: dict[str, Any] = Field(default_factory=dict)
 
@@ -128,6 +130,7 @@ class SweepConfig(_Section):
     rank: list[Annotated[int, Field(gt=0)]] | None = Field(None, min_length=1)
     lr: list[Annotated[float, Field(gt=0)]] | None = Field(None, min_length=1)
     quantize: list[Bits] | None = Field(None, min_length=1)
+    train_router: list[bool] | None = Field(None, min_length=1)
     # adapter.alpha = alpha_over_rank * rank, so a rank sweep keeps the LoRA scale
     alpha_over_rank: float | None = Field(None, gt=0)
     baseline: bool = True  # also evaluate the base model, the row every trial is compared with

@@ -14,7 +14,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from emmoe_dist import run_folder as rf
 from emmoe_dist.config import ExperimentConfig
@@ -49,6 +49,7 @@ class TrialSpec(BaseModel):
     rank: int | None  # None for the baseline (nothing trains)
     lr: float | None
     quantize: Bits
+    train_router: bool = False  # the router-training arm (adapter.train_router)
     baseline: bool = False
     experts: dict[int, list[int]] | None = None  # per MoE layer; None: every expert
     experiment: ExperimentConfig
@@ -69,6 +70,7 @@ class TrialSpec(BaseModel):
             "rank": self.rank,
             "lr": self.lr,
             "quantize": self.quantize,
+            "train_router": self.train_router,
             "baseline": self.baseline,
             "model": self.experiment.model.name_or_path,
             "adapter_targets": self.experiment.adapter.targets,
@@ -183,7 +185,16 @@ def build_plan(sweep: Sweep) -> SweepPlan:
         # one reply cache for every trial, unless the sweep's patch names another
         data["judge"]["cache_dir"] = data["judge"]["cache_dir"] or str(out / rf.JUDGE_CACHE_DIR)
         _absolute_paths(data)
-        return ExperimentConfig.model_validate(data)
+        try:
+            return ExperimentConfig.model_validate(data)
+        except ValidationError as e:  # an axis value the arm's experiment cannot take
+            first = e.errors()[0]
+            dotted = ".".join(map(str, first["loc"]))
+            raise InputError(
+                f"trial {slug}: {dotted}: {first['msg'].removeprefix('Value error, ')}",
+                file=sweep.file,
+                field="search",
+            ) from None
 
     if cfg.baseline:
         base = sweep.experiment
@@ -204,6 +215,7 @@ def build_plan(sweep: Sweep) -> SweepPlan:
         ranks = _axis(arm.rank, cfg.rank, arm_base.adapter.rank)
         lrs = _axis(arm.lr, cfg.lr, arm_base.train.lr)
         bits = _axis(arm.quantize, cfg.quantize, arm_base.adapter.quantize)
+        routers = _axis(arm.train_router, cfg.train_router, arm_base.adapter.train_router)
         for dataset in datasets:
             profile = profiles.get(dataset)
             for label, selection, section in _selections(arm, profile, family, hf_config):
@@ -218,9 +230,10 @@ def build_plan(sweep: Sweep) -> SweepPlan:
                         selection.save(file)
                     section = {"rule": "file", "file": str(file)}
                 values["selection"] = section
-                for rank, lr, q in itertools.product(ranks, lrs, bits):
+                for rank, lr, q, router in itertools.product(ranks, lrs, bits, routers):
                     slug = f"{dataset}-{label}-r{rank}-lr{lr:g}"
                     slug += "-nf4" if q == "nf4" else ""
+                    slug += "-router" if router else ""
                     # an arm may patch in QAT or the MXFP4 export: such trials get own folders
                     slug += "-qat" if arm_base.train.qat == "mxfp4" else ""
                     slug += "-mxfp4" if arm_base.eval.weights == "mxfp4" else ""
@@ -228,6 +241,7 @@ def build_plan(sweep: Sweep) -> SweepPlan:
                         **values,
                         "adapter.rank": rank,
                         "adapter.quantize": q,
+                        "adapter.train_router": router,
                         "train.lr": lr,
                     }
                     if cfg.alpha_over_rank is not None:
@@ -240,6 +254,7 @@ def build_plan(sweep: Sweep) -> SweepPlan:
                             rank=rank,
                             lr=lr,
                             quantize=q,
+                            train_router=router,
                             experts=None
                             if selection is None
                             else {k: list(v) for k, v in selection.experts.items()},
