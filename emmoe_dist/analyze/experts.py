@@ -244,6 +244,7 @@ def run_experts(options: ExpertsOptions, say: Say = quiet) -> ExpertsResult:
     columns: dict[str, Column] = {"delta_norm": delta_column(norms, layers, n, norm_basis)}
 
     generations, judged = _read_answers(records_path)
+    answers_name = f"{records_path.parent.name}/{records_path.name}"  # e.g. e4/judged.jsonl
     from emmoe_dist.catalog import git_blob_sha1
 
     answers_hash = git_blob_sha1(records_path)
@@ -273,7 +274,7 @@ def run_experts(options: ExpertsOptions, say: Say = quiet) -> ExpertsResult:
                 profiles / f"{role}_eval.json",
                 models=models,
                 spec=spec,
-                dataset=records_path.stem,
+                dataset=f"{answers_name} (prompts and answers)",
                 digest=eval_digest,
                 items=encode_eval,
                 include_prompt=True,
@@ -302,7 +303,7 @@ def run_experts(options: ExpertsOptions, say: Say = quiet) -> ExpertsResult:
                     profiles / f"tuned_{label}.json",
                     models=models,
                     spec=tuned_spec,
-                    dataset=f"{records_path.stem} ({label})",
+                    dataset=f"{answers_name} ({label} answers)",
                     digest=_digest(answers_hash, options.run.max_length, rule.describe(), label),
                     items=_encode_records(answers, options.run.max_length),
                     include_prompt=False,
@@ -457,7 +458,7 @@ def experts_markdown(
             "",
             "## Ablations",
             "",
-            f"Full fine-tune: {_estimate_pct(full.get('misaligned'))}% misaligned "
+            f"Full fine-tune: misaligned % {_estimate_pct(full.get('misaligned'))} "
             f"({full.get('answers', '–')} answers).",
             "",
             "| ablation | experts removed | answers | misaligned % without these experts | Δ vs full fine-tune (pp) | paired |",

@@ -7,6 +7,7 @@ so that importing this module stays light; every file is written atomically.
 from __future__ import annotations
 
 import os
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -254,8 +255,8 @@ def plot_expert_heatmap(
     matrix = table.matrix(column)
     rows, cols = matrix.shape
     fig, (ax,) = _figure(
-        min(max(4.5, 2.2 + 0.16 * cols), 16.0),
-        min(max(2.8, 1.6 + 0.22 * rows), 12.0),
+        min(max(6.0, 2.2 + 0.16 * cols), 16.0),
+        min(max(3.2, 1.8 + 0.22 * rows), 12.0),
         heatmap=True,
     )
     if column in SIGNED:
@@ -270,5 +271,6 @@ def plot_expert_heatmap(
     ax.set_yticks(ticks, [str(table.layers[i]) for i in ticks], fontsize=7)
     ax.set(xlabel="expert (outlined: trained)", ylabel="MoE layer")
     fig.colorbar(image, ax=ax, shrink=0.85, label=TITLES[column].rsplit(", ", 1)[-1])
-    ax.set_title(f"{subject}\n{TITLES[column]}\nn: {col.basis}; judge: {judge}", fontsize=7)
+    lines = (subject, TITLES[column], f"n: {col.basis}; judge: {judge}")
+    ax.set_title("\n".join(textwrap.fill(line, 90) for line in lines), fontsize=7)
     return save_figure(fig, path)
