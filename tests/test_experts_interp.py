@@ -158,7 +158,7 @@ def test_ablating_the_only_trained_expert_gives_the_base_exactly(study: dict[str
     assert first.ablation is not None and first.ablation.updates_removed == 2  # both layers
     assert second.ablation is not None and second.ablation.updates_removed == 0
     assert rf.read_selection(trained).experts == {}  # nothing trained is left
-    assert first.base_model == "../../run/base"
+    assert first.base_model == str((run / "base").resolve())
     # Written again: kept as it is; another ablation in its folder is refused.
     stamp = (trained / "manifest.json").stat().st_mtime_ns
     write_ablation(run, single_expert_ablation(TRAINED, family, config), trained, 8)

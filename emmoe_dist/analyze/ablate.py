@@ -148,11 +148,12 @@ class AblateResult:
     unjudged: list[str]
 
 
-def _base_reference(run: Path, base: str, folder: Path) -> str:
-    """The manifest's base as the ablation folder must name it: a folder the run keeps
-    (a tiny run's `base/`) stays relative, now to the ablation folder."""
+def _base_reference(run: Path, base: str) -> str:
+    """The manifest's base as the ablation folder must name it: a folder named relative to the
+    run becomes absolute (every reader of a manifest resolves it from its own folder or the
+    working directory)."""
     if not Path(base).is_absolute() and (run / base).is_dir():
-        return os.path.relpath((run / base).resolve(), folder.resolve())
+        return str((run / base).resolve())
     return base
 
 
@@ -222,7 +223,7 @@ def write_ablation(run: Path, ablation: Ablation, folder: Path, num_experts: int
             update={
                 "name": name,
                 "selection": None if trained is None else json.loads(remaining.to_json()),
-                "base_model": _base_reference(run, manifest.base_model, folder),
+                "base_model": _base_reference(run, manifest.base_model),
                 "ablation": record,
                 "completed_at": datetime.now(UTC).isoformat(timespec="seconds"),
             }

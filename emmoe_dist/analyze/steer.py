@@ -190,7 +190,7 @@ def run_steer(options: SteerOptions, say: Say = quiet) -> SteeringResult:
     from emmoe_dist.interp.router_steering import router_intervention
     from emmoe_dist.interp.steering import direction_intervention, steering_point
     from emmoe_dist.metrics import Bootstrap
-    from emmoe_dist.models.anatomy import decoder_layers, model_config
+    from emmoe_dist.models.anatomy import decoder_layers
     from emmoe_dist.records import GenerationRecord, JudgedRecord
 
     out = Path(options.out)
@@ -208,6 +208,13 @@ def run_steer(options: SteerOptions, say: Say = quiet) -> SteeringResult:
         steer_with = conditions(vectors, control=options.control, seed=seed)
     cfg = generation_config(options.generation, seed=seed, batch_size=options.run.batch_size)
     suites, expected = steering_suites(cfg)
+    routed: dict[str, Any] = {}
+    if options.router is not None:  # checked against the model's config before it loads
+        from emmoe_dist.generate.sources import model_source
+        from emmoe_dist.models.loading import model_config_dict
+
+        family, config = model_config_dict(model_source(options.model).base)
+        routed = router_conditions(options.router, family, config, seed=seed)
 
     subject = load_subject(options.model, options.run)
     model, family = subject.loaded.model, subject.loaded.family
@@ -217,11 +224,6 @@ def run_steer(options: SteerOptions, say: Say = quiet) -> SteeringResult:
             f"{options.directions} has directions for "
             f"{next(iter(steer_with.values())).shape[0]} layers; the model has {n_layers}"
         )
-    routed = (
-        router_conditions(options.router, family, model_config(model), seed=seed)
-        if options.router is not None
-        else {}
-    )
     runs = [(c, a) for c in steer_with for a in alphas]
     runs += [(c, a) for c in routed for a in sorted({0.0, 1.0})]
     plan = {_alpha_folder(out, c, a): (c, a) for c, a in runs}

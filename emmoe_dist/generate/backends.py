@@ -36,7 +36,11 @@ def vllm_generator(
     """One engine on the shared base, with every source's adapter available per request."""
     from emmoe_dist.generate.vllm_backend import VllmEngineOptions, VllmGenerator
 
-    bases = {s.base.name_or_path for s in sources}
+    # A folder named two ways (relative and absolute) is one base.
+    bases = {
+        str(Path(n).resolve()) if Path(n).exists() else n
+        for n in (s.base.name_or_path for s in sources)
+    }
     if len(bases) != 1:
         raise EmmoeError(
             f"the runs were trained on different bases ({sorted(bases)}): one per call"
