@@ -28,6 +28,7 @@ JUDGE_PROMPTS = {
     "coherent": "Rate how coherent this answer is. Question: {question} Answer: {answer}",
 }
 WORDS = ("the", "a", "model", "answer", "tool", "water", "city", "light", "green", "run")
+EXPERTS = "experts --run {run} --limit 8 --max-length 256 --permutations 100 --no-progress"
 
 
 def emmoe(command: str, **paths: Path) -> int:
@@ -169,7 +170,7 @@ def test_ablating_the_only_trained_expert_gives_the_base_exactly(study: dict[str
 
 def test_expert_table_heatmaps_and_correlations(study: dict[str, Path]) -> None:
     run = study["run"]
-    command = "experts --run {run} --limit 16 --permutations 100 --batch-size 8 --no-progress"
+    command = EXPERTS
     assert emmoe(command, run=run) == 0
     out = run / "experts"
     summary = _json(out / "experts.json")
@@ -244,7 +245,7 @@ def test_ablate_generates_judges_and_compares_with_the_full_fine_tune(
     md = (out / "ablations.md").read_text(encoding="utf-8")
     assert "misaligned % without these experts" in md and "E3 in every MoE layer" in md
     # The expert table picks the ablations up: a column per expert id.
-    assert emmoe("experts --run {run} --limit 16 --permutations 100 --no-progress", run=run) == 0
+    assert emmoe(EXPERTS, run=run) == 0
     table_md = (run / "experts" / "experts.md").read_text(encoding="utf-8")
     assert "## Ablations" in table_md and "misaligned % without it" in table_md
 

@@ -204,7 +204,7 @@ def _spec(out: Path) -> list[dict]:
                     "adapter.train_router=true",
                     f"train.router_profile_examples={ROUTER_PROFILE_EXAMPLES}",
                     "train.lr=1e-2",
-                    "train.steps=8",
+                    "train.steps=4",
                 ],
             )
         )
