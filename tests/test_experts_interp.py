@@ -298,3 +298,27 @@ def test_the_report_gains_an_ablation_row_and_a_router_steering_row(
     assert any("[route random_experts: off" in label for label in labels)
     md = render_markdown(report)
     assert "without-E3/adapter" in md and "route experts" in md
+
+
+def test_expert_delta_ablation_drops_rows_and_norms_count_only_deltas() -> None:
+    from emmoe_dist.adapters.ablation import ablate_delta_state, delta_expert_norms
+
+    g = torch.Generator().manual_seed(0)
+    path = "model.layers.2.mlp.experts"
+    state = {
+        f"{path}.expert_ids": torch.tensor([1, 5]),
+        f"{path}.gate_up_proj": torch.randn(2, 6, 4, generator=g),
+        f"{path}.down_proj": torch.randn(2, 4, 3, generator=g),
+    }
+    norms = delta_expert_norms(state, 8)  # row i of a delta belongs to expert_ids[i]
+    assert list(norms) == [2]
+    assert [e for e, n in enumerate(norms[2]) if n > 0] == [1, 5]
+    expected = (
+        state[f"{path}.gate_up_proj"][0].norm() ** 2 + state[f"{path}.down_proj"][0].norm() ** 2
+    ).sqrt()
+    assert norms[2][1] == pytest.approx(float(expected))
+    kept, dropped = ablate_delta_state(state, {2: (5,), 0: (1,)})
+    assert dropped == 1 and kept[f"{path}.expert_ids"].tolist() == [1]
+    assert torch.equal(kept[f"{path}.down_proj"], state[f"{path}.down_proj"][:1])
+    gone, dropped = ablate_delta_state(state, {2: (1, 5)})
+    assert dropped == 2 and gone == {}  # nothing of the layer stays: the base's experts
