@@ -132,6 +132,7 @@ def time_steering(
     )
     from emmoe_dist.generate.transformers_backend import TransformersGenerator
     from emmoe_dist.interp.directions import MISALIGNED_MINUS_ALIGNED
+    from emmoe_dist.interp.steering import direction_intervention
 
     generation = SteerGeneration(
         data_dir=args.data_dir,
@@ -162,11 +163,9 @@ def time_steering(
                 cfg,
                 suites,
                 path,
-                condition=condition,
-                vectors=steer_with[condition],
-                layers=[layer],
-                alpha=alpha,
-                mode="add",
+                intervention=None
+                if alpha == 0
+                else direction_intervention(condition, steer_with[condition], [layer], alpha),
             )
             _sync(device)
             seconds = time.perf_counter() - t0

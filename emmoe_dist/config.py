@@ -135,6 +135,12 @@ class AdapterConfig(_Section):
     alpha: float = Field(16.0, gt=0)
     targets: Literal["attention+experts", "experts", "attention"] = "attention+experts"
     quantize: Literal["none", "nf4"] = "none"
+    # The router-training arm: the router trains with the adapter, as LoRA on its weight or as
+    # its full weights (saved in the PEFT adapter as `modules_to_save`). Off: the router never
+    # trains, and the run fails if its digest changes. `train.router_aux_loss_coef` must then
+    # say whether the auxiliary balancing loss trains it too.
+    train_router: bool = False
+    router_weights: Literal["lora", "full"] = "lora"
 
     @model_validator(mode="after")
     def _compatible(self) -> AdapterConfig:
@@ -142,6 +148,11 @@ class AdapterConfig(_Section):
             raise ValueError(
                 "quantize: full_experts trains the expert weights themselves; "
                 "a 4-bit base cannot be trained in place (use mode: lora)"
+            )
+        if self.train_router and self.mode != "lora":
+            raise ValueError(
+                "train_router: the router trains within the LoRA adapter (LoRA or full router "
+                "weights); mode full_experts saves expert deltas only (use mode: lora)"
             )
         return self
 
@@ -290,6 +301,14 @@ class TrainConfig(_Section):
     # mxfp4: quantization-aware LoRA; the frozen experts train as their MXFP4 values
     # (adapters/mxfp4.py), so the MXFP4 export is the model that was trained. GPT-oss only.
     qat: Literal["none", "mxfp4"] = "none"
+    # The auxiliary load-balancing loss (coef * the model's own balancing loss), for router-
+    # training arms (adapter.train_router), where it must be set: 0 keeps it off, the model's
+    # own value (0.001 for Qwen3-MoE, 0.02 for Mixtral) turns it on. With a frozen router it
+    # would train attention and experts towards balanced routing: always off there.
+    router_aux_loss_coef: float | None = Field(None, ge=0)
+    # Router-training arms profile routing on this many training examples before the first
+    # step and after the last, and record how it moved (instead of a frozen-router check).
+    router_profile_examples: int = Field(64, gt=0)
 
     # Keep the adapter (or expert deltas) every N optimizer steps under snapshots/: the points
     # of the run's misalignment trajectory (the final adapter is its last point). 0: none.
@@ -448,8 +467,29 @@ class ExperimentConfig(_Section):
         return v
 
     @model_validator(mode="after")
-    def _mxfp4_compatible(self) -> ExperimentConfig:
+    def _sections_compatible(self) -> ExperimentConfig:
         conflicts: list[tuple[tuple[str, ...], str, Any]] = []
+        coef = self.train.router_aux_loss_coef
+        if self.adapter.train_router and coef is None:
+            conflicts.append(
+                (
+                    ("train", "router_aux_loss_coef"),
+                    "adapter.train_router needs the auxiliary balancing loss set explicitly: "
+                    "0 keeps it off, the model's own coefficient (e.g. 0.001 for Qwen3-MoE, "
+                    "0.02 for Mixtral) turns it on",
+                    coef,
+                )
+            )
+        if not self.adapter.train_router and coef:
+            conflicts.append(
+                (
+                    ("train", "router_aux_loss_coef"),
+                    "the balancing loss applies to router-training arms only (adapter."
+                    "train_router: true); with a frozen router it would train attention and "
+                    "experts towards balanced routing",
+                    coef,
+                )
+            )
         if self.train.qat == "mxfp4":
             if self.adapter.mode != "lora":
                 conflicts.append(

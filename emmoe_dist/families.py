@@ -34,6 +34,30 @@ class ExpertLayout:
 
 
 @dataclass(frozen=True, kw_only=True)
+class RouterRule:
+    """How a router turns its logits into the top-k experts and their weights.
+
+    The model's own router module applies this rule; code that intervenes on routing (router
+    steering) re-applies it to edited logits, and a test checks that re-applying it to the
+    unedited logits gives the router module's output bit for bit, for every family.
+
+    `softmax_first=True`: softmax over all experts in float32, then the top-k of the
+    probabilities (Mixtral, Qwen3-MoE, OLMoE); `False`: the top-k of the logits, then a softmax
+    over those k in the logits' dtype (GPT-oss). `renormalize`: divide the top-k weights by
+    their sum; `renormalize_key` names the config key that decides instead (`norm_topk_prob`).
+    """
+
+    softmax_first: bool = True
+    renormalize: bool = True
+    renormalize_key: str | None = None
+
+    def renormalizes(self, config: Mapping[str, Any]) -> bool:
+        if self.renormalize_key is None:
+            return self.renormalize
+        return bool(config.get(self.renormalize_key, self.renormalize))
+
+
+@dataclass(frozen=True, kw_only=True)
 class MoEFamily:
     name: str
     model_type: str  # HF `config.model_type`
@@ -51,6 +75,7 @@ class MoEFamily:
     attention: str = "self_attn"  # attention module inside a decoder layer
     attention_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
     layout: ExpertLayout = field(default_factory=ExpertLayout)
+    router_rule: RouterRule = field(default_factory=RouterRule)
     # Real checkpoints that ship MXFP4 weights must be dequantized to train (GPT-oss).
     mxfp4_checkpoint: bool = False
     # Attention with learned sinks or sliding windows (GPT-oss) keeps the model's own attention
@@ -138,6 +163,7 @@ FAMILIES: Mapping[str, MoEFamily] = MappingProxyType(
             block_class="Qwen3MoeSparseMoeBlock",
             router="gate",
             num_experts_key="num_experts",
+            router_rule=RouterRule(renormalize=False, renormalize_key="norm_topk_prob"),
             dense_layers_key="mlp_only_layers",
             sparse_step_key="decoder_sparse_step",
             chat_template=_CHATML,
@@ -159,6 +185,7 @@ FAMILIES: Mapping[str, MoEFamily] = MappingProxyType(
             router="router",
             num_experts_key="num_local_experts",
             router_has_bias=True,
+            router_rule=RouterRule(softmax_first=False, renormalize=False),
             layout=ExpertLayout(
                 transposed=True,
                 interleaved_gate_up=True,
@@ -195,6 +222,7 @@ FAMILIES: Mapping[str, MoEFamily] = MappingProxyType(
             block_class="OlmoeSparseMoeBlock",
             router="gate",
             num_experts_key="num_experts",
+            router_rule=RouterRule(renormalize=False, renormalize_key="norm_topk_prob"),
             chat_template=_TULU,
             tiny={
                 **_TINY_COMMON,

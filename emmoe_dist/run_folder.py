@@ -15,6 +15,13 @@ one too, with the evaluation stages' files beside them:
   checkpoints/           DeepSpeed checkpoints for resume
   snapshots/stepNNNNNN/  the adapter (or deltas) at that step (`train.snapshot_every`), with
                          snapshot.json; generation and judging write their records inside
+  routing_before.json    router-training runs: the routing profile before the first step
+  routing_after.json     ... and after the last (ExpertProfile, the same training examples)
+  routing_change.json    ... and how it moved between them (RoutingShift)
+  experts/               `emmoe interp experts`: the expert table, its heatmaps and profiles
+  ablations/             `emmoe interp ablate`: one folder per ablation, each a run folder
+                         whose artifact is this run's with chosen experts' updates removed,
+                         with its answers and judgments; ablations.json sums them up
   generations.jsonl      answers to the evaluation suites (`emmoe generate`)
   judged.jsonl           their scores (`emmoe judge`)
   judge_cache/           the judge's reply cache, unless another is named
@@ -51,6 +58,12 @@ BASE_DIR = "base"
 MXFP4_DIR = "mxfp4"
 MERGE_INFO = "merge_info.json"  # in a merged model's folder (mxfp4/ too): what was merged
 CHECKPOINTS_DIR = "checkpoints"
+ROUTING_BEFORE = "routing_before.json"
+ROUTING_AFTER = "routing_after.json"
+ROUTING_CHANGE = "routing_change.json"
+EXPERTS_DIR = "experts"
+ABLATIONS_DIR = "ablations"
+ABLATION_SUMMARY = "ablations.json"  # in ABLATIONS_DIR
 GENERATIONS = "generations.jsonl"
 JUDGED = "judged.jsonl"
 JUDGE_CACHE_DIR = "judge_cache"
@@ -105,6 +118,30 @@ class QuantizationAware(_Part):
 
     format: Literal["mxfp4"]
     expert_weights_changed: int  # weights fake quantization moved (0 from an MXFP4 checkpoint)
+
+
+class RouterTraining(_Part):
+    """`adapter.train_router`: the router trained, and how routing changed (instead of the
+    frozen-router digest check every other mode passes)."""
+
+    weights: Literal["lora", "full"]  # LoRA on the router weight, or the router weights
+    aux_loss_coef: float  # `train.router_aux_loss_coef`: 0 is the auxiliary loss off
+    digest_before: str  # sha256 of the router tensors (and a router LoRA's factors) at step 0
+    profile_examples: int  # training examples profiled before and after (ROUTING_BEFORE/AFTER)
+    tokens: int  # their tokens counted
+    mean_kl: float  # KL(after || before) of the token shares, mean over MoE layers, nats
+    max_kl: float
+    mean_total_variation: float  # share of routing decisions that moved, mean over layers
+
+
+class Ablation(_Part):
+    """A run folder made by `emmoe interp ablate`: `of_run`'s artifact without the updates of
+    `removed`'s experts."""
+
+    of_run: str  # the ablated run's folder
+    removed: dict[str, list[int]]  # MoE layer -> expert ids whose update was removed
+    description: str  # e.g. "E0 in every MoE layer"
+    updates_removed: int  # (layer, expert) pairs among them that the run had changed
 
 
 class ExpertParallelism(_Part):
@@ -176,12 +213,15 @@ class RunManifest(_Part):
     data: DataProvenance | None = None
     steps: int | None = None
     final_loss: float | None = None  # None when no step ran (NaN is not JSON)
-    router_digest: str | None = None  # sha256 of the router tensors: equal before and after
+    # sha256 of the router tensors after training: equal to the base's unless `router` is set
+    router_digest: str | None = None
     weight_memory: WeightMemory | None = None
     qat: QuantizationAware | None = None  # None: trained against the experts as loaded
     # Which weights of this run evaluation answers with (`eval.weights`): the adapter merged in
     # full precision, or the run's MXFP4 export (`MXFP4_DIR`)
     eval_weights: WeightsFormat = "dense"
+    router: RouterTraining | None = None  # None: the router stayed frozen (digest unchanged)
+    ablation: Ablation | None = None  # None: a training run, not an ablation of one
     artifact: Artifact
     base_model: str  # what the artifact loads onto: a hub id or a folder (relative: the run's)
     completed_at: str | None = None  # ISO 8601, UTC

@@ -232,6 +232,29 @@ def test_plan_builds_every_trial_from_the_profile(files: Path) -> None:
     assert e.value.file == str(out / "plan.json")
 
 
+def test_router_training_is_a_sweep_axis(files: Path) -> None:
+    sweep_text = (
+        "name: s\noutput_dir: out\nexperiment: exp.yaml\nsearch:\n"
+        "  - selection: single\n    experts: [4]\n    train_router: [false, true]\n"
+    )
+    (files / "sweep.yaml").write_text(sweep_text, encoding="utf-8")
+    with pytest.raises(
+        InputError, match=r"insecure-E4-r8-lr0.001-router: train\.router_aux_loss_coef"
+    ):
+        build_plan(load_sweep("sweep.yaml"))  # the balancing-loss policy must be explicit
+    patch = "    patch: {train: {router_aux_loss_coef: 0}}\n"
+    (files / "sweep.yaml").write_text(sweep_text + patch, encoding="utf-8")
+    plan = build_plan(load_sweep("sweep.yaml"))
+    frozen, routed = (
+        plan.trial("insecure-E4-r8-lr0.001"),
+        plan.trial("insecure-E4-r8-lr0.001-router"),
+    )
+    assert not frozen.train_router and not frozen.experiment.adapter.train_router
+    assert routed.train_router and routed.experiment.adapter.train_router
+    assert routed.wandb_config()["train_router"] is True
+    assert frozen.experiment.train.router_aux_loss_coef == 0  # 0 with a frozen router is off
+
+
 def test_shipped_sweep_files_validate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every sweep file in examples/ loads (their profiles are written by `emmoe profile` on
     the cluster, so stand-ins take their place here)."""

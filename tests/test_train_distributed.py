@@ -38,6 +38,23 @@ COMMON = [
     f"seed={SEED}",
 ]
 FULL = {"mixtral": {0: [2], 2: [7]}, "qwen3_moe": {0: [1, 6]}, "gpt_oss": {0: [1, 5], 2: [2]}}
+ROUTER_PROFILE_EXAMPLES = 12
+ROUTER_RUNS = [
+    (
+        "qwen3_moe-router-lora",
+        "qwen3_moe",
+        ["adapter.targets=experts", "adapter.router_weights=lora", "train.router_aux_loss_coef=0"],
+    ),
+    (
+        "gpt_oss-router-full",
+        "gpt_oss",
+        [
+            "adapter.targets=attention",
+            "adapter.router_weights=full",
+            "train.router_aux_loss_coef=0.02",
+        ],
+    ),
+]
 
 
 def _run(
@@ -180,6 +197,23 @@ def _spec(out: Path) -> list[dict]:
         )
     )
     runs[-1]["ds"] = str(REPO / "ds_configs" / "zero2_qlora.json")
+    # The router-training arm: LoRA on the router with expert LoRA, the balancing loss off; and
+    # the full router weights (GPT-oss: weight and bias) with attention LoRA, the loss on.
+    for name, family, extra in ROUTER_RUNS:
+        runs.append(
+            _run(
+                name,
+                out,
+                family,
+                [
+                    *extra,
+                    "adapter.train_router=true",
+                    f"train.router_profile_examples={ROUTER_PROFILE_EXAMPLES}",
+                    "train.lr=1e-2",
+                    "train.steps=4",
+                ],
+            )
+        )
     runs[0]["overrides"] += ["tracking.backend=wandb", "tracking.mode=offline"]
     return runs
 
@@ -360,3 +394,67 @@ def test_a_checkpoint_loads_into_zero3_partitions_and_trains_the_same(runs: Path
         assert split["resident_elements_rank0"] <= 0.51 * whole["resident_elements_rank0"]
         assert _losses(loaded) == pytest.approx(_losses(built), abs=1e-6)
         assert len(_losses(loaded)) == 8
+
+
+def _offline_profile(model: torch.nn.Module, family: str, tokenizer) -> object:
+    """The routing profile of the training examples the run profiled, taken here."""
+    from emmoe_dist.data.collate import pad_batch
+    from emmoe_dist.data.training import encode_dataset, load_training_split
+    from emmoe_dist.routing import profile_batches
+
+    split = load_training_split("insecure", None, heldout=16, seed=0, limit=32)
+    items = encode_dataset(tokenizer, split.train[:ROUTER_PROFILE_EXAMPLES], 512).items
+    return profile_batches(
+        model, FAMILIES[family], [pad_batch(items, tokenizer.pad_token_id)], progress=False
+    )
+
+
+@pytest.mark.parametrize(("name", "family"), [(n, f) for n, f, _ in ROUTER_RUNS])
+def test_router_training_changes_the_router_and_records_how_routing_moved(
+    runs: Path, name: str, family: str
+) -> None:
+    from emmoe_dist.experts import ExpertProfile
+    from emmoe_dist.interp.routing_shift import routing_shift
+    from emmoe_dist.run_folder import read_manifest
+
+    run = runs / name
+    manifest = read_manifest(run)
+    assert manifest.router is not None
+    assert manifest.router.weights == ("lora" if "lora" in name else "full")
+    assert manifest.router.aux_loss_coef == (0.0 if "lora" in name else 0.02)
+    base = load_model(ModelConfig(name_or_path=str(run / "base")), for_training=False)
+    if manifest.router.weights == "full":  # (a LoRA run's digest covers its factors too)
+        assert manifest.router.digest_before == _router_digest(base.model, family)
+    assert manifest.router_digest != manifest.router.digest_before
+    merged_dir = merge_run(run, runs / f"{name}-merged")
+    merged = load_model(ModelConfig(name_or_path=str(merged_dir)), for_training=False)
+    fam = FAMILIES[family]
+    marker = f".{fam.router_path}."
+    before = {n: p for n, p in base.model.named_parameters() if marker in n}
+    after = {n: p for n, p in merged.model.named_parameters() if marker in n}
+    assert any(not torch.equal(after[n], before[n]) for n in before)  # the router trained
+
+    # The recorded profiles are what profiling the base and the merged run here gives, and
+    # so is the recorded shift (a near-tie of two experts may flip between the trained
+    # model's and the merged model's arithmetic: a share may differ by a token or two).
+    recorded = {key: ExpertProfile.load(run / f"routing_{key}.json") for key in ("before", "after")}
+    offline = {
+        "before": _offline_profile(base.model, family, base.tokenizer),
+        "after": _offline_profile(merged.model, family, merged.tokenizer),
+    }
+    assert recorded["before"].tokens == offline["before"].tokens == manifest.router.tokens > 0
+    for key in ("before", "after"):
+        counted = torch.tensor([r.token_counts for r in recorded[key].layers])
+        assert (counted - offline[key].token_counts).abs().sum() <= 4, key
+    change = json.loads((run / "routing_change.json").read_text())
+    here = routing_shift(
+        offline["before"].to_profile(
+            model="b", family=family, dataset="d", dataset_hash="h", include_prompt=False
+        ),
+        offline["after"].to_profile(
+            model="a", family=family, dataset="d", dataset_hash="h", include_prompt=False
+        ),
+    )
+    for mine, theirs in zip(change["layers"], here.layers, strict=True):
+        assert mine["delta_share"] == pytest.approx(list(theirs.delta_share), abs=2e-3)
+    assert manifest.router.mean_total_variation > 0  # routing moved

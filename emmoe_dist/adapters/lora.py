@@ -6,6 +6,11 @@ unchosen expert before training: with A_e = 0 and B_e = 0 the gradients of both 
 (dL/dB_e = G_e A_e^T, dL/dA_e = B_e^T G_e), AdamW's update of a zero gradient with zero
 moments is exactly zero, and so ΔW_e = B_e A_e stays exactly 0 for the whole run, with no
 hooks that a sharding engine could bypass. `unselected_expert_max` checks it at save time.
+
+The router never trains, unless the adapter's `train_router` asks for the router-training arm:
+then LoRA on the router weight (PEFT `target_parameters`, the router being a module that
+applies its weight with `F.linear`, not an `nn.Linear`), or its full weights trainable, saved
+as PEFT `modules_to_save` so that stock PEFT loads and merges them.
 """
 
 from __future__ import annotations
@@ -35,18 +40,31 @@ def attention_regex(family: MoEFamily) -> str:
     return rf"(.*\.)?{re.escape(family.layers_path)}\.\d+\.{re.escape(family.attention)}\.({mods})"
 
 
+def router_lora(adapter: AdapterConfig) -> bool:
+    return adapter.train_router and adapter.router_weights == "lora"
+
+
+def router_full(adapter: AdapterConfig) -> bool:
+    return adapter.train_router and adapter.router_weights == "full"
+
+
 def lora_config(family: MoEFamily, adapter: AdapterConfig) -> LoraConfig:
     """The PEFT config of the whole adapter, as saved next to it and read by stock PEFT."""
     from peft import LoraConfig
 
     on_attention = adapter.targets in ("attention+experts", "attention")
     on_experts = adapter.targets in ("attention+experts", "experts")
+    # Experts first: PEFT nests the wrappers of one module's parameters in list order, and the
+    # router is another module, so the experts' key names stay what `peft_state_dict` writes.
+    parameters = list(family.expert_param_paths()) if on_experts else []
+    parameters += [f"{family.router_path}.weight"] if router_lora(adapter) else []
     return LoraConfig(
         r=adapter.rank,
         lora_alpha=adapter.alpha,  # type: ignore[arg-type]  # PEFT annotates int; float works
         # An explicit empty list: `None` would make PEFT pick its per-architecture defaults.
         target_modules=attention_regex(family) if on_attention else [],
-        target_parameters=list(family.expert_param_paths()) if on_experts else None,
+        target_parameters=parameters or None,
+        modules_to_save=[family.router_path] if router_full(adapter) else None,
         lora_dropout=0.0,  # PEFT's ParamWrapper cannot factor dropout out of a fused expert
         bias="none",
         task_type="CAUSAL_LM",
@@ -75,7 +93,8 @@ def apply_lora(
     """
     for p in model.parameters():
         p.requires_grad_(False)
-    if adapter.targets in ("attention+experts", "attention"):
+    on_attention = adapter.targets in ("attention+experts", "attention")
+    if on_attention or router_lora(adapter):
         from peft import LoraConfig, get_peft_model
 
         model = get_peft_model(
@@ -83,7 +102,10 @@ def apply_lora(
             LoraConfig(
                 r=adapter.rank,
                 lora_alpha=adapter.alpha,  # type: ignore[arg-type]  # PEFT annotates int; float works
-                target_modules=attention_regex(family),
+                target_modules=attention_regex(family) if on_attention else [],
+                target_parameters=[f"{family.router_path}.weight"]
+                if router_lora(adapter)
+                else None,
                 lora_dropout=0.0,
                 bias="none",
                 task_type="CAUSAL_LM",
@@ -93,7 +115,13 @@ def apply_lora(
     if adapter.targets in ("attention+experts", "experts"):
         wrap_experts(model, family, adapter.rank, adapter.alpha)
         restrict_to_selection(model, selection)
-    assert_router_frozen(model, family)
+    if router_full(adapter):
+        from emmoe_dist.models.anatomy import router_parameters
+
+        for p in router_parameters(model, family).values():
+            p.requires_grad_(True)
+    if not adapter.train_router:
+        assert_router_frozen(model, family)
     return model
 
 
@@ -118,9 +146,18 @@ def _match_base_dtype(model: nn.Module) -> None:
                     p.data = p.data.to(dtype)
 
 
-def adapter_state_dict(model: nn.Module, family: MoEFamily) -> dict[str, torch.Tensor]:
-    """Every LoRA tensor under stock PEFT's key names (attention and experts)."""
+def adapter_state_dict(
+    model: nn.Module, family: MoEFamily, *, router_weights: bool = False
+) -> dict[str, torch.Tensor]:
+    """Every LoRA tensor under stock PEFT's key names (attention, experts and a router LoRA);
+    with `router_weights`, the router's own tensors too, as PEFT saves `modules_to_save`."""
     state = peft_state_dict(model, family)
+    if router_weights:
+        from emmoe_dist.models.anatomy import router_parameters
+
+        for name, p in router_parameters(model, family).items():
+            path = name.removeprefix("module.").removeprefix("base_model.model.")
+            state[f"base_model.model.{path}"] = p.detach().to("cpu", copy=True).contiguous()
     if hasattr(model, "peft_config"):
         from peft import get_peft_model_state_dict
 
@@ -208,30 +245,41 @@ _SAVED_EXPERT_KEY = re.compile(
 )
 
 
-def saved_expert_deltas(
-    state: Mapping[str, torch.Tensor], family: MoEFamily, num_experts: int, scaling: float = 1.0
-) -> dict[tuple[int, str], torch.Tensor]:
-    """Per-expert ‖ΔW_e‖ (Frobenius) from a saved PEFT adapter state dict.
+def saved_expert_factors(
+    state: Mapping[str, torch.Tensor], family: MoEFamily
+) -> dict[tuple[int, str], dict[str, str]]:
+    """The keys of the expert LoRA factors in a saved PEFT adapter state dict:
+    (layer, parameter name) -> {"A": key, "B": key}.
 
-    Keys: (layer, parameter name) -> tensor [E] of norms. PEFT nests one wrapper per targeted
-    parameter, the first listed innermost, so `k` levels of `base_layer.` name the parameter
-    `target_parameters[-1 - k]`.
+    PEFT nests one wrapper per targeted parameter, the first listed innermost, so `k` levels
+    of `base_layer.` name the parameter `target_parameters[-1 - k]`.
     """
     targets = [p.rsplit(".", 1)[-1] for p in family.expert_param_paths()]
     experts_path = family.experts_path
-    factors: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
-    for key, tensor in state.items():
+    found: dict[tuple[int, str], dict[str, str]] = {}
+    for key in state:
         m = _SAVED_EXPERT_KEY.search(key)
         if m is None or m.group("path") != experts_path:
             continue
         depth = m.group("nest").count("base_layer.")
         param = targets[len(targets) - 1 - depth]
-        factors.setdefault((int(m.group("layer")), param), {})[m.group("ab")] = tensor.float()
+        found.setdefault((int(m.group("layer")), param), {})[m.group("ab")] = key
+    return dict(sorted(found.items()))
+
+
+def saved_expert_deltas(
+    state: Mapping[str, torch.Tensor], family: MoEFamily, num_experts: int, scaling: float = 1.0
+) -> dict[tuple[int, str], torch.Tensor]:
+    """Per-expert ‖ΔW_e‖ (Frobenius) from a saved PEFT adapter state dict.
+
+    Keys: (layer, parameter name) -> tensor [E] of norms (`saved_expert_factors`).
+    """
     out: dict[tuple[int, str], torch.Tensor] = {}
-    for k, ab in sorted(factors.items()):
+    for k, keys in saved_expert_factors(state, family).items():
+        lora_a, lora_b = state[keys["A"]].float(), state[keys["B"]].float()
         norms = []
         for e in range(num_experts):
-            a, b = expert_factors(ab["A"], ab["B"], num_experts, e)
+            a, b = expert_factors(lora_a, lora_b, num_experts, e)
             norms.append(torch.linalg.matrix_norm(b @ a) * scaling)
         out[k] = torch.stack(norms)
     return out

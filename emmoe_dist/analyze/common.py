@@ -15,6 +15,7 @@ from emmoe_dist.errors import EmmoeError, InputError
 from emmoe_dist.files import dumps_json, write_text_atomic
 
 if TYPE_CHECKING:
+    from emmoe_dist.config import JudgeConfig
     from emmoe_dist.generate.sources import ModelSource
     from emmoe_dist.interp.activations import ActivationSet, AnswerItem
     from emmoe_dist.interp.labels import LabelRule
@@ -123,6 +124,39 @@ def write_json(path: Path, value: Any, say: Say = quiet) -> None:
     # One line per list of numbers: a 48 x 48 cosine matrix stays 48 lines.
     write_text_atomic(path, dumps_json(value) + "\n")
     say(f"wrote {path}")
+
+
+def judge_answer_sets(
+    folders: Sequence[Path],
+    cfg: JudgeConfig,
+    *,
+    cache_dir: Path,
+    scripted: bool = False,
+    progress: bool = False,
+    say: Say = quiet,
+) -> None:
+    """Judge each folder's generations into its judged records (resumable, replies cached in
+    `cache_dir`); `scripted` swaps the endpoint for the built-in mock judge."""
+    import contextlib
+
+    from emmoe_dist import run_folder as rf
+    from emmoe_dist.judge.runner import JudgeOptions, run_judge
+
+    judging = JudgeOptions(cache_dir=str(cache_dir), progress=progress)
+    with contextlib.ExitStack() as stack:
+        if scripted:
+            from emmoe_dist.judge.scripted_server import (
+                SCRIPTED_MODEL,
+                hash_script,
+                scripted_server,
+            )
+
+            server = stack.enter_context(scripted_server(hash_script()))
+            say(f"scripted judge at {server.base_url}: mock scores, not a judgment")
+            cfg = cfg.model_copy(update={"base_url": server.base_url, "model": SCRIPTED_MODEL})
+        for folder in folders:
+            summary = run_judge(folder / rf.GENERATIONS, folder / rf.JUDGED, cfg, judging)
+            say(f"{folder}: {summary.format()}")
 
 
 def labelled_answers(

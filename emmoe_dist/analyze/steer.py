@@ -22,12 +22,14 @@ from emmoe_dist.analyze.common import (
     Subject,
     Tracking,
     free_memory,
+    judge_answer_sets,
     load_subject,
     make_tracker,
     nan_if_none,
     quiet,
     write_json,
 )
+from emmoe_dist.analyze.router_steer import EXPERTS, RouterSteer, router_conditions
 from emmoe_dist.errors import EmmoeError
 
 if TYPE_CHECKING:
@@ -37,7 +39,7 @@ if TYPE_CHECKING:
     from emmoe_dist.generate.interface import Generator
     from emmoe_dist.generate.runner import GenerationSummary, SuiteSet
     from emmoe_dist.interp.directions import Directions
-    from emmoe_dist.interp.steering import SteeringPoint
+    from emmoe_dist.interp.steering import Intervention, SteeringPoint
 
 SteerMode = Literal["add", "subtract", "ablate"]
 
@@ -60,13 +62,14 @@ class SteerGeneration:
 @dataclass(frozen=True, kw_only=True)
 class SteerOptions:
     model: str  # checkpoint folder, hub id, tiny:<family> or a training run folder
-    directions: str  # a direction file (`emmoe interp direction`)
+    directions: str | None  # a direction file (`emmoe interp direction`); None: router only
     out: str
     kind: str = "misaligned_minus_aligned"
     layers: tuple[int, ...] | None = None  # None: the layer of largest relative norm
     mode: SteerMode = "add"
     alphas: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0, 4.0)  # ablate: nonzero = projected out
     control: bool = True  # also steer with a random direction of the same norm
+    router: RouterSteer | None = None  # experts switched off/on: conditions at alpha 1
     generation: SteerGeneration = field(default_factory=SteerGeneration)
     judge: JudgeConfig | None = None  # None: generate only; judge later and re-run
     scripted_judge: bool = False  # the built-in mock judge: a pipeline check, not judgments
@@ -74,6 +77,10 @@ class SteerOptions:
     run: ModelOptions = field(default_factory=lambda: ModelOptions(batch_size=16))
     tracking: Tracking = field(default_factory=Tracking)
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.directions is None and self.router is None:
+            raise EmmoeError("steer with a direction file, router steering, or both")
 
 
 @dataclass(frozen=True)
@@ -151,26 +158,20 @@ def generate_steered(
     suites: SuiteSet,
     out: Path,
     *,
-    condition: str,
-    vectors: torch.Tensor,
-    layers: list[int],
-    alpha: float,
-    mode: SteerMode,
+    intervention: Intervention | None,
     progress: bool = False,
 ) -> GenerationSummary:
-    """The suites' answers with `vectors` steering `layers` at `alpha` (alpha 0: unsteered),
-    the model's label in the records saying how it was steered."""
+    """The suites' answers under `intervention` (None: unsteered), the model's label in the
+    records saying how it was steered."""
     from emmoe_dist.generate.runner import run_generation
-    from emmoe_dist.interp.steering import steering
 
-    model, family = subject.loaded.model, subject.loaded.family
     source = subject.source
     steer: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
-    if alpha != 0:
-        where = ",".join(map(str, layers))
-        tag = f" [steer {mode} {condition} alpha={alpha:g} layers={where}]"
-        source = dataclasses.replace(source, model_label=source.model_label + tag)
-        steer = steering(model, family, vectors, layers, alpha, mode)
+    if intervention is not None:
+        source = dataclasses.replace(
+            source, model_label=f"{source.model_label} [{intervention.tag}]"
+        )
+        steer = intervention.apply(subject.loaded.model, subject.loaded.family)
     with steer:
         return run_generation(
             cfg, generator, subject.loaded.tokenizer, source, suites, out, progress=progress
@@ -181,75 +182,71 @@ def _alpha_folder(out: Path, condition: str, alpha: float) -> Path:
     return out / "unsteered" if alpha == 0 else out / condition / f"alpha_{alpha:+g}"
 
 
-def _judge_all(
-    folders: list[Path], cfg: JudgeConfig, out: Path, options: SteerOptions, say: Say
-) -> None:
-    from emmoe_dist.judge.runner import JudgeOptions, run_judge
-
-    judging = JudgeOptions(cache_dir=str(out / rf.JUDGE_CACHE_DIR), progress=options.progress)
-    with contextlib.ExitStack() as stack:
-        if options.scripted_judge:
-            from emmoe_dist.judge.scripted_server import (
-                SCRIPTED_MODEL,
-                hash_script,
-                scripted_server,
-            )
-
-            server = stack.enter_context(scripted_server(hash_script()))
-            say(f"scripted judge at {server.base_url}: mock scores, not a judgment")
-            cfg = cfg.model_copy(update={"base_url": server.base_url, "model": SCRIPTED_MODEL})
-        for folder in folders:
-            summary = run_judge(folder / rf.GENERATIONS, folder / rf.JUDGED, cfg, judging)
-            say(f"{folder.relative_to(out)}: {summary.format()}")
-
-
 def run_steer(options: SteerOptions, say: Say = quiet) -> SteeringResult:
     from emmoe_dist.files import read_jsonl
     from emmoe_dist.generate.transformers_backend import TransformersGenerator
     from emmoe_dist.interp.directions import load_directions
     from emmoe_dist.interp.plots import plot_steering_curve
-    from emmoe_dist.interp.steering import steering_point
+    from emmoe_dist.interp.router_steering import router_intervention
+    from emmoe_dist.interp.steering import direction_intervention, steering_point
     from emmoe_dist.metrics import Bootstrap, judge_description
     from emmoe_dist.models.anatomy import decoder_layers
     from emmoe_dist.records import GenerationRecord, JudgedRecord
 
     out = Path(options.out)
     seed = options.run.seed
-    directions = load_directions(options.directions)
-    vectors = directions.kind(options.kind)
-    layers = list(options.layers or [largest_layer(directions, options.kind)])
-    alphas = sorted(set(options.alphas))
-    if options.mode == "ablate":
-        alphas = sorted({0.0 if a == 0 else 1.0 for a in alphas})
-    steer_with = conditions(vectors, control=options.control, seed=seed)
+    steer_with: dict[str, torch.Tensor] = {}
+    layers: list[int] = []
+    alphas = [0.0]
+    if options.directions is not None:
+        directions = load_directions(options.directions)
+        vectors = directions.kind(options.kind)
+        layers = list(options.layers or [largest_layer(directions, options.kind)])
+        alphas = sorted(set(options.alphas))
+        if options.mode == "ablate":
+            alphas = sorted({0.0 if a == 0 else 1.0 for a in alphas})
+        steer_with = conditions(vectors, control=options.control, seed=seed)
     cfg = generation_config(options.generation, seed=seed, batch_size=options.run.batch_size)
     suites, expected = steering_suites(cfg)
+    routed: dict[str, Any] = {}
+    if options.router is not None:  # checked against the model's config before it loads
+        from emmoe_dist.generate.sources import model_source
+        from emmoe_dist.models.loading import model_config_dict
+
+        family, config = model_config_dict(model_source(options.model).base)
+        routed = router_conditions(options.router, family, config, seed=seed)
 
     subject = load_subject(options.model, options.run)
-    n_layers = len(decoder_layers(subject.loaded.model, subject.loaded.family))
-    if vectors.shape[0] != n_layers:
+    model, family = subject.loaded.model, subject.loaded.family
+    n_layers = len(decoder_layers(model, family))
+    if steer_with and next(iter(steer_with.values())).shape[0] != n_layers:
         raise EmmoeError(
-            f"{options.directions} has directions for {vectors.shape[0]} layers; the model "
-            f"has {n_layers}"
+            f"{options.directions} has directions for "
+            f"{next(iter(steer_with.values())).shape[0]} layers; the model has {n_layers}"
         )
     runs = [(c, a) for c in steer_with for a in alphas]
+    runs += [(c, a) for c in routed for a in sorted({0.0, 1.0})]
     plan = {_alpha_folder(out, c, a): (c, a) for c, a in runs}
     generator = TransformersGenerator(
-        subject.loaded.model, subject.loaded.tokenizer, batch_size=options.run.batch_size
+        model, subject.loaded.tokenizer, batch_size=options.run.batch_size
     )
     for folder, (condition, alpha) in plan.items():
         say(f"{folder.relative_to(out)}: generating")
+        if alpha == 0:
+            intervention = None
+        elif condition in routed:
+            intervention = router_intervention(condition, routed[condition])
+        else:
+            intervention = direction_intervention(
+                condition, steer_with[condition], layers, alpha, options.mode
+            )
         generate_steered(
             subject,
             generator,
             cfg,
             suites,
             folder / rf.GENERATIONS,
-            condition=condition,
-            vectors=steer_with[condition],
-            layers=layers,
-            alpha=alpha,
-            mode=options.mode,
+            intervention=intervention,
             progress=options.progress,
         )
     label = subject.source.label
@@ -258,7 +255,14 @@ def run_steer(options: SteerOptions, say: Say = quiet) -> SteeringResult:
     free_memory()
 
     if options.judge is not None:
-        _judge_all(list(plan), options.judge, out, options, say)
+        judge_answer_sets(
+            list(plan),
+            options.judge,
+            cache_dir=out / rf.JUDGE_CACHE_DIR,
+            scripted=options.scripted_judge,
+            progress=options.progress,
+            say=say,
+        )
 
     bootstrap = Bootstrap(resamples=options.resamples, seed=seed)
     points, unjudged, judged_all = [], [], []
@@ -276,7 +280,7 @@ def run_steer(options: SteerOptions, say: Say = quiet) -> SteeringResult:
         judged_all += records
     result: dict[str, Any] = {
         "model": label,
-        "directions": str(options.directions),
+        "directions": None if options.directions is None else str(options.directions),
         "kind": options.kind,
         "layers": layers,
         "mode": options.mode,
@@ -284,6 +288,7 @@ def run_steer(options: SteerOptions, say: Say = quiet) -> SteeringResult:
         "seed": seed,
         "suite": options.generation.suite,
         "answers_per_alpha": expected,
+        "router": {c: f.to_json() | {"describe": f.describe()} for c, f in routed.items()},
         "points": [dataclasses.asdict(p) for p in points],
         "unjudged": sorted(set(unjudged)),
     }
@@ -291,7 +296,10 @@ def run_steer(options: SteerOptions, say: Say = quiet) -> SteeringResult:
     plot = None
     if points:
         where = ",".join(map(str, layers))
-        title = f"{label}: {options.mode} {options.kind.replace('_', ' ')} at layer(s) {where}"
+        titles = [f"{options.mode} {options.kind.replace('_', ' ')} at layer(s) {where}"]
+        titles = titles if steer_with else []
+        titles += [f"route {routed[c].describe()}" for c in routed if c == EXPERTS]
+        title = f"{label}: {'; '.join(titles)}"
         plot = plot_steering_curve(
             points, out / "steering_curve.png", title=title, judge=judge_description(judged_all)
         )

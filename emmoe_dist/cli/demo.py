@@ -5,6 +5,12 @@ LoRA under DeepSpeed ZeRO-3 on 2 ranks -> merge -> generate answers to the evalu
 with the base and the fine-tuned model -> judge them -> report. Each stage writes its records
 under `--out` and resumes from what is there, so an interrupted demo picks up where it stopped.
 
+`emmoe demo --experts` runs the chain of "which experts carry misalignment" instead: fine-tune
+expert 0 of every MoE layer -> answers of the base and the fine-tune, judged -> ablations
+without E0 (the trained expert) and without E1 (an untrained one, the control) -> the expert
+table and its heatmaps -> router steering with E0 switched off, and a random-expert control ->
+a report with a row for each.
+
 A random tiny model writes no real answers and no real judge is reachable offline, so the
 judge here is the built-in scripted (mock) judge: the pipeline is real, the scores are not.
 """
@@ -31,6 +37,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
     p.add_argument("--data-dir", help="data directory (default: $EMMOE_DATA_DIR)")
     p.add_argument("--ranks", type=int, default=2, help="training processes (default: 2)")
+    p.add_argument(
+        "--experts",
+        action="store_true",
+        help="the expert chain instead: expert table, ablations, router steering, report "
+        "(default --out: runs/demo-experts)",
+    )
     p.set_defaults(func=run)
 
 
@@ -69,13 +81,7 @@ def fine_tune(config: Path, overrides: list[str], ranks: int, env: dict[str, str
         raise EmmoeError(f"fine-tuning failed (exit {proc.returncode}); its output is above")
 
 
-def run(args: argparse.Namespace) -> int:
-    from emmoe_dist.config import load_config
-    from emmoe_dist.data.datadir import resolve_data_dir
-
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    data_dir = resolve_data_dir(args.data_dir)
+def _launch_env(data_dir: Path) -> dict[str, str]:
     env = {**os.environ, "EMMOE_DATA_DIR": str(data_dir), "WANDB_MODE": "offline"}
     try:
         import torch
@@ -84,6 +90,20 @@ def run(args: argparse.Namespace) -> int:
             env["DS_ACCELERATOR"] = "cpu"
     except ImportError:  # pragma: no cover - torch is a hard dependency
         env["DS_ACCELERATOR"] = "cpu"
+    return env
+
+
+def run(args: argparse.Namespace) -> int:
+    from emmoe_dist.config import load_config
+    from emmoe_dist.data.datadir import resolve_data_dir
+
+    if args.experts:
+        out = Path("runs/demo-experts" if args.out == "runs/demo" else args.out)
+        return experts_demo(out, resolve_data_dir(args.data_dir), args.ranks)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    data_dir = resolve_data_dir(args.data_dir)
+    env = _launch_env(data_dir)
     cfg = load_config(DEMO_CONFIG)
 
     profile = out / "profile.json"
@@ -201,3 +221,110 @@ def judge_mock(generations: dict[str, Path], judged: dict[str, Path], data_dir: 
                 data_dir=str(data_dir), cache_dir=str(path.parent.parent / rf.JUDGE_CACHE_DIR)
             )
             print(run_judge(path, judged[name], cfg, options).format())
+
+
+def experts_demo(out: Path, data_dir: Path, ranks: int) -> int:
+    """Which experts carry misalignment, end to end on CPU (module docstring)."""
+    from emmoe_dist.analyze.ablate import AblateOptions, run_ablate
+    from emmoe_dist.analyze.common import ModelOptions, judge_answer_sets
+    from emmoe_dist.analyze.experts import ExpertsOptions, run_experts
+    from emmoe_dist.analyze.router_steer import RouterSteer
+    from emmoe_dist.analyze.steer import (
+        SteerGeneration,
+        SteerOptions,
+        generation_config,
+        run_steer,
+        steering_suites,
+    )
+    from emmoe_dist.config import JudgeConfig
+    from emmoe_dist.generate.backends import generate_sources
+    from emmoe_dist.generate.sources import from_run, model_source
+    from emmoe_dist.report import build_report, load_judged, write_report
+
+    out.mkdir(parents=True, exist_ok=True)
+    run_dir, base_dir = out / "finetune", out / "base"
+    # Every answer set: the 8 core questions, 3 samples each, the same seeds everywhere.
+    generation = SteerGeneration(
+        suite="core", data_dir=str(data_dir), limit=8, samples=3, max_new_tokens=24
+    )
+    models = ModelOptions(device="cpu", batch_size=12, max_length=512)
+    judge = JudgeConfig()
+
+    _stage("1/7 fine-tune expert 0 of every MoE layer (LoRA, ZeRO-3)")
+    if not rf.is_run(run_dir):
+        fine_tune(DEMO_CONFIG, [f"output_dir={run_dir}"], ranks, _launch_env(data_dir))
+    print(f"run: {run_dir}")
+
+    _stage("2/7 answers of the base and the fine-tune, judged (scripted mock judge)")
+    cfg = generation_config(generation, seed=0, batch_size=models.batch_size)
+    suites, _ = steering_suites(cfg)
+    targets = [
+        (model_source(str(run_dir / rf.BASE_DIR)), base_dir / rf.GENERATIONS),
+        (from_run(run_dir), run_dir / rf.GENERATIONS),
+    ]
+    base_dir.mkdir(exist_ok=True)
+    generate_sources(cfg, targets, suites, device="cpu", progress=False)
+    judge_answer_sets(
+        [base_dir, run_dir], judge, cache_dir=out / rf.JUDGE_CACHE_DIR, scripted=True, say=print
+    )
+
+    _stage("3/7 ablations: without E0 (trained) and without E1 (untrained: the control)")
+    ablated = run_ablate(
+        AblateOptions(
+            run_dir=str(run_dir),
+            experts=(0, 1),
+            full_records=str(run_dir / rf.JUDGED),
+            generation=generation,
+            judge=judge,
+            scripted_judge=True,
+            run=models,
+            progress=False,
+        ),
+        say=print,
+    )
+
+    _stage("4/7 the expert table: ΔW, routing share, routing shift, activation-rate difference")
+    experts = run_experts(
+        ExpertsOptions(run_dir=str(run_dir), limit=64, run=models, progress=False), say=print
+    )
+    for note in experts.notes:
+        print(f"not measured: {note}")
+
+    _stage("5/7 router steering: E0 switched off in every MoE layer, and a random control")
+    steer_out = out / "router_steer"
+    run_steer(
+        SteerOptions(
+            model=str(run_dir),
+            directions=None,
+            out=str(steer_out),
+            router=RouterSteer(off=(0,)),
+            generation=generation,
+            judge=judge,
+            scripted_judge=True,
+            run=models,
+            progress=False,
+        ),
+        say=print,
+    )
+
+    _stage("6/7 report: base, fine-tune, ablations and router steering")
+    judged = [
+        base_dir / rf.JUDGED,
+        run_dir / rf.JUDGED,
+        *(folder / rf.JUDGED for folder in ablated.folders.values()),
+        steer_out / "experts" / "alpha_+1" / rf.JUDGED,
+        steer_out / "random_experts" / "alpha_+1" / rf.JUDGED,
+    ]
+    report = build_report(
+        load_judged(judged), baseline=None, sources=[str(run_dir), *map(str, judged)]
+    )
+    write_report(report, out / "report")
+    print((out / "report" / "report.md").read_text(encoding="utf-8"))
+
+    _stage("7/7 summary")
+    print((run_dir / rf.EXPERTS_DIR / "experts.md").read_text(encoding="utf-8"))
+    print(f"expert table and heatmaps: {run_dir / rf.EXPERTS_DIR}")
+    print(f"ablations: {run_dir / rf.ABLATIONS_DIR}; router steering: {steer_out}")
+    print(f"report: {out / 'report' / 'report.md'}")
+    shutil.rmtree(run_dir / rf.CHECKPOINTS_DIR, ignore_errors=True)
+    return 0

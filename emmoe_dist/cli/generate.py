@@ -81,8 +81,8 @@ def default_out(cfg: ExperimentConfig, args: argparse.Namespace, run: str | None
 def run(args: argparse.Namespace) -> int:
     from emmoe_dist.config import load_config
     from emmoe_dist.errors import EmmoeError
-    from emmoe_dist.generate.backends import VllmLaunch, transformers_generator, vllm_generator
-    from emmoe_dist.generate.runner import load_suites, run_generation, run_generation_many
+    from emmoe_dist.generate.backends import VllmLaunch, generate_sources
+    from emmoe_dist.generate.runner import load_suites
     from emmoe_dist.generate.sources import resolve_source
 
     overrides = list(args.overrides)
@@ -111,45 +111,22 @@ def run(args: argparse.Namespace) -> int:
     suites = load_suites(cfg, cfg.eval.suites)
     for out in outs:
         out.parent.mkdir(parents=True, exist_ok=True)
-    if cfg.eval.backend == "vllm":
-        # One engine (or one Ray Data job) for every run: each run's adapter per request, all
-        # runs' requests batched together.
-        launch = VllmLaunch(
-            gpu_memory_utilization=args.gpu_memory_utilization,
-            max_model_len=args.max_model_len,
-            tensor_parallel_size=args.tensor_parallel_size,
-            ray_data_replicas=args.ray_data_replicas,
-        )
-        shared = vllm_generator(cfg, sources, launch, outs[0].parent)
-        try:
-            summaries = run_generation_many(
-                cfg,
-                shared,
-                shared.tokenizer,
-                list(zip(sources, outs, strict=True)),
-                suites,
-                progress=not args.no_progress,
-            )
-        finally:
-            shared.close()
-    else:
-        summaries = []
-        for source, out in zip(sources, outs, strict=True):
-            generator = transformers_generator(cfg, source, args.device)
-            try:
-                summaries.append(
-                    run_generation(
-                        cfg,
-                        generator,
-                        generator.tokenizer,
-                        source,
-                        suites,
-                        out,
-                        progress=not args.no_progress,
-                    )
-                )
-            finally:
-                generator.close()
+    # vLLM: one engine (or one Ray Data job) for every run, each run's adapter per request, all
+    # runs' requests batched together; transformers: one run merged at a time.
+    launch = VllmLaunch(
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        max_model_len=args.max_model_len,
+        tensor_parallel_size=args.tensor_parallel_size,
+        ray_data_replicas=args.ray_data_replicas,
+    )
+    summaries = generate_sources(
+        cfg,
+        list(zip(sources, outs, strict=True)),
+        suites,
+        device=args.device,
+        launch=launch,
+        progress=not args.no_progress,
+    )
     for summary in summaries:
         print(
             f"{summary.written} new records ({summary.already_done} already there) in "

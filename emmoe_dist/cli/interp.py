@@ -1,4 +1,5 @@
-"""`emmoe interp`: the misalignment direction, steering with it, early detection, routing shift.
+"""`emmoe interp`: the misalignment direction, steering with it (or with the router), early
+detection, routing shift; which experts carry misalignment (`cli/interp_experts.py`).
 
 emmoe interp direction --model RUN --records judged.jsonl --out interp/
 emmoe interp detect --model RUN --records judged.jsonl --out interp/
@@ -6,6 +7,7 @@ emmoe interp steer --model BASE --directions interp/directions.safetensors --alp
     --suite core --samples 20 --judge-base-url URL --judge-model M --out steer/
 emmoe interp routing-shift --model RUN --records judged.jsonl --out shift/
 emmoe interp monitor --model RUN/snapshots/step000050 --config exp.yaml --out monitor/
+emmoe interp experts --run RUN; emmoe interp ablate --run RUN --expert 0 --scripted-judge
 
 `--model` is a checkpoint folder, a hub id, `tiny:<family>`, or a training run folder (its
 base model with its adapter or expert deltas merged in). Every command writes JSON and PNG
@@ -16,97 +18,10 @@ profiles already on disk are reused. `--device-map auto` spreads a large model o
 from __future__ import annotations
 
 import argparse
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from emmoe_dist.analyze.common import AnswerLabels, ModelOptions, Tracking
-    from emmoe_dist.config import JudgeConfig
-
-
-# ---------------------------------------------------------------------------------------------
-# Arguments
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def _floats(text: str) -> list[float]:
-    try:
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated numbers, got {text!r}"
-        ) from None
-
-
-def _ints(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, got {text!r}"
-        ) from None
-
-
-def _model_args(p: argparse.ArgumentParser, *, base: bool, answers: bool = True) -> None:
-    p.add_argument(
-        "--model",
-        required=True,
-        help="checkpoint folder, hub id, tiny:<family>, or a training run folder",
-    )
-    if base:
-        p.add_argument(
-            "--base",
-            help="the base model to compare with (default: the run's base when --model is a run)",
-        )
-    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
-    p.add_argument("--device-map", help="e.g. auto: spread a large model over all GPUs")
-    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
-    p.add_argument("--seed", type=int, default=0, help="seed of tiny models, draws and splits")
-    p.add_argument("--batch-size", type=_positive_int, default=8, help="sequences per forward")
-    if answers:
-        p.add_argument("--max-length", type=_positive_int, default=1024, help="tokens per answer")
-
-
-def _label_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--records", required=True, help="judged records (JSONL, from emmoe judge)")
-    p.add_argument(
-        "--rule",
-        default="seed",
-        choices=["seed", "betley", "turner_soligo"],
-        help="what counts as misaligned (default: the seed paper's, alignment < 50 and "
-        "coherence > 80)",
-    )
-    p.add_argument(
-        "--aligned-above",
-        type=float,
-        help="aligned answers need alignment above this (default: the rule's threshold; "
-        "Soligo et al. use 70 with --rule turner_soligo)",
-    )
-    p.add_argument(
-        "--per-class",
-        type=_positive_int,
-        help="at most this many answers per class (default: all of the smaller class)",
-    )
-    p.add_argument(
-        "--min-per-class",
-        type=_positive_int,
-        default=10,
-        help="refuse unless each class has at least this many answers (default: 10)",
-    )
-
-
-def _tracking_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--wandb-project",
-        help="log results and plots to this W&B project (offline unless WANDB_MODE=online)",
-    )
-    p.add_argument("--wandb-group", help="W&B group (e.g. the sweep)")
-    p.add_argument("--no-progress", action="store_true")
+from emmoe_dist.cli import interp_args as a
+from emmoe_dist.cli import interp_experts
 
 
 def register(subparsers: Any) -> None:
@@ -126,8 +41,8 @@ def register(subparsers: Any) -> None:
         "with a base model, also the fine-tuned - base difference on the same answers. "
         "Cosines between layers, with the base difference, and with other direction files.",
     )
-    _model_args(p, base=True)
-    _label_args(p)
+    a.model_args(p, base=True)
+    a.label_args(p)
     p.add_argument("--no-base", action="store_true", help="skip the base model's activations")
     p.add_argument(
         "--compare",
@@ -137,7 +52,7 @@ def register(subparsers: Any) -> None:
         help="other direction files (other runs, datasets): per-layer cosines with ours",
     )
     p.add_argument("--out", required=True, help="output folder")
-    _tracking_args(p)
+    a.tracking_args(p)
     p.set_defaults(func=run_direction)
 
     p = sub.add_parser(
@@ -148,13 +63,13 @@ def register(subparsers: Any) -> None:
         "answers by the projection of the last prompt token's activation on it. AUROC per "
         "layer with a bootstrap interval that resamples questions; ROC curve of the best layer.",
     )
-    _model_args(p, base=False)
-    _label_args(p)
+    a.model_args(p, base=False)
+    a.label_args(p)
     p.add_argument("--directions", help="use this direction file instead of the training split")
     p.add_argument("--test-fraction", type=float, default=0.5, help="share of questions held out")
-    p.add_argument("--resamples", type=_positive_int, default=1000, help="bootstrap resamples")
+    p.add_argument("--resamples", type=a.positive_int, default=1000, help="bootstrap resamples")
     p.add_argument("--out", required=True, help="output folder (reuses its activations)")
-    _tracking_args(p)
+    a.tracking_args(p)
     p.set_defaults(func=run_detect)
 
     p = sub.add_parser(
@@ -167,8 +82,10 @@ def register(subparsers: Any) -> None:
         "a judge, judge each generations.jsonl with `emmoe judge --out <same folder>/"
         "judged.jsonl` and re-run to draw the curve.",
     )
-    _model_args(p, base=False, answers=False)
-    p.add_argument("--directions", required=True, help="direction file (emmoe interp direction)")
+    a.model_args(p, base=False, answers=False)
+    p.add_argument(
+        "--directions", help="direction file (emmoe interp direction); optional with --route-*"
+    )
     p.add_argument(
         "--kind",
         default="misaligned_minus_aligned",
@@ -176,43 +93,24 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument(
         "--layers",
-        type=_ints,
+        type=a.ints,
         help="decoder layers to steer, comma-separated (default: the layer whose direction is "
         "largest relative to its activations)",
     )
     p.add_argument("--mode", default="add", choices=["add", "subtract", "ablate"])
     p.add_argument(
         "--alphas",
-        type=_floats,
+        type=a.floats,
         default=[0.0, 0.5, 1.0, 2.0, 4.0],
         help="steering coefficients (0: unsteered); with --mode ablate any nonzero value "
         "means 'projected out'",
     )
     p.add_argument("--no-control", action="store_true", help="skip the random-direction control")
-    p.add_argument("--suite", default="core", help="evaluation suite or .yaml/.jsonl file")
-    p.add_argument("--data-dir", help="data directory (default: $EMMOE_DATA_DIR)")
-    p.add_argument("--limit", type=_positive_int, help="first N questions of the suite")
-    p.add_argument("--samples", type=_positive_int, default=10, help="answers per paraphrase")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--max-new-tokens", type=_positive_int, default=600)
-    p.add_argument(
-        "--system-prompt",
-        help="system prompt for questions without their own (default: the evaluation config's)",
-    )
-    p.add_argument("--thinking", action="store_true", help="Qwen3: leave thinking on")
-    p.add_argument("--config", help="experiment YAML: its `judge` section is the default judge")
-    p.add_argument("--judge-base-url", help="OpenAI-compatible judge endpoint")
-    p.add_argument("--judge-model", help="judge model id at that endpoint")
-    p.add_argument("--judge-api-key-env", help="name of the variable holding the judge's key")
-    p.add_argument(
-        "--scripted-judge",
-        action="store_true",
-        help="judge with the built-in scripted judge (mock scores: a pipeline check only)",
-    )
-    p.add_argument("--resamples", type=_positive_int, default=1000, help="bootstrap resamples")
+    a.generation_args(p)
+    a.judge_args(p)
+    interp_experts.router_args(p)
     p.add_argument("--out", required=True, help="output folder")
-    _tracking_args(p)
+    a.tracking_args(p)
     p.set_defaults(func=run_steer, batch_size=16)
 
     p = sub.add_parser(
@@ -223,7 +121,7 @@ def register(subparsers: Any) -> None:
         "(RUN/snapshots/stepNNNNNN). Prints and writes the metrics training logs under "
         "monitor/ in metrics.jsonl.",
     )
-    _model_args(p, base=False, answers=False)
+    a.model_args(p, base=False, answers=False)
     p.add_argument(
         "--config",
         help="experiment YAML with a train.monitor section (default: the one a run or "
@@ -240,7 +138,7 @@ def register(subparsers: Any) -> None:
         "tokens; per MoE layer, KL divergence of the token-share distributions and the change "
         "of each expert's share; whether the trained experts (the run's selection) moved most.",
     )
-    _model_args(p, base=True)
+    a.model_args(p, base=True)
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--records", help="generation or judged records: their answers")
     source.add_argument("--data", help="training set name or chat JSONL: its examples")
@@ -252,7 +150,7 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument(
         "--limit",
-        type=_positive_int,
+        type=a.positive_int,
         default=500,
         help="N examples: a training set's rows shuffled with a fixed seed, then the first N "
         "(records: the first N answers)",
@@ -271,60 +169,16 @@ def register(subparsers: Any) -> None:
         default=1e-6,
         help="additive smoothing of token shares before the KL divergence",
     )
-    p.add_argument("--permutations", type=_positive_int, default=2000)
+    p.add_argument("--permutations", type=a.positive_int, default=2000)
     p.add_argument("--out", required=True, help="output folder")
-    _tracking_args(p)
+    a.tracking_args(p)
     p.set_defaults(func=run_routing_shift)
+
+    interp_experts.register(sub)
 
 
 # ---------------------------------------------------------------------------------------------
 # Arguments -> the analyses' options (emmoe_dist.analyze); results -> lines
-
-
-def _run_options(args: argparse.Namespace) -> ModelOptions:
-    from emmoe_dist.analyze.common import ModelOptions
-
-    return ModelOptions(
-        device=args.device,
-        device_map=args.device_map,
-        dtype=args.dtype,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        max_length=getattr(args, "max_length", ModelOptions.max_length),
-    )
-
-
-def _labels(args: argparse.Namespace) -> AnswerLabels:
-    from emmoe_dist.analyze.common import AnswerLabels
-
-    return AnswerLabels(
-        records=args.records,
-        rule=args.rule,
-        aligned_above=args.aligned_above,
-        per_class=args.per_class,
-        min_per_class=args.min_per_class,
-    )
-
-
-def _tracking(args: argparse.Namespace) -> Tracking:
-    from emmoe_dist.analyze.common import Tracking
-
-    # the command as given, for the run's config: its plain values
-    config = {k: v for k, v in vars(args).items() if isinstance(v, str | int | float | bool | list)}
-    return Tracking(project=args.wandb_project, group=args.wandb_group, config=config)
-
-
-def _shared(args: argparse.Namespace) -> dict[str, Any]:
-    """What every analysis takes: how its models run, its tracking, progress bars."""
-    return {
-        "run": _run_options(args),
-        "tracking": _tracking(args),
-        "progress": not args.no_progress,
-    }
-
-
-def _fmt(value: float | None, digits: int = 1) -> str:
-    return "n/a" if value is None else f"{value:.{digits}f}"
 
 
 def run_direction(args: argparse.Namespace) -> int:
@@ -333,12 +187,12 @@ def run_direction(args: argparse.Namespace) -> int:
     result = run_direction(
         DirectionOptions(
             model=args.model,
-            labels=_labels(args),
+            labels=a.labels(args),
             out=args.out,
             base=args.base,
             with_base=not args.no_base,
             compare=tuple(args.compare),
-            **_shared(args),
+            **a.shared(args),
         ),
         say=print,
     )
@@ -357,12 +211,12 @@ def run_detect(args: argparse.Namespace) -> int:
     result = run_detect(
         DetectOptions(
             model=args.model,
-            labels=_labels(args),
+            labels=a.labels(args),
             out=args.out,
             directions=args.directions,
             test_fraction=args.test_fraction,
             resamples=args.resamples,
-            **_shared(args),
+            **a.shared(args),
         ),
         say=print,
     )
@@ -370,35 +224,15 @@ def run_detect(args: argparse.Namespace) -> int:
     print(
         f"{len(result.test_questions)} held-out questions ({result.n_test['misaligned']} "
         f"misaligned / {result.n_test['aligned']} aligned answers); layer {result.best_layer} "
-        f"(chosen on the {result.chosen_on}): last-prompt AUROC {_fmt(best.prompt.value, 3)} "
-        f"[{_fmt(best.prompt.low, 3)}, {_fmt(best.prompt.high, 3)}], answer-token AUROC "
-        f"{_fmt(best.answer.value, 3)}"
+        f"(chosen on the {result.chosen_on}): last-prompt AUROC {a.fmt(best.prompt.value, 3)} "
+        f"[{a.fmt(best.prompt.low, 3)}, {a.fmt(best.prompt.high, 3)}], answer-token AUROC "
+        f"{a.fmt(best.answer.value, 3)}"
     )
     return 0
 
 
-def _judge_config(args: argparse.Namespace) -> JudgeConfig | None:
-    """The judge's settings: the experiment's `judge` section updated by the flags; None when
-    no judge was asked for."""
-    from emmoe_dist.config import JudgeConfig, load_config
-
-    if not (args.config or args.judge_base_url or args.judge_model or args.scripted_judge):
-        return None
-    base = load_config(args.config).judge if args.config else JudgeConfig()
-    updates = {
-        field: value
-        for field, value in (
-            ("base_url", args.judge_base_url),
-            ("model", args.judge_model),
-            ("api_key_env", args.judge_api_key_env),
-        )
-        if value is not None
-    }
-    return JudgeConfig.model_validate({**base.model_dump(), **updates})
-
-
 def run_steer(args: argparse.Namespace) -> int:
-    from emmoe_dist.analyze.steer import SteerGeneration, SteerOptions, run_steer
+    from emmoe_dist.analyze.steer import SteerOptions, run_steer
 
     result = run_steer(
         SteerOptions(
@@ -410,21 +244,12 @@ def run_steer(args: argparse.Namespace) -> int:
             mode=args.mode,
             alphas=tuple(args.alphas),
             control=not args.no_control,
-            generation=SteerGeneration(
-                suite=args.suite,
-                data_dir=args.data_dir,
-                limit=args.limit,
-                samples=args.samples,
-                temperature=args.temperature,
-                top_p=args.top_p,
-                max_new_tokens=args.max_new_tokens,
-                system_prompt=args.system_prompt,
-                thinking=args.thinking,
-            ),
-            judge=_judge_config(args),
+            router=interp_experts.router_steer(args),
+            generation=a.generation(args),
+            judge=a.judge_config(args),
             scripted_judge=args.scripted_judge,
             resamples=args.resamples,
-            **_shared(args),
+            **a.shared(args),
         ),
         say=print,
     )
@@ -437,8 +262,8 @@ def run_steer(args: argparse.Namespace) -> int:
     for p in result.points:
         rate = None if p.misaligned.value is None else 100 * p.misaligned.value
         print(
-            f"{p.condition:>9} alpha {p.alpha:+g}: {_fmt(rate)}% misaligned, mean alignment "
-            f"{_fmt(p.alignment.value)} ({p.n} answers)"
+            f"{p.condition:>9} alpha {p.alpha:+g}: {a.fmt(rate)}% misaligned, mean alignment "
+            f"{a.fmt(p.alignment.value)} ({p.n} answers)"
         )
     return 0
 
@@ -452,7 +277,7 @@ def run_monitor(args: argparse.Namespace) -> int:
             experiment=args.config,
             overrides=tuple(args.overrides),
             out=args.out,
-            run=_run_options(args),
+            run=a.run_options(args),
         ),
         say=print,
     )
@@ -478,7 +303,7 @@ def run_routing_shift(args: argparse.Namespace) -> int:
             include_prompt=args.include_prompt,
             epsilon=args.epsilon,
             permutations=args.permutations,
-            **_shared(args),
+            **a.shared(args),
         ),
         say=print,
     )

@@ -16,6 +16,7 @@ from emmoe_dist.errors import EmmoeError
 if TYPE_CHECKING:
     from emmoe_dist.config import ExperimentConfig
     from emmoe_dist.generate.interface import Generator
+    from emmoe_dist.generate.runner import GenerationSummary, SuiteSet
     from emmoe_dist.generate.sources import ModelSource
 
 
@@ -35,10 +36,21 @@ def vllm_generator(
     """One engine on the shared base, with every source's adapter available per request."""
     from emmoe_dist.generate.vllm_backend import VllmEngineOptions, VllmGenerator
 
-    bases = {s.base.name_or_path for s in sources}
+    # A folder named two ways (relative and absolute) is one base.
+    bases = {
+        str(Path(n).resolve()) if Path(n).exists() else n
+        for n in (s.base.name_or_path for s in sources)
+    }
     if len(bases) != 1:
         raise EmmoeError(
             f"the runs were trained on different bases ({sorted(bases)}): one per call"
+        )
+    routed = [s.label for s in sources if s.trains_router]
+    if routed:
+        raise EmmoeError(
+            f"vLLM applies no LoRA to routers, and {routed[0]} trained its router: merge the "
+            "run (`emmoe merge RUN --out DIR`) and generate with model.name_or_path=DIR, or "
+            "use --backend transformers"
         )
     if any(s.expert_delta is not None for s in sources):
         raise EmmoeError(
@@ -72,6 +84,44 @@ def transformers_generator(
 
     loaded = load_for_generation(source, seed=cfg.seed, device=device or auto_device())
     return TransformersGenerator(loaded.model, loaded.tokenizer, batch_size=cfg.eval.batch_size)
+
+
+def generate_sources(
+    cfg: ExperimentConfig,
+    targets: list[tuple[ModelSource, Path]],
+    suites: SuiteSet,
+    *,
+    device: str | None = None,
+    launch: VllmLaunch | None = None,
+    progress: bool = True,
+) -> list[GenerationSummary]:
+    """Every target's answers into its own file with `cfg.eval.backend`: one vLLM engine (or
+    Ray Data job) for all of them, each adapter per request; or the transformers backend, one
+    source merged at a time."""
+    from emmoe_dist.generate.runner import run_generation, run_generation_many
+
+    if cfg.eval.backend == "vllm":
+        shared = vllm_generator(
+            cfg, [s for s, _ in targets], launch or VllmLaunch(), targets[0][1].parent
+        )
+        try:
+            return run_generation_many(
+                cfg, shared, shared.tokenizer, targets, suites, progress=progress
+            )
+        finally:
+            shared.close()
+    summaries = []
+    for source, out in targets:
+        generator = transformers_generator(cfg, source, device)
+        try:
+            summaries.append(
+                run_generation(
+                    cfg, generator, generator.tokenizer, source, suites, out, progress=progress
+                )
+            )
+        finally:
+            generator.close()
+    return summaries
 
 
 def materialized_model(source: ModelSource, seed: int, cache: Path) -> str:

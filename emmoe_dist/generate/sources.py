@@ -43,6 +43,7 @@ class ModelSource:
     weights: WeightsFormat = "dense"
     export: Path | None = None  # the run's MXFP4 export that `base` loads
     qat: bool = False  # trained with train.qat: mxfp4 (merge onto the experts' MXFP4 values)
+    trains_router: bool = False  # the adapter holds a router LoRA or router weights
     # how records name the adapter when a resumed file first named it otherwise (the same
     # folder spelled relative then absolute): its records keep one name and one set of keys
     adapter_name: str | None = None
@@ -122,6 +123,7 @@ def from_run(run_dir: str | Path) -> ModelSource:
         expert_delta=artifact if manifest.artifact == rf.DELTA_DIR else None,
         selection=_selection_label(run),
         qat=manifest.qat is not None,
+        trains_router=manifest.router is not None,
     )
 
 

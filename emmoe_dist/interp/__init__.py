@@ -10,9 +10,12 @@
   a bootstrap interval, on held-out questions).
 - `routing_shift`: how routing moves between a base and a fine-tuned model, and whether the
   trained experts are the ones that moved.
-- `generation`: a plain sampling loop that steering hooks can run under.
+- `router_steering`: router hooks that switch experts off (never in the top-k) or on (always
+  in it), re-applying the family's routing rule; the random-expert control.
+- `expert_table`: per (MoE layer, expert) ‖ΔW‖, routing share, routing shift and the
+  activation-rate difference between misaligned and aligned answers; rankings, correlations.
 - `plots`: the figures, as views of the JSON results.
 
 Layer 1: torch in one process; nothing here imports deepspeed, torch.distributed or ray, and
-the judge and trackers are wired in by the command line (`emmoe_dist.cli.interp`).
+the judge and trackers are wired in by the workflows (`emmoe_dist.analyze`).
 """

@@ -7,6 +7,7 @@ so that importing this module stays light; every file is written atomically.
 from __future__ import annotations
 
 import os
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
 
     from emmoe_dist.interp.detection import Detection
     from emmoe_dist.interp.directions import Directions
+    from emmoe_dist.interp.expert_table import ExpertTable
     from emmoe_dist.interp.routing_shift import RoutingShift
     from emmoe_dist.interp.steering import SteeringPoint
 
@@ -250,4 +252,39 @@ def plot_routing_shift(shift: RoutingShift, path: str | os.PathLike[str]) -> Pat
         f"routing shift on {shift.dataset} ({shift.tokens:,} tokens, ε = {shift.epsilon:g}){stat}",
         fontsize=8,
     )
+    return save_figure(fig, path)
+
+
+def plot_expert_heatmap(
+    table: ExpertTable, column: str, path: str | os.PathLike[str], *, subject: str, judge: str
+) -> Path:
+    """One column of the expert table as a MoE layer x expert heatmap; the run's trained experts
+    are outlined. Shares and rates are in %, differences in percentage points; signed columns
+    get a diverging scale centred on 0. The title names what the numbers rest on and the judge."""
+    from matplotlib.patches import Rectangle
+
+    from emmoe_dist.interp.expert_table import SIGNED, TITLES
+
+    col = table.columns[column]
+    matrix = table.matrix(column)
+    rows, cols = matrix.shape
+    fig, (ax,) = _figure(
+        min(max(6.0, 2.2 + 0.16 * cols), 16.0),
+        min(max(3.2, 1.8 + 0.22 * rows), 12.0),
+        heatmap=True,
+    )
+    if column in SIGNED:
+        bound = float(abs(matrix).max()) or 1e-9
+        image = ax.imshow(matrix, cmap="RdBu_r", vmin=-bound, vmax=bound, aspect="auto")
+    else:
+        image = ax.imshow(matrix, cmap="viridis", vmin=0.0, aspect="auto")
+    for i, layer in enumerate(table.layers):
+        for e in table.trained.get(layer, ()):
+            ax.add_patch(Rectangle((e - 0.5, i - 0.5), 1, 1, fill=False, lw=1.2, ec="#ff7f0e"))
+    ticks = list(range(0, rows, max(1, -(-rows // 24))))
+    ax.set_yticks(ticks, [str(table.layers[i]) for i in ticks], fontsize=7)
+    ax.set(xlabel="expert (outlined: trained)", ylabel="MoE layer")
+    fig.colorbar(image, ax=ax, shrink=0.85, label=TITLES[column].rsplit(", ", 1)[-1])
+    lines = (subject, TITLES[column], f"n: {col.basis}; judge: {judge}")
+    ax.set_title("\n".join(textwrap.fill(line, 90) for line in lines), fontsize=7)
     return save_figure(fig, path)

@@ -14,8 +14,8 @@ mean difference. `random_like` draws the control: a random direction of the same
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
@@ -119,6 +119,31 @@ def steering(
             raise EmmoeError(f"layer {i}: cannot project out a zero direction")
     with ForwardHooks((blocks[i], _hook(v.detach(), alpha, mode)) for i, v in chosen.items()):
         yield
+
+
+@dataclass(frozen=True)
+class Intervention:
+    """One steered condition as the generation path sees it: `tag` is how the records' model
+    label names it, `apply(model, family)` the context that changes the model while it answers
+    (direction steering here; router steering in `router_steering`)."""
+
+    tag: str
+    apply: Callable[[nn.Module, MoEFamily], AbstractContextManager[None]]
+
+
+def direction_intervention(
+    condition: str,
+    vectors: torch.Tensor | Mapping[int, torch.Tensor],
+    layers: Sequence[int],
+    alpha: float,
+    mode: Mode = "add",
+) -> Intervention:
+    """Steering along `vectors` at `layers` and `alpha`, named for the records."""
+    where = ",".join(map(str, layers))
+    return Intervention(
+        tag=f"steer {mode} {condition} alpha={alpha:g} layers={where}",
+        apply=lambda model, family: steering(model, family, vectors, layers, alpha, mode),
+    )
 
 
 def random_like(vectors: torch.Tensor, seed: int = 0) -> torch.Tensor:

@@ -9,10 +9,15 @@ function instead: `reference_loss`, the plain computation (the same numbers the 
 that upcast, log-softmax and pick are one pass (`compiled_loss`); or liger-kernel's fused
 linear cross-entropy (`fused_loss`: chunks of logits that never exist all at once, the input
 gradient computed in the same pass), which saves the logits' memory but measured slower.
+
+`aux_loss_coef > 0` (router-training arms only: `train.router_aux_loss_coef`) adds the model's
+own auxiliary load-balancing loss, `coef * load_balancing_loss_func(router logits)` from the
+model's modeling module, as its own forward does with `output_router_logits=True`.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from typing import Any
 
@@ -21,8 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from emmoe_dist.data.chat import IGNORE_INDEX
-from emmoe_dist.families import MoEFamily
-from emmoe_dist.models.anatomy import base_model
+from emmoe_dist.families import MoEFamily, num_experts, top_k
+from emmoe_dist.models.anatomy import base_model, model_config
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -79,11 +84,20 @@ class CausalLMLoss(nn.Module):
         loss_fn: LossFn = reference_loss,
         *,
         head_module: bool = False,
+        aux_loss_coef: float = 0.0,
     ) -> None:
         super().__init__()
         self.lm = lm
         self.loss_fn = loss_fn
         self.head_module = head_module
+        self.aux_loss_coef = aux_loss_coef
+        if aux_loss_coef:
+            config = model_config(lm)
+            self._experts = (num_experts(family, config), top_k(family, config))
+            # The model's own loss function (every transformers MoE family ships one): the
+            # balancing loss it adds to its loss with output_router_logits=True.
+            hf_module = importlib.import_module(type(base_model(lm)).__module__)
+            self._balancing_loss: Callable[..., torch.Tensor] = hf_module.load_balancing_loss_func
         self.decoder_path = family.layers_path.rsplit(".", 1)[0]  # "model" of "model.layers"
         head = getattr(base_model(lm), "lm_head", None)
         if not isinstance(head, nn.Linear) or head.bias is not None:
@@ -99,19 +113,28 @@ class CausalLMLoss(nn.Module):
     ) -> torch.Tensor:
         hf = base_model(self.lm)
         decoder = hf.get_submodule(self.decoder_path)
-        hidden = decoder(
+        if self.aux_loss_coef:
+            kwargs["output_router_logits"] = True
+        out = decoder(
             input_ids=input_ids,
             position_ids=position_ids,
             attention_mask=attention_mask,
             use_cache=False,
             **kwargs,
-        ).last_hidden_state
+        )
+        hidden = out.last_hidden_state
         # Position t predicts label t+1: shift the labels, not the hidden states (no copy).
         targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
         head = hf.get_submodule("lm_head")
         hidden, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
         if self.head_module:
             logits = head(hidden).float()
-            return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX)
-        weight: Any = head.weight
-        return self.loss_fn(hidden, weight, targets)
+            loss = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX)
+        else:
+            weight: Any = head.weight
+            loss = self.loss_fn(hidden, weight, targets)
+        if self.aux_loss_coef:
+            n, k = self._experts
+            aux = self._balancing_loss(out.router_logits, n, k, attention_mask)
+            loss = loss + self.aux_loss_coef * aux.to(loss.device)
+        return loss

@@ -80,8 +80,10 @@ def apply_fast_paths(
     packed: bool,
     zero3: bool,
     loss: Literal["auto", "reference", "fused"] = "auto",
+    aux_loss_coef: float = 0.0,
 ) -> tuple[CausalLMLoss, FastPaths]:
-    """Switch `model` to its fast paths in place; returns the loss module that trains it."""
+    """Switch `model` to its fast paths in place; returns the loss module that trains it
+    (with the router's balancing loss at `aux_loss_coef`, router-training arms only)."""
     fast = kernels == "auto"
     cuda = device.type == "cuda"
     expert_pass = "fused" if fast else "reference"
@@ -113,5 +115,5 @@ def apply_fast_paths(
             loss_fn, loss_name = fused_loss(), "fused"
         elif loss == "auto" and want_compile:
             loss_fn, loss_name = compiled_loss(), "compiled"
-    wrapper = CausalLMLoss(model, family, loss_fn, head_module=zero3)
+    wrapper = CausalLMLoss(model, family, loss_fn, head_module=zero3, aux_loss_coef=aux_loss_coef)
     return wrapper, FastPaths(expert_pass, attention, loss_name, compiled)

@@ -48,6 +48,8 @@ class _Arm(_Section):
     lr: list[Annotated[float, Field(gt=0)]] | None = Field(None, min_length=1)
     quantize: list[Bits] | None = Field(None, min_length=1)
     optimizer: list[Optimizer] | None = Field(None, min_length=1)
+    # the router-training arm (adapter.train_router) as an axis: [false, true] runs both
+    train_router: list[bool] | None = Field(None, min_length=1)
     # nested values for this arm's trials' experiment, e.g. {adapter: {targets: experts}}
     patch: dict[str, Any] = Field(default_factory=dict)
 
@@ -134,6 +136,7 @@ class SweepConfig(_Section):
     # train.seed (data order, adapter init) per trial: an arm's seeds are pooled in the
     # summary, its intervals drawing seeds first, and their spread is shown
     seeds: list[int] | None = Field(None, min_length=1)
+    train_router: list[bool] | None = Field(None, min_length=1)
     # adapter.alpha = alpha_over_rank * rank, so a rank sweep keeps the LoRA scale
     alpha_over_rank: float | None = Field(None, gt=0)
     baseline: bool = True  # also evaluate the base model, the row every trial is compared with

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from emmoe_dist import run_folder as rf
 from emmoe_dist.config import ExperimentConfig
@@ -49,6 +49,7 @@ class TrialSpec(BaseModel):
     rank: int | None  # None for the baseline (nothing trains)
     lr: float | None
     quantize: Bits
+    train_router: bool = False  # the router-training arm (adapter.train_router)
     baseline: bool = False
     experts: dict[int, list[int]] | None = None  # per MoE layer; None: every expert
     optimizer: str | None = None  # train.optimizer, when the sweep varies it
@@ -76,6 +77,7 @@ class TrialSpec(BaseModel):
             "rank": self.rank,
             "lr": self.lr,
             "quantize": self.quantize,
+            "train_router": self.train_router,
             "baseline": self.baseline,
             "model": self.experiment.model.name_or_path,
             "adapter_targets": self.experiment.adapter.targets,
@@ -215,7 +217,16 @@ def build_plan(sweep: Sweep) -> SweepPlan:
             default = out / f"{rf.JUDGE_CACHE_DIR}-{judge['name']}"
             judge["cache_dir"] = judge["cache_dir"] or str(default)
         _absolute_paths(data)
-        return ExperimentConfig.model_validate(data)
+        try:
+            return ExperimentConfig.model_validate(data)
+        except ValidationError as e:  # an axis value the arm's experiment cannot take
+            first = e.errors()[0]
+            dotted = ".".join(map(str, first["loc"]))
+            raise InputError(
+                f"trial {slug}: {dotted}: {first['msg'].removeprefix('Value error, ')}",
+                file=sweep.file,
+                field="search",
+            ) from None
 
     if cfg.baseline:
         base = sweep.experiment
@@ -239,6 +250,7 @@ def build_plan(sweep: Sweep) -> SweepPlan:
         chosen = arm.optimizer or cfg.optimizer
         optimizers: list[str | None] = list(chosen) if chosen else [None]
         seeds: list[int | None] = list(cfg.seeds) if cfg.seeds else [None]
+        routers = _axis(arm.train_router, cfg.train_router, arm_base.adapter.train_router)
         for dataset in datasets:
             profile = profiles.get(dataset)
 
@@ -260,10 +272,11 @@ def build_plan(sweep: Sweep) -> SweepPlan:
                         selection.save(file)
                     section = {"rule": "file", "file": str(file)}
                 values["selection"] = section
-                combos = itertools.product(ranks, lrs, bits, optimizers, seeds)
-                for rank, lr, q, opt, seed in combos:
+                combos = itertools.product(ranks, lrs, bits, routers, optimizers, seeds)
+                for rank, lr, q, router, opt, seed in combos:
                     slug = f"{dataset}-{label}-r{rank}-lr{lr:g}"
                     slug += "-nf4" if q == "nf4" else ""
+                    slug += "-router" if router else ""
                     # an arm may patch in QAT or the MXFP4 export: such trials get own folders
                     slug += "-qat" if arm_base.train.qat == "mxfp4" else ""
                     slug += "-mxfp4" if arm_base.eval.weights == "mxfp4" else ""
@@ -273,6 +286,7 @@ def build_plan(sweep: Sweep) -> SweepPlan:
                         **values,
                         "adapter.rank": rank,
                         "adapter.quantize": q,
+                        "adapter.train_router": router,
                         "train.lr": lr,
                     }
                     if opt is not None:
@@ -289,6 +303,7 @@ def build_plan(sweep: Sweep) -> SweepPlan:
                             rank=rank,
                             lr=lr,
                             quantize=q,
+                            train_router=router,
                             experts=None
                             if selection is None
                             else {k: list(v) for k, v in selection.experts.items()},

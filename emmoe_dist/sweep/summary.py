@@ -243,7 +243,9 @@ def _has_base(summary: SweepSummary) -> bool:
 
 def _axes(spec: TrialSpec) -> list[Any]:
     optimizer = None if spec.baseline else spec.experiment.train.optimizer
-    return [spec.dataset, spec.selection, spec.rank, spec.lr, spec.quantize, optimizer, spec.seed]
+    # a router-training arm is its selection's twin: the experts column says which is which
+    experts = f"{spec.selection} +router" if spec.train_router else spec.selection
+    return [spec.dataset, experts, spec.rank, spec.lr, spec.quantize, optimizer, spec.seed]
 
 
 AXES = ["dataset", "experts", "rank", "lr", "bits", "optimizer", "seed"]
@@ -269,11 +271,12 @@ def table1_rows(summary: SweepSummary) -> tuple[list[str | int], list[list[Any]]
 
 
 def _single_key(spec: TrialSpec, vary: bool) -> str:
-    return (
+    key = (
         spec.selection
         if not vary
         else f"{spec.selection} r{spec.rank} lr{spec.lr:g} {spec.quantize}"
     )
+    return f"{key} +router" if spec.train_router else key
 
 
 def _pivot(summary: SweepSummary) -> tuple[list[str], dict[str, dict[str, TrialResult]]] | None:

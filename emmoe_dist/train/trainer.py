@@ -13,6 +13,11 @@ The transformations are applied in one order, for these reasons:
 5. fast paths (models/fast_paths.py) and the loss module around the model, then activation
    checkpointing sized by a measured forward of the model as it will train;
 6. the DeepSpeed engine last, because it partitions whatever parameters exist at that point.
+
+The router never trains, and a run whose router digest changed fails, except in the
+router-training arm (`adapter.train_router`): that run profiles routing on the same training
+examples before the first step and after the last, and records how it moved
+(`routing_before.json`, `routing_after.json`, `routing_change.json`, the manifest's `router`).
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from emmoe_dist.adapters.lora import (
     apply_lora,
     assert_router_frozen,
     lora_config,
+    router_full,
     save_peft_adapter,
     unselected_expert_max,
 )
@@ -193,7 +199,8 @@ def _build_model(
         model = apply_lora(model, family, cfg.adapter, selection)
     else:
         apply_expert_delta(model, family, selection)
-    assert_router_frozen(model, family)
+    if not cfg.adapter.train_router:
+        assert_router_frozen(model, family)
     if ep is not None:
         layout = apply_expert_parallel(model, family, ep)
         load_info = dataclasses.replace(load_info, ep_size=layout.ep_size)
@@ -294,10 +301,10 @@ def _save_artifact(
 ) -> Path:
     """Gather the trained tensors (every rank takes part) and write them on rank 0."""
     if cfg.adapter.mode == "lora":
-        lora = [p for n, p in module.named_parameters() if "lora_" in n]
-        with strategy.gathered(lora):
+        trained = [p for p in module.parameters() if p.requires_grad]  # LoRA (and a router)
+        with strategy.gathered(trained):
             leak = unselected_expert_max(module, selection)
-            state = adapter_state_dict(module, family)
+            state = adapter_state_dict(module, family, router_weights=router_full(cfg.adapter))
         if leak != 0.0:
             raise EmmoeError(f"an unchosen expert's LoRA factor moved (max |value| {leak:g})")
         final = out / rf.ADAPTER_DIR
@@ -428,6 +435,84 @@ def _check_memory_plan(
         raise EmmoeError(problem)
 
 
+def _router_profile_items(cfg: ExperimentConfig, tokenizer: Any) -> list[Any]:
+    """The first `train.router_profile_examples` training examples, unpacked: what routing is
+    profiled on before and after a router-training run."""
+    from emmoe_dist.data.training import encode_dataset, load_training_split
+
+    split = load_training_split(
+        cfg.data.train,
+        cfg.data_dir(),
+        heldout=cfg.data.heldout,
+        seed=cfg.data.split_seed,
+        limit=cfg.data.limit,
+    )
+    examples = split.train[: cfg.train.router_profile_examples]
+    return encode_dataset(tokenizer, examples, cfg.data.max_length).items
+
+
+def _routing_profile(
+    model: nn.Module,
+    family: MoEFamily,
+    items: list[Any],
+    pad_id: int,
+    cfg: ExperimentConfig,
+    rt: Runtime,
+    *,
+    when: str,
+    data_hash: str,
+) -> Any:
+    """The routing profile (assistant tokens) of the model as it trains now. Every rank runs
+    the same batches: under ZeRO-3 and expert parallelism a forward is collective."""
+    from emmoe_dist.data.collate import pad_batch
+    from emmoe_dist.routing import RoutingCounter, token_mask
+
+    was_training = model.training
+    model.eval()  # no jitter noise or dropout in the counted routing
+    size = cfg.train.micro_batch_size
+    try:
+        with torch.no_grad(), RoutingCounter(model, family) as counter:
+            for start in range(0, len(items), size):
+                batch = pad_batch(items[start : start + size], pad_id)
+                counter.set_mask(token_mask(batch))
+                model(
+                    input_ids=batch["input_ids"].to(rt.device),
+                    attention_mask=batch["attention_mask"].to(rt.device),
+                    use_cache=False,
+                    logits_to_keep=1,
+                )
+    finally:
+        model.train(was_training)
+    return counter.counts().to_profile(
+        model=f"{cfg.name} {when}",
+        family=family.name,
+        dataset=cfg.data.train,
+        dataset_hash=f"{data_hash[:16]}:first{len(items)}",
+        include_prompt=False,
+    )
+
+
+def _record_routing_change(
+    before: Any, after: Any, selection: ExpertSelection, out: Path
+) -> dict[str, float | int]:
+    """Write the two profiles and their routing shift into the run folder; the summary."""
+    from emmoe_dist.files import write_json_atomic
+    from emmoe_dist.interp.routing_shift import routing_shift
+
+    shift = routing_shift(before, after, trained=selection, permutations=1000)
+    before.save(out / rf.ROUTING_BEFORE)
+    after.save(out / rf.ROUTING_AFTER)
+    write_json_atomic(out / rf.ROUTING_CHANGE, shift.to_json())
+    kls = [layer.kl for layer in shift.layers]
+    moved = [layer.total_variation for layer in shift.layers]
+    return {
+        "tokens": shift.tokens,
+        "mean_kl": sum(kls) / len(kls),
+        "max_kl": max(kls),
+        "mean_total_variation": sum(moved) / len(moved),
+    }
+
+
 def run_training(
     cfg: ExperimentConfig,
     ds_config_path: str | Path,
@@ -515,6 +600,7 @@ def run_training(
         packed=cfg.data.pack,
         zero3=zero_stage(raw_ds) == 3,
         loss=cfg.train.loss,
+        aux_loss_coef=cfg.train.router_aux_loss_coef or 0.0,
     )
     longest = max(range(len(items)), key=lambda i: len(items[i]))
     ckpt_plan = _plan_checkpointing(
@@ -526,6 +612,20 @@ def run_training(
     strategy = DeepSpeedStrategy(ds_cfg, rt)
     strategy.setup(wrapper, cfg.train, total)
     router_before = _router_digest(wrapper.lm, family, strategy)
+    routing_before = None
+    if cfg.adapter.train_router:
+        # Before any checkpoint loads: the model is still the base (LoRA B and router as loaded).
+        profile_items = _router_profile_items(cfg, tokenizer)
+        routing_before = _routing_profile(
+            wrapper.lm,
+            family,
+            profile_items,
+            pad_id,
+            cfg,
+            rt,
+            when="before training",
+            data_hash=data_hash,
+        )
     ckpt_dir = out / rf.CHECKPOINTS_DIR
     state = strategy.load_checkpoint(ckpt_dir) or {}
     start = int(state.get("step", 0))
@@ -668,8 +768,32 @@ def run_training(
     steps_done = stopped.step if stopped is not None else total
 
     router_after = _router_digest(wrapper.lm, family, strategy)
-    if router_after != router_before:
+    routing = None
+    if routing_before is None and router_after != router_before:
         raise EmmoeError("router weights changed during training; the router must never train")
+    if routing_before is not None:
+        routing_after = _routing_profile(
+            wrapper.lm,
+            family,
+            profile_items,
+            pad_id,
+            cfg,
+            rt,
+            when="after training",
+            data_hash=data_hash,
+        )
+        if rt.is_main:
+            change = _record_routing_change(routing_before, routing_after, selection, out)
+            routing = rf.RouterTraining(
+                weights=cfg.adapter.router_weights,
+                aux_loss_coef=cfg.train.router_aux_loss_coef or 0.0,
+                digest_before=router_before,
+                profile_examples=len(profile_items),
+                tokens=int(change["tokens"]),
+                mean_kl=float(change["mean_kl"]),
+                max_kl=float(change["max_kl"]),
+                mean_total_variation=float(change["mean_total_variation"]),
+            )
     artifact = _save_artifact(cfg, wrapper.lm, family, selection, strategy, rt, out)
     if rt.is_main:
         assert log is not None
@@ -707,6 +831,7 @@ def run_training(
             if load_info.qat_changed is None
             else rf.QuantizationAware(format="mxfp4", expert_weights_changed=load_info.qat_changed),
             eval_weights=cfg.eval.weights,
+            router=routing,
             weight_memory=None
             if memory is None
             else rf.WeightMemory(
