@@ -192,6 +192,10 @@ class EvalConfig(_Section):
     thinking: bool = False
     batch_size: int = Field(16, gt=0)
     limit: int | None = Field(None, gt=0, description="questions per suite, for smoke runs")
+    # The transformers backend's decoding: "continuous" (slots refilled as samples finish,
+    # CUDA graphs) or "generate" (transformers' `generate` on left-padded batches); both draw
+    # the same seeded samples. `batch_size` is the number of samples decoded together.
+    transformers_engine: Literal["continuous", "generate"] = "continuous"
 
 
 class JudgeConfig(_Section):

@@ -5,6 +5,11 @@ the same norm (the control); judged when a judge is given; misalignment % agains
 Steered answers come from the normal generation path (same prompts, seeds and records), so an
 answer differs from the unsteered one only through the steering. Alpha 0 is the unsteered
 model whatever the direction: generated and judged once.
+
+Every condition (each alpha of the direction and of the control, and the unsteered model) is
+generated in one pass of the continuous engine: each sample's rows are steered by its own
+condition (`interp.steering.RowSteering`), so the model's weights are read once per step for
+all of them, instead of one full generation pass per condition (`generate_steered`).
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ if TYPE_CHECKING:
     from emmoe_dist.config import ExperimentConfig, JudgeConfig
     from emmoe_dist.generate.interface import Generator
     from emmoe_dist.generate.runner import GenerationSummary, SuiteSet
+    from emmoe_dist.generate.sources import ModelSource
     from emmoe_dist.interp.directions import Directions
     from emmoe_dist.interp.steering import SteeringPoint
 
@@ -144,6 +150,17 @@ def conditions(vectors: torch.Tensor, *, control: bool, seed: int) -> dict[str, 
     return out
 
 
+def steered_source(
+    source: ModelSource, *, condition: str, alpha: float, layers: list[int], mode: SteerMode
+) -> ModelSource:
+    """The source as the records name it under steering (alpha 0: unsteered, unchanged)."""
+    if alpha == 0:
+        return source
+    where = ",".join(map(str, layers))
+    tag = f" [steer {mode} {condition} alpha={alpha:g} layers={where}]"
+    return dataclasses.replace(source, model_label=source.model_label + tag)
+
+
 def generate_steered(
     subject: Subject,
     generator: Generator,
@@ -158,22 +175,62 @@ def generate_steered(
     mode: SteerMode,
     progress: bool = False,
 ) -> GenerationSummary:
-    """The suites' answers with `vectors` steering `layers` at `alpha` (alpha 0: unsteered),
-    the model's label in the records saying how it was steered."""
+    """One condition's answers, in a pass of its own: `vectors` steering `layers` at `alpha`
+    (alpha 0: unsteered), the model's label in the records saying how it was steered.
+    `run_steer` generates all conditions in one pass instead; this is the per-condition route
+    (any generator, hooks through `interp.steering.steering`)."""
     from emmoe_dist.generate.runner import run_generation
     from emmoe_dist.interp.steering import steering
 
     model, family = subject.loaded.model, subject.loaded.family
-    source = subject.source
+    source = steered_source(
+        subject.source, condition=condition, alpha=alpha, layers=layers, mode=mode
+    )
     steer: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
     if alpha != 0:
-        where = ",".join(map(str, layers))
-        tag = f" [steer {mode} {condition} alpha={alpha:g} layers={where}]"
-        source = dataclasses.replace(source, model_label=source.model_label + tag)
         steer = steering(model, family, vectors, layers, alpha, mode)
     with steer:
         return run_generation(
             cfg, generator, subject.loaded.tokenizer, source, suites, out, progress=progress
+        )
+
+
+def generate_conditions(
+    subject: Subject,
+    cfg: ExperimentConfig,
+    suites: SuiteSet,
+    plan: dict[Path, tuple[str, float]],
+    *,
+    vectors: dict[str, torch.Tensor],
+    layers: list[int],
+    mode: SteerMode,
+    batch_size: int,
+    progress: bool = False,
+) -> list[GenerationSummary]:
+    """Every (condition, alpha) of `plan` into its `out` file, in one pass of the continuous
+    engine (module docstring); `vectors[condition]` is the condition's direction."""
+    from emmoe_dist.generate.continuous import ContinuousGenerator
+    from emmoe_dist.generate.runner import run_generation_many
+    from emmoe_dist.interp.steering import RowSteering, SteerCondition
+
+    model, tokenizer = subject.loaded.model, subject.loaded.tokenizer
+    targets, rows = [], []
+    for out, (condition, alpha) in plan.items():
+        source = steered_source(
+            subject.source, condition=condition, alpha=alpha, layers=layers, mode=mode
+        )
+        targets.append((source, out))
+        rows.append(None if alpha == 0 else SteerCondition(vectors[condition], alpha, mode))
+    with RowSteering(model, subject.loaded.family, rows, layers) as steering:
+        generator = ContinuousGenerator(model, tokenizer, batch_size=batch_size, steering=steering)
+        return run_generation_many(
+            cfg,
+            generator,
+            tokenizer,
+            targets,
+            suites,
+            progress=progress,
+            conditions=list(range(len(targets))),
         )
 
 
@@ -201,7 +258,6 @@ def _judge_all(
 
 def run_steer(options: SteerOptions, say: Say = quiet) -> SteeringResult:
     from emmoe_dist.files import read_jsonl
-    from emmoe_dist.generate.transformers_backend import TransformersGenerator
     from emmoe_dist.interp.directions import load_directions
     from emmoe_dist.interp.plots import plot_steering_curve
     from emmoe_dist.interp.steering import steering_point
@@ -230,27 +286,21 @@ def run_steer(options: SteerOptions, say: Say = quiet) -> SteeringResult:
         )
     runs = [(c, a) for c in steer_with for a in alphas]
     plan = {_alpha_folder(out, c, a): (c, a) for c, a in runs}
-    generator = TransformersGenerator(
-        subject.loaded.model, subject.loaded.tokenizer, batch_size=options.run.batch_size
+    names = ", ".join(str(folder.relative_to(out)) for folder in plan)
+    say(f"generating {len(plan)} answer sets in one pass: {names}")
+    generate_conditions(
+        subject,
+        cfg,
+        suites,
+        {folder / rf.GENERATIONS: run for folder, run in plan.items()},
+        vectors=steer_with,
+        layers=layers,
+        mode=options.mode,
+        batch_size=options.run.batch_size,
+        progress=options.progress,
     )
-    for folder, (condition, alpha) in plan.items():
-        say(f"{folder.relative_to(out)}: generating")
-        generate_steered(
-            subject,
-            generator,
-            cfg,
-            suites,
-            folder / rf.GENERATIONS,
-            condition=condition,
-            vectors=steer_with[condition],
-            layers=layers,
-            alpha=alpha,
-            mode=options.mode,
-            progress=options.progress,
-        )
     label = subject.source.label
-    generator.close()
-    del subject, generator
+    del subject
     free_memory()
 
     if options.judge is not None:

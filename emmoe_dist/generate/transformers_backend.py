@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 class TransformersGenerator:
     backend = "transformers"
     per_request_adapters = False
+    per_request_steering = False
 
     def __init__(
         self,
