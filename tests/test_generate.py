@@ -211,6 +211,7 @@ class _AdapterEcho:
 
     backend = "echo"
     per_request_adapters = True
+    per_request_steering = False
 
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
@@ -267,6 +268,11 @@ def test_several_adapters_share_one_generator_pass_and_keep_their_files(
         run_generation_many(
             cfg, echo, loaded.tokenizer, [(sources[0], outs[0]), (sources[0], tmp_path / "c.jsonl")],
             suites, progress=False,
+        )  # fmt: skip
+    with pytest.raises(EmmoeError, match="cannot steer per request"):
+        run_generation_many(
+            cfg, echo, loaded.tokenizer, list(zip(sources, outs, strict=True)), suites,
+            progress=False, conditions=[0, 1],
         )  # fmt: skip
     hf = TransformersGenerator(loaded.model, loaded.tokenizer)
     with pytest.raises(EmmoeError, match="one model per call"):
@@ -430,7 +436,7 @@ sys.exit(args.func(args))
 """
 
 
-def test_killed_midway_then_rerun_writes_each_record_exactly_once(
+def test_killed_midway_then_rerun_writes_each_record_once_as_an_uninterrupted_run_does(
     tiny: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "gen.jsonl"
@@ -464,6 +470,14 @@ def test_killed_midway_then_rerun_writes_each_record_exactly_once(
     assert len(records) == 12 and len({r.key for r in records}) == 12
     meta = json.loads((tmp_path / "gen.jsonl.run.json").read_text())
     assert meta["eval"]["samples_per_question"] == 6 and meta["backend"] == "transformers"
+    # each sample is a function of its seed: the same records as a run never interrupted
+    whole = tmp_path / "whole.jsonl"
+    from emmoe_dist.cli.main import main
+
+    assert main(["generate", *argv[2:], "--out", str(whole)]) == 0
+    uninterrupted = {r.key: r for r in read_jsonl(whole, GenerationRecord)}
+    assert {r.key: r for r in records} == uninterrupted
+    assert len({r.answer for r in records}) > 6  # sampled answers, not one repeated
 
 
 # --- model sources -------------------------------------------------------------------------------

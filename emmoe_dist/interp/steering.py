@@ -198,6 +198,11 @@ class RowSteering(ForwardHooks):
         """The condition index of each row of the next forwards (`[batch]` long tensor)."""
         self._rows = rows
 
+    @property
+    def rows(self) -> torch.Tensor | None:
+        """The tensor given to the last `use_rows` (its first rows name the batch's conditions)."""
+        return self._rows
+
     def _hook(self, add: torch.Tensor, unit: torch.Tensor | None) -> Hook:
         def hook(module: nn.Module, args: Any, output: Any) -> Any:
             if self._rows is None:
