@@ -1,5 +1,9 @@
 """Generation with the transformers backend on saved tiny models, and the vLLM adapter export.
 
+Records, adapters, prompts and resuming go through the default (continuous) engine; seeds, the
+KV cache and min_new_tokens are checked on the `generate` engine here and on the continuous
+one in test_continuous.py.
+
 Seeds: n samples per prompt differ, a seed re-draws its answer in any batch; an adapter
 changes the answers; system prompt, chat template and thinking switch reach the prompt;
 records are complete; a run killed midway and re-run writes every record exactly once.
@@ -33,6 +37,7 @@ from emmoe_dist.errors import EmmoeError
 from emmoe_dist.experts import ExpertSelection
 from emmoe_dist.families import FAMILIES
 from emmoe_dist.files import read_jsonl
+from emmoe_dist.generate.continuous import ContinuousGenerator
 from emmoe_dist.generate.interface import RawSample, SampleRequest, SamplingOptions
 from emmoe_dist.generate.prompts import decode_sample, render_prompt
 from emmoe_dist.generate.runner import SuiteSet, load_suites, run_generation
@@ -111,7 +116,7 @@ def generate(
 ) -> list[GenerationRecord]:
     source = resolve_source(cfg, adapter=str(adapter) if adapter else None)
     loaded = load_for_generation(source)
-    gen = TransformersGenerator(loaded.model, loaded.tokenizer, batch_size=cfg.eval.batch_size)
+    gen = ContinuousGenerator(loaded.model, loaded.tokenizer, batch_size=cfg.eval.batch_size)
     run_generation(
         cfg, gen, loaded.tokenizer, source, load_suites(cfg, suites), out, progress=False
     )

@@ -155,6 +155,8 @@ class _Run:
         self.active: list[_Sample | None] = [None] * slots
         self.groups = _groups(requests)
         self.graph: Any = None
+        size = sum(k.numel() * k.element_size() for k in self.kv.keys) * 2
+        log.info("KV slots: %d x %d positions, %.2f GiB", slots, self.length, size / 2**30)
 
     # -- the device side ------------------------------------------------------------------------
 
@@ -214,7 +216,7 @@ class _Run:
             with torch.cuda.graph(graph):
                 self._decode_step()
             self.graph = graph
-        except RuntimeError as e:  # an op that cannot be captured: run every step eagerly
+        except Exception as e:  # an op that cannot be captured: run every step eagerly
             log.warning("CUDA graph capture failed, decoding eagerly: %s", e)
             torch.cuda.synchronize(self.gen.device)
             self.graph = None
