@@ -4,11 +4,16 @@ Every family answers greedily and with seeded sampling exactly as on the `genera
 slots refilled mid-run and a prompt longer than GPT-oss's sliding window; a seed re-draws its
 answer alone or in another order; stop rules hold; per-row steering changes each row's layer
 output by exactly its condition's vector, only at the stated layer, in prefills and decode
-steps; one pass over all conditions gives the answers of one pass per condition.
+steps; one pass over all conditions gives the answers of one pass per condition; the GPU
+benchmark runs at a tiny shape.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -213,10 +218,11 @@ def test_only_graph_safe_hooks_allow_cuda_graphs_and_taps_see_every_forward(
     assert hooks_replay_safely(model)
     with ForwardHooks([(layer, lambda m, a, o: shapes.append(tuple(o.shape[:2])))]):
         assert not hooks_replay_safely(model)
-        request = [SampleRequest(key="k", prompt_ids=(3, 40, 41, 42), seed=1)]
+        requests = [SampleRequest(key=k, prompt_ids=(3, 40, 41, 42), seed=1) for k in "ab"]
         options = SamplingOptions(temperature=1.0, max_new_tokens=4, min_new_tokens=4)
-        next(iter(ContinuousGenerator(model, tok, batch_size=2).generate(request, options)))
-    assert shapes == [(1, 4), (2, 1), (2, 1), (2, 1)]  # the prompt, then 2 slots per step
+        next(iter(ContinuousGenerator(model, tok, batch_size=8).generate(requests, options)))
+    # the prompt once for both samples, then 2 slots per step (no more slots than samples)
+    assert shapes == [(1, 4), (2, 1), (2, 1), (2, 1)]
     with ForwardHooks([(layer, graph_safe(lambda m, a, o: None))]):
         assert hooks_replay_safely(model)
     cfg = load_config(None, ["model.name_or_path=tiny:qwen3_moe"])
@@ -226,3 +232,21 @@ def test_only_graph_safe_hooks_allow_cuda_graphs_and_taps_see_every_forward(
         None, ["model.name_or_path=tiny:qwen3_moe", "eval.transformers_engine=generate"]
     )
     assert isinstance(transformers_generator(cfg, source, "cpu"), TransformersGenerator)
+
+
+def test_the_gpu_benchmark_runs_at_a_tiny_shape_on_cpu(tmp_path: Path, data_dir: Path) -> None:
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "speed.json"
+    argv = [
+        sys.executable, str(repo / "benchmarks" / "generate_speed.py"), "--shape", "tiny",
+        "--data-dir", str(data_dir), "--batches", "2", "--new-tokens", "4",
+        "--steer-answers", "2", "--out", str(out),
+    ]  # fmt: skip
+    env = {**os.environ, "BENCH_DEVICE": "cpu", "PYTHONPATH": str(repo)}
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(out.read_text())
+    assert {"device", "date", "command", "roofline_tok_s", "runs"} <= set(result)
+    assert [(r["path"], r["batch"]) for r in result["runs"]] == [("before", 2), ("after", 2)]
+    assert all(r["tok_s"] > 0 and 0 < r["roofline_fraction"] < 1 for r in result["runs"])
+    assert result["steering"]["conditions"] == 2 and result["steering"]["speedup"] > 0

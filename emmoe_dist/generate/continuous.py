@@ -130,7 +130,7 @@ class _Run:
         self.gen, self.options = gen, options
         model, device = gen.model, gen.device
         cfg = model.config.get_text_config()
-        slots = gen.batch_size
+        slots = min(gen.batch_size, len(requests))  # no slot that no sample would use
         self.slots = slots
         self.length = max(len(r.prompt_ids) for r in requests) + options.max_new_tokens
         layers = _attention_layers(model)
