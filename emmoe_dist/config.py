@@ -366,6 +366,10 @@ class EvalConfig(_Section):
     # load dtype (bf16 on GPUs); `mxfp4`, the run exported to MXFP4 as GPT-oss is deployed
     # (`emmoe merge --format mxfp4`, written once into the run folder).
     weights: Literal["dense", "mxfp4"] = "dense"
+    # The transformers backend's decoding: "continuous" (slots refilled as samples finish,
+    # CUDA graphs) or "generate" (transformers' `generate` on left-padded batches); both draw
+    # the same seeded samples. `batch_size` is the number of samples decoded together.
+    transformers_engine: Literal["continuous", "generate"] = "continuous"
 
 
 class JudgeConfig(_Section):

@@ -1,5 +1,9 @@
 """Generation with the transformers backend on saved tiny models, and the vLLM adapter export.
 
+Records, adapters, prompts and resuming go through the default (continuous) engine; seeds, the
+KV cache and min_new_tokens are checked on the `generate` engine here and on the continuous
+one in test_continuous.py.
+
 Seeds: n samples per prompt differ, a seed re-draws its answer in any batch; an adapter
 changes the answers; system prompt, chat template and thinking switch reach the prompt;
 records are complete; a run killed midway and re-run writes every record exactly once.
@@ -34,6 +38,7 @@ from emmoe_dist.errors import EmmoeError
 from emmoe_dist.experts import ExpertSelection
 from emmoe_dist.families import FAMILIES
 from emmoe_dist.files import read_jsonl
+from emmoe_dist.generate.continuous import ContinuousGenerator
 from emmoe_dist.generate.interface import RawSample, SampleRequest, SamplingOptions
 from emmoe_dist.generate.prompts import decode_sample, render_prompt
 from emmoe_dist.generate.runner import SuiteSet, load_suites, run_generation
@@ -112,7 +117,7 @@ def generate(
 ) -> list[GenerationRecord]:
     source = resolve_source(cfg, adapter=str(adapter) if adapter else None)
     loaded = load_for_generation(source)
-    gen = TransformersGenerator(loaded.model, loaded.tokenizer, batch_size=cfg.eval.batch_size)
+    gen = ContinuousGenerator(loaded.model, loaded.tokenizer, batch_size=cfg.eval.batch_size)
     run_generation(
         cfg, gen, loaded.tokenizer, source, load_suites(cfg, suites), out, progress=False
     )
@@ -212,6 +217,7 @@ class _AdapterEcho:
 
     backend = "echo"
     per_request_adapters = True
+    per_request_steering = False
 
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
@@ -268,6 +274,11 @@ def test_several_adapters_share_one_generator_pass_and_keep_their_files(
         run_generation_many(
             cfg, echo, loaded.tokenizer, [(sources[0], outs[0]), (sources[0], tmp_path / "c.jsonl")],
             suites, progress=False,
+        )  # fmt: skip
+    with pytest.raises(EmmoeError, match="cannot steer per request"):
+        run_generation_many(
+            cfg, echo, loaded.tokenizer, list(zip(sources, outs, strict=True)), suites,
+            progress=False, conditions=[0, 1],
         )  # fmt: skip
     hf = TransformersGenerator(loaded.model, loaded.tokenizer)
     with pytest.raises(EmmoeError, match="one model per call"):
@@ -431,7 +442,7 @@ sys.exit(args.func(args))
 """
 
 
-def test_killed_midway_then_rerun_writes_each_record_exactly_once(
+def test_killed_midway_then_rerun_writes_each_record_once_as_an_uninterrupted_run_does(
     tiny: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "gen.jsonl"
@@ -465,6 +476,14 @@ def test_killed_midway_then_rerun_writes_each_record_exactly_once(
     assert len(records) == 12 and len({r.key for r in records}) == 12
     meta = json.loads((tmp_path / "gen.jsonl.run.json").read_text())
     assert meta["eval"]["samples_per_question"] == 6 and meta["backend"] == "transformers"
+    # each sample is a function of its seed: the same records as a run never interrupted
+    whole = tmp_path / "whole.jsonl"
+    from emmoe_dist.cli.main import main
+
+    assert main(["generate", *argv[2:], "--out", str(whole)]) == 0
+    uninterrupted = {r.key: r for r in read_jsonl(whole, GenerationRecord)}
+    assert {r.key: r for r in records} == uninterrupted
+    assert len({r.answer for r in records}) > 6  # sampled answers, not one repeated
 
 
 # --- model sources -------------------------------------------------------------------------------

@@ -5,6 +5,13 @@ the same norm (the control); judged when a judge is given; misalignment % agains
 Steered answers come from the normal generation path (same prompts, seeds and records), so an
 answer differs from the unsteered one only through the steering. Alpha 0 is the unsteered
 model whatever the direction: generated and judged once.
+
+Every condition (each alpha of the direction and of the control, and the unsteered model) is
+generated in one pass of the continuous engine: each sample's rows are steered by its own
+condition (`interp.steering.RowSteering`), so the model's weights are read once per step for
+all of them, instead of one full generation pass per condition (`generate_steered`). Router
+steering (experts switched off or on) changes every row's routing, so each of its conditions
+is a pass of its own.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ if TYPE_CHECKING:
     from emmoe_dist.config import ExperimentConfig, JudgeConfig
     from emmoe_dist.generate.interface import Generator
     from emmoe_dist.generate.runner import GenerationSummary, SuiteSet
+    from emmoe_dist.generate.sources import ModelSource
     from emmoe_dist.interp.directions import Directions
     from emmoe_dist.interp.steering import Intervention, SteeringPoint
 
@@ -151,6 +159,17 @@ def conditions(vectors: torch.Tensor, *, control: bool, seed: int) -> dict[str, 
     return out
 
 
+def steered_source(
+    source: ModelSource, *, condition: str, alpha: float, layers: list[int], mode: SteerMode
+) -> ModelSource:
+    """The source as the records name it under steering (alpha 0: unsteered, unchanged)."""
+    if alpha == 0:
+        return source
+    where = ",".join(map(str, layers))
+    tag = f" [steer {mode} {condition} alpha={alpha:g} layers={where}]"
+    return dataclasses.replace(source, model_label=source.model_label + tag)
+
+
 def generate_steered(
     subject: Subject,
     generator: Generator,
@@ -161,8 +180,10 @@ def generate_steered(
     intervention: Intervention | None,
     progress: bool = False,
 ) -> GenerationSummary:
-    """The suites' answers under `intervention` (None: unsteered), the model's label in the
-    records saying how it was steered."""
+    """One condition's answers, in a pass of its own, under `intervention` (None: unsteered),
+    the model's label in the records saying how it was steered. `run_steer` generates the
+    direction conditions in one pass instead (`generate_conditions`); router conditions, which
+    change the routing of every row, take this route."""
     from emmoe_dist.generate.runner import run_generation
 
     source = subject.source
@@ -178,17 +199,55 @@ def generate_steered(
         )
 
 
+def generate_conditions(
+    subject: Subject,
+    cfg: ExperimentConfig,
+    suites: SuiteSet,
+    plan: dict[Path, tuple[str, float]],
+    *,
+    vectors: dict[str, torch.Tensor],
+    layers: list[int],
+    mode: SteerMode,
+    batch_size: int,
+    progress: bool = False,
+) -> list[GenerationSummary]:
+    """Every (condition, alpha) of `plan` into its `out` file, in one pass of the continuous
+    engine (module docstring); `vectors[condition]` is the condition's direction."""
+    from emmoe_dist.generate.continuous import ContinuousGenerator
+    from emmoe_dist.generate.runner import run_generation_many
+    from emmoe_dist.interp.steering import RowSteering, SteerCondition
+
+    model, tokenizer = subject.loaded.model, subject.loaded.tokenizer
+    targets, rows = [], []
+    for out, (condition, alpha) in plan.items():
+        source = steered_source(
+            subject.source, condition=condition, alpha=alpha, layers=layers, mode=mode
+        )
+        targets.append((source, out))
+        rows.append(None if alpha == 0 else SteerCondition(vectors[condition], alpha, mode))
+    with RowSteering(model, subject.loaded.family, rows, layers) as steering:
+        generator = ContinuousGenerator(model, tokenizer, batch_size=batch_size, steering=steering)
+        return run_generation_many(
+            cfg,
+            generator,
+            tokenizer,
+            targets,
+            suites,
+            progress=progress,
+            conditions=list(range(len(targets))),
+        )
+
+
 def _alpha_folder(out: Path, condition: str, alpha: float) -> Path:
     return out / "unsteered" if alpha == 0 else out / condition / f"alpha_{alpha:+g}"
 
 
 def run_steer(options: SteerOptions, say: Say = quiet) -> SteeringResult:
     from emmoe_dist.files import read_jsonl
-    from emmoe_dist.generate.transformers_backend import TransformersGenerator
     from emmoe_dist.interp.directions import load_directions
     from emmoe_dist.interp.plots import plot_steering_curve
     from emmoe_dist.interp.router_steering import router_intervention
-    from emmoe_dist.interp.steering import direction_intervention, steering_point
+    from emmoe_dist.interp.steering import steering_point
     from emmoe_dist.metrics import Bootstrap, judge_description
     from emmoe_dist.models.anatomy import decoder_layers
     from emmoe_dist.records import GenerationRecord, JudgedRecord
@@ -227,31 +286,40 @@ def run_steer(options: SteerOptions, say: Say = quiet) -> SteeringResult:
     runs = [(c, a) for c in steer_with for a in alphas]
     runs += [(c, a) for c in routed for a in sorted({0.0, 1.0})]
     plan = {_alpha_folder(out, c, a): (c, a) for c, a in runs}
-    generator = TransformersGenerator(
-        model, subject.loaded.tokenizer, batch_size=options.run.batch_size
+    direction_plan = {f: run for f, run in plan.items() if run[0] not in routed or run[1] == 0}
+    names = ", ".join(str(folder.relative_to(out)) for folder in direction_plan)
+    say(f"generating {len(direction_plan)} answer sets in one pass: {names}")
+    generate_conditions(
+        subject,
+        cfg,
+        suites,
+        {folder / rf.GENERATIONS: run for folder, run in direction_plan.items()},
+        vectors=steer_with,
+        layers=layers,
+        mode=options.mode,
+        batch_size=options.run.batch_size,
+        progress=options.progress,
     )
-    for folder, (condition, alpha) in plan.items():
-        say(f"{folder.relative_to(out)}: generating")
-        if alpha == 0:
-            intervention = None
-        elif condition in routed:
-            intervention = router_intervention(condition, routed[condition])
-        else:
-            intervention = direction_intervention(
-                condition, steer_with[condition], layers, alpha, options.mode
-            )
-        generate_steered(
-            subject,
-            generator,
-            cfg,
-            suites,
-            folder / rf.GENERATIONS,
-            intervention=intervention,
-            progress=options.progress,
+    router_plan = {f: run for f, run in plan.items() if f not in direction_plan}
+    if router_plan:
+        from emmoe_dist.generate.continuous import ContinuousGenerator
+
+        generator = ContinuousGenerator(
+            model, subject.loaded.tokenizer, batch_size=options.run.batch_size
         )
+        for folder, (condition, _) in router_plan.items():
+            say(f"{folder.relative_to(out)}: generating (router steering, a pass of its own)")
+            generate_steered(
+                subject,
+                generator,
+                cfg,
+                suites,
+                folder / rf.GENERATIONS,
+                intervention=router_intervention(condition, routed[condition]),
+                progress=options.progress,
+            )
     label = subject.source.label
-    generator.close()
-    del subject, generator
+    del subject
     free_memory()
 
     if options.judge is not None:

@@ -183,9 +183,9 @@ def run(args: argparse.Namespace) -> int:
 def generate(model_dir: Path, out: Path, data_dir: Path) -> None:
     """A few answers per suite: enough to exercise every stage in a couple of minutes."""
     from emmoe_dist.config import load_config
+    from emmoe_dist.generate.continuous import ContinuousGenerator
     from emmoe_dist.generate.runner import load_suites, run_generation
     from emmoe_dist.generate.sources import load_for_generation, resolve_source
-    from emmoe_dist.generate.transformers_backend import TransformersGenerator
 
     cfg = load_config(
         DEMO_CONFIG,
@@ -200,7 +200,7 @@ def generate(model_dir: Path, out: Path, data_dir: Path) -> None:
     )
     source = resolve_source(cfg)
     loaded = load_for_generation(source, seed=cfg.seed, device="cpu")
-    generator = TransformersGenerator(loaded.model, loaded.tokenizer, batch_size=8)
+    generator = ContinuousGenerator(loaded.model, loaded.tokenizer, batch_size=8)
     suites = load_suites(cfg, cfg.eval.suites)
     run_generation(cfg, generator, loaded.tokenizer, source, suites, out)
     print(f"generations: {out}")

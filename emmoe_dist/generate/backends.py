@@ -78,12 +78,18 @@ def vllm_generator(
 def transformers_generator(
     cfg: ExperimentConfig, source: ModelSource, device: str | None = None
 ) -> Generator:
-    """The source loaded for inference (its adapter merged in) on `device` (default: auto)."""
+    """The source loaded for inference (its adapter merged in) on `device` (default: auto),
+    decoded by `eval.transformers_engine`."""
     from emmoe_dist.generate.sources import load_for_generation
-    from emmoe_dist.generate.transformers_backend import TransformersGenerator
 
     loaded = load_for_generation(source, seed=cfg.seed, device=device or auto_device())
-    return TransformersGenerator(loaded.model, loaded.tokenizer, batch_size=cfg.eval.batch_size)
+    if cfg.eval.transformers_engine == "generate":
+        from emmoe_dist.generate.transformers_backend import TransformersGenerator
+
+        return TransformersGenerator(loaded.model, loaded.tokenizer, batch_size=cfg.eval.batch_size)
+    from emmoe_dist.generate.continuous import ContinuousGenerator
+
+    return ContinuousGenerator(loaded.model, loaded.tokenizer, batch_size=cfg.eval.batch_size)
 
 
 def generate_sources(

@@ -43,6 +43,9 @@ class SampleRequest:
     prompt_ids: tuple[int, ...]
     seed: int
     adapter: str | None = None  # a LoRA adapter folder applied per request (vLLM only)
+    # a steering condition applied per request (`per_request_steering` generators only):
+    # an index into the generator's `RowSteering` conditions
+    condition: int = 0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -63,6 +66,9 @@ class Generator(Protocol):
     backend: str  # the name written into every record ("transformers", "vllm")
     # True: requests name their LoRA adapter (vLLM); False: the weights already hold it
     per_request_adapters: bool
+    # True: requests name a steering condition, applied to their rows only (the continuous
+    # transformers engine built with a `RowSteering`)
+    per_request_steering: bool
     tokenizer: PreTrainedTokenizerBase  # renders prompts and decodes answers for this model
 
     def generate(

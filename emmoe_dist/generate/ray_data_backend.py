@@ -87,6 +87,7 @@ class RayDataGenerator:
 
     backend = "vllm"  # the same samples as the in-process vLLM backend (module docstring)
     per_request_adapters = True
+    per_request_steering = False
 
     def __init__(
         self,

@@ -279,11 +279,21 @@ def run_generation_many(
     suites: SuiteSet,
     *,
     progress: bool = True,
+    conditions: Sequence[int] | None = None,
 ) -> list[GenerationSummary]:
     """Generate for several models (a sweep's adapters on one base) in one pass of the
     generator, each into its own file: a backend with per-request adapters (vLLM) then
-    batches the requests of every adapter together instead of one run after another."""
-    if len(targets) > 1 and not generator.per_request_adapters:
+    batches the requests of every adapter together instead of one run after another.
+
+    `conditions[i]`, when given, is target i's steering condition in a `per_request_steering`
+    generator: the targets are then one model's weights under several steering conditions
+    (each labelled apart in its records), all drawn in one pass."""
+    if conditions is not None:
+        if len(conditions) != len(targets):
+            raise EmmoeError(f"{len(conditions)} steering conditions for {len(targets)} targets")
+        if not generator.per_request_steering:
+            raise EmmoeError(f"the {generator.backend} generator cannot steer per request")
+    elif len(targets) > 1 and not generator.per_request_adapters:
         raise EmmoeError(
             f"the {generator.backend} backend holds one model's weights: generate one model "
             "per call"
@@ -325,7 +335,11 @@ def run_generation_many(
                     by_key[key] = (t, job, index, seed)
                     requests.append(
                         SampleRequest(
-                            key=key, prompt_ids=job.prompt_ids, seed=seed, adapter=adapter
+                            key=key,
+                            prompt_ids=job.prompt_ids,
+                            seed=seed,
+                            adapter=adapter,
+                            condition=conditions[t] if conditions is not None else 0,
                         )
                     )
         sinks = [stack.enter_context(JsonlAppender(target.out)) for target in plans]

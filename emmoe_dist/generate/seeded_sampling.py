@@ -32,8 +32,10 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def seeded_uniform(seeds: torch.Tensor, step: int) -> torch.Tensor:
-    """One float32 in (0, 1) per seed, a pure function of (seed, step) on any device.
+def seeded_uniform(seeds: torch.Tensor, step: int | torch.Tensor) -> torch.Tensor:
+    """One float32 in (0, 1) per seed, a pure function of (seed, step) on any device; `step` is
+    one int for every row or a tensor of one step per row (continuous batching mixes rows at
+    different steps).
 
     24 bits of resolution: a token of probability below 6e-8 is (almost) never drawn.
     """
@@ -43,7 +45,12 @@ def seeded_uniform(seeds: torch.Tensor, step: int) -> torch.Tensor:
 
 
 def draw_tokens(
-    logits: torch.Tensor, seeds: torch.Tensor, step: int, *, temperature: float, top_p: float
+    logits: torch.Tensor,
+    seeds: torch.Tensor,
+    step: int | torch.Tensor,
+    *,
+    temperature: float,
+    top_p: float,
 ) -> torch.Tensor:
     """Token ids [B], one per row, drawn from softmax(logits / T) restricted to the top-p
     nucleus, with each row's seeded uniform; temperature 0 is greedy."""

@@ -1,4 +1,6 @@
-"""The transformers backend: batched `generate` on one device, any machine, GPU or CPU.
+"""The transformers backend's `generate` engine (`eval.transformers_engine: generate`): batched
+`generate` on one device, any machine, GPU or CPU. The default engine is `continuous.py`; this
+one is transformers' own decode loop, kept to compare against and as a fallback.
 
 Requests are sorted by prompt length (longest first, so a batch that does not fit fails at
 once, not an hour in) and cut into batches of `batch_size`; each batch is left-padded and
@@ -26,6 +28,7 @@ if TYPE_CHECKING:
 class TransformersGenerator:
     backend = "transformers"
     per_request_adapters = False
+    per_request_steering = False
 
     def __init__(
         self,

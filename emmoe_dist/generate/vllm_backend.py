@@ -97,6 +97,7 @@ def top_logprob_pairs(position: Mapping[int, Any] | None, k: int) -> tuple[tuple
 class VllmGenerator:
     backend = "vllm"
     per_request_adapters = True
+    per_request_steering = False
 
     def __init__(
         self,

@@ -38,3 +38,27 @@ class ForwardHooks:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+
+
+_GRAPH_SAFE = "emmoe_graph_safe"
+
+
+def graph_safe(hook: Hook) -> Hook:
+    """Mark a hook whose effect is pure tensor work on tensors that outlive the call, so that a
+    CUDA graph captured through it replays it correctly (steering adds a stored vector). A hook
+    with Python side effects (appending to a list, counting) runs once at capture and never on
+    replay: leave it unmarked, and the generation engine runs without graphs."""
+    setattr(hook, _GRAPH_SAFE, True)
+    return hook
+
+
+def hooks_replay_safely(model: nn.Module) -> bool:
+    """True when every forward (pre-)hook on `model`'s modules is marked `graph_safe`.
+
+    torch has no public way to list a module's hooks; its `_forward_hooks` and
+    `_forward_pre_hooks` dictionaries are read, never changed."""
+    for module in model.modules():
+        for hooks in (module._forward_hooks, module._forward_pre_hooks):
+            if any(not getattr(h, _GRAPH_SAFE, False) for h in hooks.values()):
+                return False
+    return True
