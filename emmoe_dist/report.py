@@ -355,7 +355,7 @@ def judge_view(
     )
 
 
-_WEIGHTS_TITLES = {"dense": "dense (full-precision merge)", "mxfp4": "MXFP4 export"}
+_WEIGHTS_TITLES = {"dense": "full precision", "mxfp4": "MXFP4 export"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -444,7 +444,8 @@ def render_markdown(report: Report, charts: Sequence[str] = ()) -> str:
                 + ".",
                 "",
             ]
-            if report.weights
+            # a study in full precision throughout needs no line; one with MXFP4 names each
+            if any("mxfp4" in kind for _, kind in report.weights)
             else []
         ),
         "## All misalignment rules",

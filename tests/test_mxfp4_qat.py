@@ -443,4 +443,6 @@ def test_the_report_says_which_weights_answered() -> None:
     }
     text = render_markdown(report)
     assert "gpt-oss-20b + qat/mxfp4: MXFP4 export" in text
-    assert "gpt-oss-20b + qat/adapter: dense (full-precision merge)" in text
+    assert "gpt-oss-20b + qat/adapter: full precision" in text
+    # a study in full precision throughout has no weights line
+    assert "Weights evaluated" not in render_markdown(build_report(records[:3]))
