@@ -199,7 +199,9 @@ def _spec(out: Path, zero2_ep: Path) -> dict:
     runs = []
     for fam in FAMILY_NAMES:
         runs.append(_run(f"{fam}-zero3", out, fam, ZERO3, lora))
-        runs.append(_run(f"{fam}-ep", out, fam, ZERO3_EP, lora, probe=True))
+        # Every layer checkpointed: the recomputation replays the forward's split sizes.
+        ckpt = [*lora, "train.gradient_checkpointing=true"]
+        runs.append(_run(f"{fam}-ep", out, fam, ZERO3_EP, ckpt, probe=True))
         runs.append(
             _run(
                 f"{fam}-ep-subset",

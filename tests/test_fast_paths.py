@@ -17,7 +17,12 @@ from emmoe_dist.config import AdapterConfig
 from emmoe_dist.experts import ExpertSelection
 from emmoe_dist.families import FAMILIES
 from emmoe_dist.models.causal_loss import CausalLMLoss
-from emmoe_dist.models.checkpointing import checkpoint_layers, plan_checkpointing
+from emmoe_dist.models.checkpointing import (
+    checkpoint_layers,
+    plan_checkpointing,
+    recompute_contexts,
+    same_in_recompute,
+)
 from emmoe_dist.models.packed_attention import (
     segment_kwargs,
     use_packed_attention,
@@ -172,6 +177,53 @@ def test_partial_checkpointing_changes_no_gradient() -> None:
     _, partial = _grads(model, ids)
     for n in none:
         torch.testing.assert_close(partial[n], none[n], msg=n)
+
+
+def test_recomputation_replays_the_host_values_its_forward_read() -> None:
+    from torch.utils.checkpoint import checkpoint
+
+    reads: list[int] = []
+
+    def host_value() -> int:  # stands in for a device-to-host read; differs at every call
+        reads.append(len(reads))
+        return len(reads)
+
+    def layer(x: torch.Tensor) -> torch.Tensor:
+        n = same_in_recompute(host_value)
+        m = same_in_recompute(host_value)
+        return (x * n).sin() * m
+
+    x = torch.randn(5, requires_grad=True)
+    out = checkpoint(layer, x, use_reentrant=False, context_fn=recompute_contexts)
+    out.sum().backward()
+    assert reads == [0, 1]  # the forward's two reads; the recomputation read nothing
+    # the gradient is the one of the forward's values (n = 1, m = 2), not of fresh reads
+    expected = 2 * torch.cos(x.detach()) * 1
+    torch.testing.assert_close(x.grad, expected)
+    assert same_in_recompute(host_value) == 3  # outside a checkpointed layer: plain calls
+
+
+def test_checkpointed_decoder_layers_replay_host_values_in_recompute() -> None:
+    fam = FAMILIES["qwen3_moe"]
+    model = _lora_model("qwen3_moe")
+    layers = model.get_base_model().model.layers
+    reads: list[int] = []
+    for layer in layers:
+        block = layer.mlp
+        forward = block.forward
+
+        def counted(*args: object, _forward=forward, **kwargs: object) -> object:
+            same_in_recompute(lambda: reads.append(1))
+            return _forward(*args, **kwargs)
+
+        block.forward = counted
+    checkpoint_layers(model, fam, len(layers))
+    model.train()
+    ids = torch.randint(
+        3, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1)
+    )
+    model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+    assert len(reads) == len(layers)  # one per layer's forward, none in the recomputations
 
 
 def test_checkpoint_plan_recomputes_only_what_does_not_fit() -> None:

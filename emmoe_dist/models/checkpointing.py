@@ -11,9 +11,12 @@ a GPU with room for everything that is none.
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any
+from types import TracebackType
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -22,17 +25,80 @@ from emmoe_dist.families import MoEFamily
 from emmoe_dist.models.anatomy import base_model, decoder_layers
 
 GIB = 2**30
+T = TypeVar("T")
+
+# The phase (recording or replaying) of the checkpointed layer running in this thread. The
+# autograd engine recomputes a layer in its own thread, entering the recompute context there.
+_phase = threading.local()
+
+
+class _Phase(AbstractContextManager["_Phase"]):
+    """One checkpointed call's host values: recorded in its forward, replayed in order in its
+    recomputation (the two phases of one call share `values`)."""
+
+    def __init__(self, values: list[Any], replay: bool) -> None:
+        self.values = values
+        self.replay = replay
+        self.position = 0
+        self.outer: _Phase | None = None
+
+    def __enter__(self) -> _Phase:
+        self.outer = getattr(_phase, "current", None)
+        self.position = 0
+        _phase.current = self
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        trace: TracebackType | None,
+    ) -> None:
+        _phase.current = self.outer
+
+    def next(self, compute: Callable[[], T]) -> T:
+        if self.replay and self.position < len(self.values):
+            value: T = self.values[self.position]
+        else:
+            value = compute()
+            if not self.replay:
+                self.values.append(value)
+        self.position += 1
+        return value
+
+
+def recompute_contexts() -> tuple[_Phase, _Phase]:
+    """`context_fn` for `torch.utils.checkpoint` (non-reentrant): the forward context records
+    what `same_in_recompute` computes; the recompute context of the same call replays it."""
+    values: list[Any] = []
+    return _Phase(values, replay=False), _Phase(values, replay=True)
+
+
+def same_in_recompute(compute: Callable[[], T]) -> T:
+    """`compute()`, except in a checkpointed layer's recomputation, where it is the value the
+    layer's forward computed at the same point.
+
+    For host values that cost a device sync and cannot change between the passes: the
+    recomputation replays the forward on the same inputs (which is what makes checkpointing
+    correct at all), so expert-parallel split sizes read in forward hold in recompute too.
+    Outside checkpointed layers it is plain `compute()`.
+    """
+    phase: _Phase | None = getattr(_phase, "current", None)
+    return compute() if phase is None else phase.next(compute)
 
 
 def checkpoint_layers(model: nn.Module, family: MoEFamily, count: int) -> None:
     """Recompute the first `count` decoder layers in backward; keep the others' activations.
 
-    The first layers are the ones whose activations would live longest.
+    The first layers are the ones whose activations would live longest. Their recomputation
+    replays the host values their forward read (`same_in_recompute`) instead of syncing again.
     """
     hf: Any = base_model(model)
     layers: list[Any] = decoder_layers(model, family)
     if count > 0:
-        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        hf.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False, "context_fn": recompute_contexts}
+        )
     for i, layer in enumerate(layers):
         layer.gradient_checkpointing = count > 0 and i < count
 

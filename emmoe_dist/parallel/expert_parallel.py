@@ -43,6 +43,7 @@ from emmoe_dist.adapters.qlora import NF4Weight
 from emmoe_dist.errors import EmmoeError
 from emmoe_dist.families import ExpertLayout, MoEFamily, num_experts
 from emmoe_dist.models.anatomy import model_config, moe_layers
+from emmoe_dist.models.checkpointing import same_in_recompute
 from emmoe_dist.parallel.ds_config import ExpertParallelConfig
 
 # ---- layout ---------------------------------------------------------------------------------
@@ -196,11 +197,13 @@ def all_to_all(
     return out
 
 
-def _histogram(values: torch.Tensor, bins: int) -> torch.Tensor:
-    """Counts of 0..bins-1 without a host sync (`bincount` sizes its output on the host)."""
-    return torch.zeros(bins, dtype=torch.long, device=values.device).index_add_(
-        0, values, torch.ones_like(values)
-    )
+def _histogram(
+    values: torch.Tensor, bins: int, weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Counts (or summed integer `weights`) of 0..bins-1 without a host sync (`bincount`
+    sizes its output on the host)."""
+    ones = torch.ones_like(values) if weights is None else weights
+    return torch.zeros(bins, dtype=torch.long, device=values.device).index_add_(0, values, ones)
 
 
 @dataclass(frozen=True)
@@ -245,11 +248,18 @@ class ExpertDispatcher:
         first = torch.ones_like(dest, dtype=torch.bool)
         first[1:] = (dest[1:] != dest[:-1]) | (token[1:] != token[:-1])
         row = torch.cumsum(first, 0) - 1  # sent row of each pair
-        counts = torch.stack([_histogram(dest[first], p), _histogram(dest, p)], 1)
+        # Rows per rank count each token's first pair there: a weighted histogram, since
+        # `dest[first]` (boolean indexing) would copy its length to the host.
+        rows_to = _histogram(dest, p, weights=first.long())
+        counts = torch.stack([rows_to, _histogram(dest, p)], 1)
         got = _exchange(counts, [1] * p, [1] * p, self.group)  # [source, (rows, pairs)]
-        # One host sync for every split size: all_to_all_single takes Python ints.
-        sent, sent_pairs, received, received_pairs = torch.cat([counts.T, got.T]).tolist()
-        tokens = token[first]
+        # The one host sync of a dispatch: all_to_all_single takes its split sizes as ints.
+        # A checkpointed layer's recomputation reuses the sizes its forward read.
+        sizes: list[list[int]] = same_in_recompute(torch.cat([counts.T, got.T]).tolist)
+        sent, sent_pairs, received, received_pairs = sizes
+        # The source token of each sent row, scattered by row (a row's pairs share one token),
+        # with the row count now known on the host: `token[first]` would sync again.
+        tokens = token.new_empty(sum(sent)).index_put_((row,), token)
         x = all_to_all(hidden[tokens], received, sent, self.group)
 
         # Each pair's row index counts from the start of its destination's rows; the owner
