@@ -15,7 +15,6 @@ import threading
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Any, TypeVar
 
 import torch
@@ -48,12 +47,7 @@ class _Phase(AbstractContextManager["_Phase"]):
         _phase.current = self
         return self
 
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        error: BaseException | None,
-        trace: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc: object) -> None:
         _phase.current = self.outer
 
     def next(self, compute: Callable[[], T]) -> T:

@@ -255,7 +255,7 @@ class ExpertDispatcher:
         got = _exchange(counts, [1] * p, [1] * p, self.group)  # [source, (rows, pairs)]
         # The one host sync of a dispatch: all_to_all_single takes its split sizes as ints.
         # A checkpointed layer's recomputation reuses the sizes its forward read.
-        sizes: list[list[int]] = same_in_recompute(torch.cat([counts.T, got.T]).tolist)
+        sizes: list[list[int]] = same_in_recompute(lambda: torch.cat([counts.T, got.T]).tolist())
         sent, sent_pairs, received, received_pairs = sizes
         # The source token of each sent row, scattered by row (a row's pairs share one token),
         # with the row count now known on the host: `token[first]` would sync again.
