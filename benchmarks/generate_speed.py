@@ -286,17 +286,22 @@ def main() -> int:
         "hbm_bytes_per_s": hbm_bytes_per_s(),
         "prompt_tokens": [len(ids) for _, ids in prompts],
     }
+    out = Path(args.out)
+
+    def save() -> None:  # after every run: a call stopped by its time cap keeps what it measured
+        result["total_seconds"] = time.perf_counter() - started
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
+        tmp.replace(out)
+
     for batch in batches:
         result["runs"] += run_batch(model, tok, requests_for(prompts, batch), args)
+        save()
     if args.steer_answers:
         result["steering"] = steering_study(family, model, tok, prompts, args)
         print(json.dumps(result["steering"]), flush=True)
-    result["total_seconds"] = time.perf_counter() - started
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(out)
+        save()
     return 0
 
 

@@ -152,7 +152,12 @@ def main() -> int:
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--export-dir", default=None, help="default: a temporary folder, removed")
+    p.add_argument(
+        "--export-dir",
+        default=None,
+        help="where the checkpoint is written, then removed (default: the system's temporary "
+        "folder; the full-depth export needs about 13 GiB)",
+    )
     p.add_argument("--out", required=True)
     args = p.parse_args()
     family, cfg = model_config(args)
@@ -189,8 +194,12 @@ def main() -> int:
     }
     print(f"qat: {result['qat']['step_s_median']:.3f} s/step (+{fake_quant_s:.2f} s once)")
 
+    out = Path(args.out)
+    out.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")  # kept if export fails
     model.eval()
     merged = merge_adapters(model, family, args.rank)
+    if args.export_dir:
+        Path(args.export_dir).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.export_dir) as tmp:
         folder = Path(tmp) / "mxfp4"
         _sync()
@@ -200,7 +209,7 @@ def main() -> int:
         size = sum(f.stat().st_size for f in folder.iterdir())
     result["export"] = {"seconds": export_s, "bytes": size, "experts": stats.experts}
     print(f"export: {export_s:.1f} s, {size / 2**30:.2f} GiB", flush=True)
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    out.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
     return 0
 
 

@@ -29,6 +29,7 @@ import argparse
 import gc
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -75,20 +76,34 @@ def full_rows(items: list[Any], seq: int, rows: int) -> list[torch.Tensor]:
     return [torch.tensor(stream[i * seq : (i + 1) * seq]) for i in range(rows)]
 
 
-def timed(step: Any, warmup: int, steps: int) -> tuple[float, float]:
-    """(seconds for `steps` steps after `warmup`, peak GiB)."""
+def timed(step: Any, warmup: int, steps: int) -> tuple[list[float], float]:
+    """(seconds of each of `steps` steps after `warmup`, peak GiB).
+
+    Each step ends on the host, as a step of `launch/ft.py` does (it reads its loss), so the
+    arms are compared by the same statistic: the median step, which a recompilation for a new
+    packed shape does not move (a long run pays it once)."""
     cuda = DEVICE == "cuda"
     for i in range(warmup):
         step(i)
     if cuda:
         torch.cuda.synchronize()
-    t0 = time.perf_counter()
+    times = []
     for i in range(warmup, warmup + steps):
+        t0 = time.perf_counter()
         step(i)
-    if cuda:
-        torch.cuda.synchronize()
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
-    return time.perf_counter() - t0, peak
+    return times, peak
+
+
+def rates(tokens: list[int], times: list[float]) -> dict[str, float]:
+    """Median tokens/s over the timed steps, and the mean over their total time."""
+    return {
+        "tok_s": statistics.median(n / t for n, t in zip(tokens, times, strict=True)),
+        "tok_s_mean": sum(tokens) / sum(times),
+    }
 
 
 def build(cfg: Any) -> torch.nn.Module:
@@ -134,9 +149,9 @@ def arm_plain(family: Any, cfg: Any, items: list[Any], args: argparse.Namespace)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    seconds, peak = timed(step, args.warmup, args.steps)
-    tok_s = args.steps * args.batch * args.seq / seconds
-    return {"tok_s": tok_s, "peak_gib": peak, "context": (args.seq + 1) / 2}
+    times, peak = timed(step, args.warmup, args.steps)
+    tokens = [args.batch * args.seq] * args.steps
+    return {**rates(tokens, times), "peak_gib": peak, "context": (args.seq + 1) / 2}
 
 
 def _packed_batches(
@@ -144,8 +159,22 @@ def _packed_batches(
 ) -> list[dict[str, torch.Tensor]]:
     from emmoe_dist.data.collate import pad_batch
 
-    need = args.warmup + args.steps
-    return [pad_batch(items[i * args.batch : (i + 1) * args.batch], pad_id) for i in range(need)]
+    return [pad_batch([items[i] for i in idx], pad_id) for idx in launch_order(items, args)]
+
+
+def launch_order(items: list[Any], args: argparse.Namespace) -> list[list[int]]:
+    """The micro-batches `launch/ft.py` trains on, step by step (its batch plan at seed 0,
+    with no examples held out): every packed arm sees the same rows in the same order."""
+    from emmoe_dist.train.batches import BatchPlan
+
+    plan = BatchPlan(
+        lengths=tuple(len(it) for it in items),
+        micro_batch_size=args.batch,
+        world_size=1,
+        grad_accum=1,
+        seed=0,
+    )
+    return [plan.micro_batches(step, 0)[0] for step in range(args.warmup + args.steps)]
 
 
 def arm_before(
@@ -185,9 +214,9 @@ def arm_before(
 def _run_arm(
     step: Any, batches: list[dict[str, torch.Tensor]], args: argparse.Namespace, name: str
 ) -> dict[str, Any]:
-    seconds, peak = timed(step, args.warmup, args.steps)
-    tokens = sum(int(b["attention_mask"].sum()) for b in batches[args.warmup :])
-    out: dict[str, Any] = {"tok_s": tokens / seconds, "peak_gib": peak}
+    times, peak = timed(step, args.warmup, args.steps)
+    tokens = [int(b["attention_mask"].sum()) for b in batches[args.warmup :]]
+    out: dict[str, Any] = {**rates(tokens, times), "peak_gib": peak}
     if args.profile:
         sys.path.insert(0, str(ROOT / "emmoe_dist" / "train"))
         import importlib.util
@@ -265,7 +294,9 @@ def arm_launch(
 ) -> dict[str, Any]:
     import yaml
 
-    work = Path(args.workdir) / f"{args.shape}_{'qlora' if qlora else 'bf16'}"
+    variant = f"_{Path(args.ds).stem}" if args.ds else ""
+    work = Path(args.workdir) / f"{args.shape}_{'qlora' if qlora else 'bf16'}{variant}"
+    shutil.rmtree(work / "run", ignore_errors=True)  # a finished run would not train again
     model_dir = work / "model"
     model_dir.mkdir(parents=True, exist_ok=True)
     cfg.save_pretrained(model_dir)
@@ -278,7 +309,15 @@ def arm_launch(
             "init": "random",
             "dtype": "bfloat16" if DEVICE == "cuda" else "float32",
         },
-        "data": {"train": "insecure", "max_length": args.seq, "pack": True, "dir": args.data_dir},
+        # no held-out examples: the same rows as the other arms (`launch_order`)
+        "data": {
+            "train": "insecure",
+            "max_length": args.seq,
+            "pack": True,
+            "dir": args.data_dir,
+            "heldout": 0,
+        },
+        "seed": 0,
         "adapter": {
             "mode": "lora",
             "rank": args.rank,
@@ -293,11 +332,16 @@ def arm_launch(
             "lr": 1e-4,
             "gradient_checkpointing": "auto",
         }
-        | ({"profile_step": args.warmup + 2} if args.profile else {}),
+        # the last warm-up step: the profiler's own cost stays out of the timed steps
+        | ({"profile_step": args.warmup} if args.profile else {}),
         "tracking": {"backend": "none"},
     }
     (work / "exp.yaml").write_text(yaml.safe_dump(exp))
-    ds = ROOT / "ds_configs" / ("zero2_qlora.json" if qlora else "zero2_ep.json")
+    ds = (
+        Path(args.ds)
+        if args.ds
+        else ROOT / "ds_configs" / ("zero2_qlora.json" if qlora else "zero2_ep.json")
+    )
     cmd = [
         sys.executable,
         "-m",
@@ -331,6 +375,9 @@ def arm_launch(
     ]
     out: dict[str, Any] = {
         "tok_s": tok_s,
+        "tok_s_mean": sum(r["tokens"] for r in timed_rows)
+        / sum(r["step_time_s"] for r in timed_rows),
+        "ds": ds.name,
         "peak_gib": max(r.get("peak_memory_gib", 0.0) for r in rows),
         "wall_s": time.perf_counter() - t0,
         "log": plan_lines,
@@ -340,7 +387,8 @@ def arm_launch(
         Path(args.profile).mkdir(parents=True, exist_ok=True)
         text = prof.read_text()
         (
-            Path(args.profile) / f"profile_{args.shape}_{'qlora' if qlora else 'launch_ft'}.md"
+            Path(args.profile)
+            / f"profile_{args.shape}_{'qlora' if qlora else 'launch_ft'}_{ds.stem}.md"
         ).write_text(text)
         print(text, flush=True)
     return out
@@ -353,13 +401,17 @@ def main() -> int:
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--steps", type=int, default=8)
+    # a launch varies between calls over 8 steps; 16 cost 2-3 s more than 8 on an H100
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--steps", type=int, default=16)
     p.add_argument("--data-dir", required=True)
     p.add_argument("--arms", default="plain,torch,launch_ft")
     p.add_argument("--kernels", default="auto")
     p.add_argument("--compile", default="auto")
     p.add_argument("--checkpoint", choices=["none", "all"], default="none")
+    p.add_argument(
+        "--ds", default=None, help="the launch arms' DeepSpeed config (default: the plan's)"
+    )
     p.add_argument("--profile", default=None, help="folder for per-arm profile tables")
     p.add_argument("--workdir", default="/tmp/emmoe_bench")
     p.add_argument("--out", required=True)
@@ -394,7 +446,7 @@ def main() -> int:
         tok.save_pretrained(cached)
     plain_items = encode_dataset(tok, split.train, args.seq).items
     packed = encode_dataset(tok, split.train, args.seq, pack=True).items
-    context = packed_context(packed[: args.batch * (args.warmup + args.steps)])
+    context = packed_context([packed[i] for idx in launch_order(packed, args) for i in idx])
     out_path = Path(args.out)
     results: dict[str, Any] = json.loads(out_path.read_text()) if out_path.is_file() else {}
     results.setdefault("runs", [])

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from emmoe_dist.config import load_config
+from emmoe_dist.errors import EmmoeError
 from emmoe_dist.parallel.runtime import Runtime, init_runtime, shutdown
 from emmoe_dist.train.trainer import run_training
 
@@ -62,6 +63,16 @@ def run_specs(runs: list[dict], rt: Runtime) -> None:
         observe = (
             _step_logits(cfg.output_dir, run["step_logits"], rt) if run.get("step_logits") else None
         )
+        if run.get("expect_error"):
+            try:
+                run_training(cfg, run["ds"], rt)
+            except EmmoeError as e:
+                if run["expect_error"] not in str(e):
+                    raise
+                if rt.is_main:
+                    Path(cfg.output_dir, "error.txt").write_text(str(e), encoding="utf-8")
+                continue
+            raise AssertionError(f"{run['name']} ended without the expected error")
         if run.get("stop_after"):
             run_training(cfg, run["ds"], rt, stop_after=run["stop_after"])
             cfg = load_config(None, [*overrides, *run.get("resume_overrides", [])])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 from pathlib import Path
 
@@ -214,6 +215,18 @@ def _spec(out: Path) -> list[dict]:
                 ],
             )
         )
+    # A run that diverges (SGD at an absurd rate) under the LoRA plan, which does not scan
+    # gradients for inf/NaN: it must stop at the first bad step, before saving that step.
+    runs.append(
+        _run(
+            "qwen3_moe-diverges",
+            out,
+            "qwen3_moe",
+            ["train.optimizer=sgd", "train.lr=1e38", "train.steps=6", "train.save_every=1"],
+        )
+    )
+    runs[-1]["ds"] = str(REPO / "ds_configs" / "zero2_ep.json")
+    runs[-1]["expect_error"] = "training diverged"
     runs[0]["overrides"] += ["tracking.backend=wandb", "tracking.mode=offline"]
     return runs
 
@@ -458,3 +471,16 @@ def test_router_training_changes_the_router_and_records_how_routing_moved(
     for mine, theirs in zip(change["layers"], here.layers, strict=True):
         assert mine["delta_share"] == pytest.approx(list(theirs.delta_share), abs=2e-3)
     assert manifest.router.mean_total_variation > 0  # routing moved
+
+
+def test_a_diverging_run_stops_at_its_first_bad_step_and_keeps_the_good_checkpoint(
+    runs: Path,
+) -> None:
+    run = runs / "qwen3_moe-diverges"
+    rows = read_train_metrics(run)
+    bad = next(r for r in rows if not (math.isfinite(r["loss"]) and r["grad_norm"] >= 0))
+    # the error names that step, the metrics stop there, and the checkpoint is the step before
+    assert f"training diverged at step {bad['step']}" in (run / "error.txt").read_text()
+    assert rows[-1]["step"] == bad["step"] and bad["step"] < 6
+    assert (run / "checkpoints" / "latest").read_text().strip() == f"step{bad['step'] - 1}"
+    assert not (run / "manifest.json").exists()

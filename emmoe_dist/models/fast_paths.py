@@ -52,14 +52,18 @@ class FastPaths:
             f"loss {self.loss}, compiled layers {self.compiled_layers}"
         )
 
-    def batch_kwargs(self, batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, Any]:
-        """Extra forward arguments for one micro-batch, computed on the host."""
+    def host_kwargs(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """Extra forward arguments for one micro-batch, on the host (no device work)."""
         if self.attention != "varlen" or "position_ids" not in batch:
             return {}
-        extra = segment_kwargs(batch["position_ids"])
-        for key in ("cu_seq_lens_q", "cu_seq_lens_k"):
-            extra[key] = to_device(extra[key], device)
-        return extra
+        return segment_kwargs(batch["position_ids"])
+
+    def batch_kwargs(self, batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, Any]:
+        """Extra forward arguments for one micro-batch, on `device`."""
+        return {
+            k: to_device(v, device) if isinstance(v, torch.Tensor) else v
+            for k, v in self.host_kwargs(batch).items()
+        }
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:

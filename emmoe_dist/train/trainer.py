@@ -61,7 +61,7 @@ from emmoe_dist.models.checkpointing import (
     measure_activation_bytes,
     plan_checkpointing,
 )
-from emmoe_dist.models.fast_paths import FastPaths, apply_fast_paths, to_device
+from emmoe_dist.models.fast_paths import FastPaths, apply_fast_paths
 from emmoe_dist.parallel.ds_config import (
     ExpertParallelConfig,
     complete_ds_config,
@@ -78,6 +78,7 @@ from emmoe_dist.tracking import make_tracker, replay_history
 from emmoe_dist.train import artifacts as art
 from emmoe_dist.train.batches import BatchPlan
 from emmoe_dist.train.monitor import TrainingMonitor
+from emmoe_dist.train.prefetch import HostMicroBatch, host_micro_batch, prefetched
 from emmoe_dist.train.preflight import Finished, prepare, record_identity
 from emmoe_dist.train.step_profile import profile_step, write_profile
 
@@ -227,6 +228,28 @@ def wandb_run_id(out: Path, identity: dict[str, Any]) -> str:
 
     key = json.dumps({"folder": str(out.resolve()), "identity": identity}, sort_keys=True)
     return hashlib.sha256(key.encode()).hexdigest()[:20]
+
+
+def divergence(row: dict[str, Any]) -> str | None:
+    """Why the step in `row` (a metrics row) diverged, or None.
+
+    DeepSpeed's bf16 plans do not scan gradients for inf/NaN before stepping (a per-tensor
+    scan that costs more host time than the step's optimizer; bf16 has fp32's range, so the
+    scan exists for fp16 overflow), so a non-finite gradient reaches the weights: the run
+    stops here, at the first such step, rather than training on."""
+    bad = []
+    loss, norm = row.get("loss"), row.get("grad_norm")
+    if isinstance(loss, float) and not math.isfinite(loss):
+        bad.append(f"the loss is {loss}")
+    # DeepSpeed reports an inf/NaN norm as -1: no norm is negative
+    if isinstance(norm, float) and not (math.isfinite(norm) and norm >= 0):
+        bad.append("the gradient norm is not finite")
+    return f"training diverged at step {row['step']}: {' and '.join(bad)}" if bad else None
+
+
+def latest_checkpoint_step(folder: Path) -> str:
+    latest = folder / "latest"
+    return latest.read_text().strip() if latest.is_file() else "none"
 
 
 def _model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -677,7 +700,20 @@ def run_training(
         dynamic_ncols=True,
     )
 
-    def one_step(step: int) -> torch.Tensor:
+    cuda = rt.device.type == "cuda"
+
+    def host_step(step: int) -> list[HostMicroBatch]:
+        return [
+            host_micro_batch(
+                pad_batch([items[i] for i in idx], pad_id),
+                _model_inputs,
+                fast.host_kwargs,
+                pin=cuda,
+            )
+            for idx in plan.micro_batches(step, rt.rank)
+        ]
+
+    def one_step(micro: list[HostMicroBatch]) -> torch.Tensor:
         """Loss*tokens, label tokens, input tokens of one optimizer step, summed over ranks.
 
         The loss stays on the device until the step ends, so no micro-batch waits for the
@@ -685,25 +721,25 @@ def run_training(
         """
         loss_sum = torch.zeros((), dtype=torch.float64, device=rt.device)
         counts = torch.zeros(2, dtype=torch.float64)
-        for idx in plan.micro_batches(step, rt.rank):
-            host = pad_batch([items[i] for i in idx], pad_id)
-            n_label = float((host["labels"][:, 1:] != -100).sum())
-            counts += torch.tensor([n_label, float(host["attention_mask"].sum())])
-            batch = {k: to_device(v, rt.device) for k, v in _model_inputs(host).items()}
-            loss = strategy.forward(**batch, **fast.batch_kwargs(host, rt.device))
+        for mb in micro:
+            counts += torch.tensor([float(mb.label_tokens), float(mb.input_tokens)])
+            loss = strategy.forward(**mb.to(rt.device))
             strategy.backward(loss)
             strategy.step()
-            loss_sum += loss.detach().double() * n_label
+            loss_sum += loss.detach().double() * mb.label_tokens
         return all_reduce_sum_(torch.cat([loss_sum.reshape(1).cpu(), counts]))
 
-    cuda = rt.device.type == "cuda"
-    for step in bar:
+    # step s+1 is padded and pinned on a worker thread while step s runs on the GPU
+    step_inputs = prefetched(range(start, total), host_step)
+    for step, micro in zip(bar, step_inputs, strict=False):
         t0 = time.perf_counter()
         if cfg.train.profile_step == step + 1:
             holder: list[torch.Tensor] = []
 
-            def profiled_step(step: int = step, holder: list[torch.Tensor] = holder) -> None:
-                holder.append(one_step(step))
+            def profiled_step(
+                micro: list[HostMicroBatch] = micro, holder: list[torch.Tensor] = holder
+            ) -> None:
+                holder.append(one_step(micro))
 
             profiled = profile_step(
                 profiled_step,
@@ -716,7 +752,7 @@ def run_training(
                 write_profile(profiled, f"{cfg.name} step {step + 1}", out)
                 print(profiled.markdown(f"[emmoe] profile of step {step + 1}"), flush=True)
         else:
-            sums = one_step(step)
+            sums = one_step(micro)
         dt = time.perf_counter() - t0
         last_loss = float(sums[0]) / max(float(sums[1]), 1.0)
         row = {
@@ -741,6 +777,13 @@ def run_training(
             log.write(row)
         if done % cfg.train.log_every == 0:
             tracker.log({k: v for k, v in row.items() if isinstance(v, float | int)}, done)
+        diverged = divergence(row)
+        if diverged is not None:  # before any save: the last checkpoint stays the good one
+            raise EmmoeError(
+                f"{diverged}; the weights after this step are not saved (last checkpoint: "
+                f"{latest_checkpoint_step(ckpt_dir)}). Lower train.lr or train.max_grad_norm, "
+                "or check the training data."
+            )
         bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
         stopped = _stop(cfg, row, total)
         interrupt = stop_after is not None and done >= stop_after and done < total
@@ -756,6 +799,7 @@ def run_training(
                 ckpt_dir, f"step{done}", {"step": done, "stopped": _stopped_state(stopped)}
             )
         if interrupt:
+            step_inputs.close()
             if log is not None:
                 log.close()
             tracker.finish()
@@ -765,6 +809,7 @@ def run_training(
                 print(f"[emmoe] stopped at step {done}: {stopped.rule} ({stopped.value:g})")
             break
     bar.close()
+    step_inputs.close()
     steps_done = stopped.step if stopped is not None else total
 
     router_after = _router_digest(wrapper.lm, family, strategy)
