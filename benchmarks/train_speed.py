@@ -396,7 +396,7 @@ def arm_launch(
 
 def main() -> int:
     p = argparse.ArgumentParser()
-    p.add_argument("--shape", choices=["qwen3", "mixtral"], required=True)
+    p.add_argument("--shape", choices=["qwen3", "mixtral", "gptoss"], required=True)
     p.add_argument("--layers", type=int, required=True)
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--batch", type=int, default=16)
