@@ -59,7 +59,7 @@ def narrow_model(layers: int, dtype: torch.dtype) -> tuple[Any, Any]:
     adapter = AdapterConfig(rank=8, alpha=16, targets="attention+experts")
     model = apply_lora(model, family, adapter, ExpertSelection.all(family, cfg.to_dict()))
     model.enable_input_require_grads()
-    from emmoe_dist.models.fast_paths import apply_fast_paths
+    from emmoe_dist.train.fast_paths import apply_fast_paths
 
     # the trainer's model: one fused pass over the experts, not a Python loop over them
     wrapper, _ = apply_fast_paths(

@@ -13,7 +13,7 @@ per second:
 - before: the project's torch loop as it was before the fast paths (run with `--before-src`, a
   checkout of that revision, in its own process: only the API both revisions share is used);
 - torch: the trainer's model as `launch/ft.py` builds it (fused expert pass, packed attention,
-  fused loss, compiled layers, measured checkpointing: `models/fast_paths.py`) in a plain
+  fused loss, compiled layers, measured checkpointing: `train/fast_paths.py`) in a plain
   torch loop with fused AdamW, on packed examples;
 - launch_ft: `deepspeed launch/ft.py --ds ds_configs/zero2_ep.json` on one rank, the model
   built from the shape's config.json with random weights (`model.init: random`);
@@ -251,7 +251,7 @@ def arm_torch(
     from emmoe_dist.config import AdapterConfig
     from emmoe_dist.experts import ExpertSelection
     from emmoe_dist.models.checkpointing import checkpoint_layers
-    from emmoe_dist.models.fast_paths import apply_fast_paths, to_device
+    from emmoe_dist.train.fast_paths import apply_fast_paths, to_device
 
     model = build(cfg)
     adapter = AdapterConfig(rank=args.rank, alpha=2 * args.rank, targets="attention+experts")

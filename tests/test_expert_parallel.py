@@ -377,8 +377,8 @@ def test_ep_run_resumes_onto_the_uninterrupted_curve(ep_runs: Path) -> None:
 
 @pytest.mark.distributed
 def test_ep_full_expert_finetune_changes_only_chosen_experts(ep_runs: Path) -> None:
+    from emmoe_dist.adapters.merge import merge_run
     from emmoe_dist.models.loading import load_model
-    from emmoe_dist.train.merge import merge_run
 
     run = ep_runs / "gpt_oss-ep-full"
     fam = FAMILIES["gpt_oss"]

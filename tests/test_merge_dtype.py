@@ -9,12 +9,12 @@ from pathlib import Path
 import torch
 
 from emmoe_dist.adapters.lora import adapter_state_dict, apply_lora, lora_config, save_peft_adapter
+from emmoe_dist.adapters.merge import merge_run
 from emmoe_dist.config import AdapterConfig, ModelConfig
 from emmoe_dist.experts import ExpertSelection
 from emmoe_dist.families import FAMILIES
 from emmoe_dist.models.loading import load_model
 from emmoe_dist.models.tiny import save_tiny
-from emmoe_dist.train.merge import merge_run
 
 QWEN = FAMILIES["qwen3_moe"]
 

@@ -285,8 +285,8 @@ def _probe(run: Path) -> tuple[torch.Tensor, torch.Tensor]:
 def test_mxfp4_export_reloads_and_matches_the_qat_forward(runs: Path, name: str) -> None:
     """The export holds the MXFP4 rounding of the QAT model's weights, transformers reads it
     back as such, and its logits stay within that rounding of the trained forward."""
+    from emmoe_dist.adapters.merge import merge_run
     from emmoe_dist.generate.sources import from_run, load_for_generation
-    from emmoe_dist.train.merge import merge_run
 
     run = runs / name
     # float32, as the dense model below merges on CPU (real checkpoints merge in bf16)
@@ -322,7 +322,7 @@ def test_mxfp4_export_reloads_and_matches_the_qat_forward(runs: Path, name: str)
 
 
 def test_unchosen_experts_keep_the_original_checkpoint_bytes(runs: Path) -> None:
-    from emmoe_dist.train.merge import merge_run
+    from emmoe_dist.adapters.merge import merge_run
 
     export = merge_run(runs / "subset", runs / "subset-bytes", fmt="mxfp4")
     original, written = Mxfp4Checkpoint(runs / "original"), Mxfp4Checkpoint(export)
@@ -362,7 +362,7 @@ def test_generation_can_ask_for_the_mxfp4_export(runs: Path) -> None:
 
 
 def test_mxfp4_merge_of_a_family_without_mxfp4_fails_before_loading(tmp_path: Path) -> None:
-    from emmoe_dist.train.merge import merge_run
+    from emmoe_dist.adapters.merge import merge_run
 
     run = tmp_path / "run"
     run.mkdir()

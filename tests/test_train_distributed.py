@@ -17,12 +17,12 @@ import torch
 from dist_launch import launch_two_ranks
 
 from emmoe_dist.adapters.lora import saved_expert_deltas
+from emmoe_dist.adapters.merge import merge_run
 from emmoe_dist.config import ModelConfig
 from emmoe_dist.families import FAMILIES
 from emmoe_dist.models.loading import load_model
 from emmoe_dist.run_folder import read_train_metrics
 from emmoe_dist.train.artifacts import tensor_digest
-from emmoe_dist.train.merge import merge_run
 
 pytestmark = pytest.mark.distributed
 

@@ -142,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
     _stage("3/7 merge the adapter into a full model")
     merged = out / "merged"
     if not (merged / "config.json").exists():
-        from emmoe_dist.train.merge import merge_run
+        from emmoe_dist.adapters.merge import merge_run
 
         merge_run(run_dir, merged)
     print(f"merged model: {merged}")

@@ -28,7 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from emmoe_dist.train.merge import merge_run
+    from emmoe_dist.adapters.merge import merge_run
 
     out = merge_run(args.run, args.out, dtype=args.dtype, fmt=args.format)
     print(f"merged model ({args.format}) written to {out}")

@@ -135,7 +135,7 @@ def mxfp4_export_of(run_dir: str | Path) -> ModelSource:
     info = folder / rf.MERGE_INFO
     # An export older than the run's manifest belongs to an earlier run in the same folder.
     if not info.is_file() or info.stat().st_mtime < (run / rf.MANIFEST).stat().st_mtime:
-        from emmoe_dist.train.merge import merge_run
+        from emmoe_dist.adapters.merge import merge_run
 
         merge_run(run, folder, fmt="mxfp4")
     return ModelSource(

@@ -10,7 +10,7 @@ The transformations are applied in one order, for these reasons:
    expert modules and cuts the frozen experts to this rank's share;
 4. input grads: every expert-subset run has its only trainable tensors inside MoE blocks,
    and ZeRO-3 then needs `enable_input_require_grads`;
-5. fast paths (models/fast_paths.py) and the loss module around the model, then activation
+5. fast paths (train/fast_paths.py) and the loss module around the model, then activation
    checkpointing sized by a measured forward of the model as it will train;
 6. the DeepSpeed engine last, because it partitions whatever parameters exist at that point.
 
@@ -61,7 +61,6 @@ from emmoe_dist.models.checkpointing import (
     measure_activation_bytes,
     plan_checkpointing,
 )
-from emmoe_dist.models.fast_paths import FastPaths, apply_fast_paths
 from emmoe_dist.parallel.ds_config import (
     ExpertParallelConfig,
     complete_ds_config,
@@ -77,6 +76,7 @@ from emmoe_dist.parallel.zero_init import partitioned_loading, resident_elements
 from emmoe_dist.tracking import make_tracker, replay_history
 from emmoe_dist.train import artifacts as art
 from emmoe_dist.train.batches import BatchPlan
+from emmoe_dist.train.fast_paths import FastPaths, apply_fast_paths
 from emmoe_dist.train.monitor import TrainingMonitor
 from emmoe_dist.train.prefetch import HostMicroBatch, host_micro_batch, prefetched
 from emmoe_dist.train.preflight import Finished, prepare, record_identity

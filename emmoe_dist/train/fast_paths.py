@@ -3,9 +3,9 @@
 | part | fast path | taken when | reference |
 |---|---|---|---|
 | expert LoRA | fused pass, own backward (`adapters/expert_pass.py`) | always | autograd over grouped GEMMs |
-| attention | varlen flash attention over packed rows (`packed_attention.py`) | CUDA, packed data, family without sinks | the model's sdpa with a block-diagonal mask |
-| loss | float32 cross-entropy compiled with the layers (`causal_loss.py`); liger-kernel's fused linear cross-entropy with `train.loss: fused` | CUDA, head not ZeRO-3-partitioned | float32 logits, then cross-entropy |
-| decoder layers | `torch.compile` (`compile.py`) | CUDA, not ZeRO-3 (its hooks re-gather weights per module) | eager |
+| attention | varlen flash attention over packed rows (`models/packed_attention.py`) | CUDA, packed data, family without sinks | the model's sdpa with a block-diagonal mask |
+| loss | float32 cross-entropy compiled with the layers (`models/causal_loss.py`); liger-kernel's fused linear cross-entropy with `train.loss: fused` | CUDA, head not ZeRO-3-partitioned | float32 logits, then cross-entropy |
+| decoder layers | `torch.compile` (`models/compile.py`) | CUDA, not ZeRO-3 (its hooks re-gather weights per module) | eager |
 
 `kernels: reference` turns every row to its reference; each fast path has a CPU test that it
 computes the reference's outputs and gradients.
