@@ -89,3 +89,12 @@ def test_divergence_names_the_step_and_what_is_not_finite() -> None:
     assert divergence({"step": 6, "loss": float("inf"), "grad_norm": float("inf")}) == (
         "training diverged at step 6: the loss is inf and the gradient norm is not finite"
     )
+
+
+def test_startup_summary_gives_each_phase_its_own_span() -> None:
+    from emmoe_dist.train.trainer import startup_summary
+
+    phases = [("data", 103.0), ("model", 115.5), ("DeepSpeed engine", 120.0)]
+    assert startup_summary(100.0, phases) == (
+        "start-up 20.0 s: data 3.0 s, model 12.5 s, DeepSpeed engine 4.5 s"
+    )

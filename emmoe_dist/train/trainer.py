@@ -230,6 +230,16 @@ def wandb_run_id(out: Path, identity: dict[str, Any]) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:20]
 
 
+def startup_summary(started: float, phases: list[tuple[str, float]]) -> str:
+    """`start-up 41.2 s: data 3.1 s, model 12.0 s, ...` from the end time of each phase (the
+    first step's compilation is in that step's `step_time_s`)."""
+    parts, last = [], started
+    for name, end in phases:
+        parts.append(f"{name} {end - last:.1f} s")
+        last = end
+    return f"start-up {last - started:.1f} s: " + ", ".join(parts)
+
+
 def divergence(row: dict[str, Any]) -> str | None:
     """Why the step in `row` (a metrics row) diverged, or None.
 
@@ -553,6 +563,12 @@ def run_training(
     rank after each optimizer step, with the trained (possibly partitioned) model: tests read
     its logits at snapshot steps.
     """
+    started = time.perf_counter()
+    phases: list[tuple[str, float]] = []  # where start-up went: printed before the first step
+
+    def phase(name: str) -> None:
+        phases.append((name, time.perf_counter()))
+
     out = Path(cfg.output_dir)
     raw_ds = read_ds_config(ds_config_path)
     ep = expert_parallel_config(raw_ds, file=str(ds_config_path))
@@ -597,6 +613,7 @@ def run_training(
         partitioned = False
     _check_memory_plan(cfg, raw_ds, ep, family, hf_config, rt)
     _seed_everything(cfg.train_seed)
+    phase("data")
 
     model, tokenizer, memory, load_info = _build_model(
         cfg, rt, out, ep, ds_cfg if partitioned else None, family, hf_config, selection
@@ -610,6 +627,7 @@ def run_training(
         seed=cfg.train_seed,
     )
     total = plan.total_steps(cfg.train.steps, cfg.train.epochs)
+    phase("model")
 
     from emmoe_dist.data.collate import pad_batch
 
@@ -631,9 +649,11 @@ def run_training(
     )
     if rt.is_main:
         print(f"[emmoe] {fast.describe()}; {ckpt_plan.describe()}", flush=True)
+    phase("kernels and checkpointing plan")
 
     strategy = DeepSpeedStrategy(ds_cfg, rt)
     strategy.setup(wrapper, cfg.train, total)
+    phase("DeepSpeed engine")
     router_before = _router_digest(wrapper.lm, family, strategy)
     routing_before = None
     if cfg.adapter.train_router:
@@ -678,6 +698,9 @@ def run_training(
             log.write(reading)
         tracker.log({k: v for k, v in reading.items() if k != "step"}, 0)
 
+    phase("resume, tracking and monitor")
+    if rt.is_main:
+        print(f"[emmoe] {startup_summary(started, phases)}", flush=True)
     from tqdm import tqdm
 
     strategy.engine.train()
