@@ -98,3 +98,20 @@ def test_startup_summary_gives_each_phase_its_own_span() -> None:
     assert startup_summary(100.0, phases) == (
         "start-up 20.0 s: data 3.0 s, model 12.5 s, DeepSpeed engine 4.5 s"
     )
+
+
+def test_a_step_readout_gives_the_loss_per_label_token_and_the_engines_norm() -> None:
+    from emmoe_dist.train.readout import StepReadout
+
+    cpu = torch.device("cpu")
+    counts = torch.tensor([4.0, 10.0], dtype=torch.float64)
+    values = StepReadout(torch.tensor(6.0, dtype=torch.float64), counts, torch.tensor(0.5), cpu)
+    got = values.values()
+    assert (got.loss_sum, got.label_tokens, got.input_tokens) == (6.0, 4.0, 10.0)
+    assert got.loss == 1.5 and got.grad_norm == 0.5
+    # an engine without a norm (None) and one that keeps a float
+    assert StepReadout(torch.tensor(0.0), counts, None, cpu).values().grad_norm is None
+    assert StepReadout(torch.tensor(0.0), counts, 2.0, cpu).values().grad_norm == 2.0
+    # no label token: the loss is the sum itself, not a division by zero
+    none = torch.zeros(2, dtype=torch.float64)
+    assert StepReadout(torch.tensor(0.0), none, None, cpu).values().loss == 0.0

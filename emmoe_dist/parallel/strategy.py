@@ -153,6 +153,12 @@ class DeepSpeedStrategy:
         norm = self.engine.get_global_grad_norm()
         return None if norm is None else float(norm)
 
+    def grad_norm_value(self) -> torch.Tensor | float | None:
+        """The last step's global gradient norm as the engine holds it (often a device tensor:
+        reading it is the caller's choice, `grad_norm` reads it now)."""
+        norm = self.engine.get_global_grad_norm()
+        return norm.detach() if isinstance(norm, torch.Tensor) else norm
+
     def lr(self) -> float:
         return float(self.engine.get_lr()[0])
 

@@ -70,7 +70,7 @@ from emmoe_dist.parallel.ds_config import (
 )
 from emmoe_dist.parallel.expert_parallel import apply_expert_parallel, local_world_size
 from emmoe_dist.parallel.memory_plan import ParamCounts, plan_memory
-from emmoe_dist.parallel.runtime import Runtime, all_reduce_sum_, barrier
+from emmoe_dist.parallel.runtime import Runtime, barrier
 from emmoe_dist.parallel.strategy import DeepSpeedStrategy
 from emmoe_dist.parallel.zero_init import partitioned_loading, resident_elements
 from emmoe_dist.tracking import make_tracker, replay_history
@@ -80,6 +80,7 @@ from emmoe_dist.train.fast_paths import FastPaths, apply_fast_paths
 from emmoe_dist.train.monitor import TrainingMonitor
 from emmoe_dist.train.prefetch import HostMicroBatch, host_micro_batch, prefetched
 from emmoe_dist.train.preflight import Finished, prepare, record_identity
+from emmoe_dist.train.readout import StepReadout, StepValues
 from emmoe_dist.train.step_profile import profile_step, write_profile
 
 if TYPE_CHECKING:
@@ -736,8 +737,9 @@ def run_training(
             for idx in plan.micro_batches(step, rt.rank)
         ]
 
-    def one_step(micro: list[HostMicroBatch]) -> torch.Tensor:
-        """Loss*tokens, label tokens, input tokens of one optimizer step, summed over ranks.
+    def one_step(micro: list[HostMicroBatch]) -> StepReadout:
+        """Queue one optimizer step; its loss, token counts and gradient norm (summed over
+        ranks) reach the host through the returned readout.
 
         The loss stays on the device until the step ends, so no micro-batch waits for the
         GPU to drain.
@@ -750,46 +752,36 @@ def run_training(
             strategy.backward(loss)
             strategy.step()
             loss_sum += loss.detach().double() * mb.label_tokens
-        return all_reduce_sum_(torch.cat([loss_sum.reshape(1).cpu(), counts]))
+        return StepReadout(loss_sum, counts, strategy.grad_norm_value(), rt.device)
 
-    # step s+1 is padded and pinned on a worker thread while step s runs on the GPU
-    step_inputs = prefetched(range(start, total), host_step)
-    for step, micro in zip(bar, step_inputs, strict=False):
-        t0 = time.perf_counter()
-        if cfg.train.profile_step == step + 1:
-            holder: list[torch.Tensor] = []
+    def quiet(done: int) -> bool:
+        """Whether nothing after step `done` reads the model or decides from its row: then its
+        row is read once the next step is queued, and the GPU does not wait for the host."""
+        every, save_every = cfg.train.snapshot_every, cfg.train.save_every
+        return not (
+            done >= total
+            or observe is not None
+            or cfg.train.stop_when is not None
+            or (monitor is not None and monitor.due(done))
+            or (every and done % every == 0)
+            or (save_every and done % save_every == 0)
+            or (stop_after is not None and done >= stop_after)
+            or cfg.train.profile_step in (done, done + 1)
+        )
 
-            def profiled_step(
-                micro: list[HostMicroBatch] = micro, holder: list[torch.Tensor] = holder
-            ) -> None:
-                holder.append(one_step(micro))
-
-            profiled = profile_step(
-                profiled_step,
-                lora_rank=cfg.adapter.rank,
-                vocab=int(hf_config.get("vocab_size", 0)) or None,
-                device=rt.device,
-            )
-            sums = holder[0]
-            if rt.is_main:
-                write_profile(profiled, f"{cfg.name} step {step + 1}", out)
-                print(profiled.markdown(f"[emmoe] profile of step {step + 1}"), flush=True)
-        else:
-            sums = one_step(micro)
-        dt = time.perf_counter() - t0
-        last_loss = float(sums[0]) / max(float(sums[1]), 1.0)
-        row = {
-            "step": step + 1,
-            "loss": last_loss,
-            "lr": strategy.lr(),
-            "grad_norm": strategy.grad_norm(),
-            "tokens": int(sums[2]),
-            "tokens_per_s": float(sums[2]) / dt,
+    def record(done: int, values: StepValues, dt: float) -> dict[str, Any]:
+        """The metrics row of step `done`, written and checked (a diverged step stops the run)."""
+        row: dict[str, Any] = {
+            "step": done,
+            "loss": values.loss,
+            "lr": lrs.pop(done),
+            "grad_norm": values.grad_norm,
+            "tokens": int(values.input_tokens),
+            "tokens_per_s": values.input_tokens / dt,
             "step_time_s": dt,
         }
         if cuda:
             row["peak_memory_gib"] = torch.cuda.max_memory_allocated(rt.device) / GIB
-        done = step + 1
         if monitor is not None and monitor.due(done):
             read_at = time.perf_counter()
             row.update(monitor.read())  # ends on the host: the time is the reading's own
@@ -807,7 +799,52 @@ def run_training(
                 f"{latest_checkpoint_step(ckpt_dir)}). Lower train.lr or train.max_grad_norm, "
                 "or check the training data."
             )
-        bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
+        bar.set_postfix(loss=f"{values.loss:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
+        return row
+
+    # step s+1 is padded and pinned on a worker thread while step s runs on the GPU
+    step_inputs = prefetched(range(start, total), host_step)
+    lrs: dict[int, float] = {}  # the rate each step ran at, kept until its row is written
+    waiting: tuple[int, StepReadout] | None = None  # a quiet step whose row is not read yet
+    read_at = time.perf_counter()  # when the previous step's values reached the host
+    for step, micro in zip(bar, step_inputs, strict=False):
+        done = step + 1
+        if cfg.train.profile_step == done:
+            holder: list[StepReadout] = []
+
+            def profiled_step(
+                micro: list[HostMicroBatch] = micro, holder: list[StepReadout] = holder
+            ) -> None:
+                holder.append(one_step(micro))
+                holder[0].values()  # the profile covers the whole step
+
+            profiled = profile_step(
+                profiled_step,
+                lora_rank=cfg.adapter.rank,
+                vocab=int(hf_config.get("vocab_size", 0)) or None,
+                device=rt.device,
+            )
+            readout = holder[0]
+            if rt.is_main:
+                write_profile(profiled, f"{cfg.name} step {done}", out)
+                print(profiled.markdown(f"[emmoe] profile of step {done}"), flush=True)
+        else:
+            readout = one_step(micro)
+        lrs[done] = strategy.lr()
+        if waiting is not None:  # the step before, read while this one runs
+            before, earlier = waiting
+            values = earlier.values()
+            now = time.perf_counter()
+            record(before, values, now - read_at)
+            read_at, waiting = now, None
+        if quiet(done):
+            waiting = (done, readout)
+            continue
+        values = readout.values()
+        now = time.perf_counter()
+        row = record(done, values, now - read_at)
+        read_at = now
+        last_loss = values.loss
         stopped = _stop(cfg, row, total)
         interrupt = stop_after is not None and done >= stop_after and done < total
         last = done == total or stopped is not None
