@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -94,6 +95,7 @@ def arm(name: str, exp: dict[str, Any], work: Path, args: argparse.Namespace) ->
 
     run = work / name
     exp = {**exp, "output_dir": str(run / "run"), "name": f"monitor-{name}"}
+    shutil.rmtree(run / "run", ignore_errors=True)  # a finished run would not train again
     run.mkdir(parents=True, exist_ok=True)
     (run / "exp.yaml").write_text(yaml.safe_dump(exp))
     ds = ROOT / "ds_configs" / ("zero3.json" if args.smoke else "zero2_ep.json")

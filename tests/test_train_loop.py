@@ -115,3 +115,20 @@ def test_a_step_readout_gives_the_loss_per_label_token_and_the_engines_norm() ->
     # no label token: the loss is the sum itself, not a division by zero
     none = torch.zeros(2, dtype=torch.float64)
     assert StepReadout(torch.tensor(0.0), none, None, cpu).values().loss == 0.0
+
+
+def test_the_step_clock_on_cpu_counts_from_the_last_lap_or_restart() -> None:
+    import time
+
+    from emmoe_dist.train.readout import StepClock, StepReadout
+
+    cpu = torch.device("cpu")
+    clock = StepClock(cpu)
+    readout = StepReadout(torch.tensor(1.0), torch.ones(2, dtype=torch.float64), None, cpu)
+    time.sleep(0.05)
+    readout.values()
+    first = clock.lap(readout)
+    assert 0.05 <= first < 5
+    time.sleep(0.05)
+    clock.restart()  # what happened before a restart (a save) is not the next step's
+    assert clock.lap(readout) < 0.05

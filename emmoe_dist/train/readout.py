@@ -11,6 +11,7 @@ The event waits for this step's kernels only, not for the next step's.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -57,13 +58,51 @@ class StepReadout:
         if device.type == "cuda":
             self._host = torch.empty(4, dtype=torch.float64, pin_memory=True)
             self._host.copy_(values, non_blocking=True)
-            self._event = torch.cuda.Event()
+            self._event = torch.cuda.Event(enable_timing=True)
             self._event.record()
         else:
             self._host = values
+
+    @property
+    def finished(self) -> torch.cuda.Event | None:
+        """The event the step's values are behind (None on CPU)."""
+        return self._event
 
     def values(self) -> StepValues:
         if self._event is not None:
             self._event.synchronize()
         loss_sum, label_tokens, input_tokens, norm = self._host.tolist()
         return StepValues(loss_sum, label_tokens, input_tokens, norm if self._has_norm else None)
+
+
+class StepClock:
+    """How long each step took, on the GPU's clock: from when the GPU finished the work before
+    the step (the step before, or a save or monitor reading after it: `restart`) to when it
+    finished this one, idle gaps included. A host clock would charge a step whose values are
+    read late with part of the next one. On CPU, where every call runs to its end, the host's."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self._last: torch.cuda.Event | float = self._mark()
+
+    def _mark(self) -> torch.cuda.Event | float:
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def restart(self) -> None:
+        self._last = self._mark()
+
+    def lap(self, readout: StepReadout) -> float:
+        """Seconds of the step `readout` belongs to; call after its `values()`."""
+        end = readout.finished
+        if end is None or not isinstance(self._last, torch.cuda.Event):
+            now = time.perf_counter()
+            seconds = now - self._last if isinstance(self._last, float) else 0.0
+            self._last = now
+            return seconds
+        seconds = self._last.elapsed_time(end) / 1000.0
+        self._last = end
+        return seconds

@@ -80,7 +80,7 @@ from emmoe_dist.train.fast_paths import FastPaths, apply_fast_paths
 from emmoe_dist.train.monitor import TrainingMonitor
 from emmoe_dist.train.prefetch import HostMicroBatch, host_micro_batch, prefetched
 from emmoe_dist.train.preflight import Finished, prepare, record_identity
-from emmoe_dist.train.readout import StepReadout, StepValues
+from emmoe_dist.train.readout import StepClock, StepReadout, StepValues
 from emmoe_dist.train.step_profile import profile_step, write_profile
 
 if TYPE_CHECKING:
@@ -758,7 +758,7 @@ def run_training(
         """Whether nothing after step `done` reads the model or decides from its row: then its
         row is read once the next step is queued, and the GPU does not wait for the host."""
         every, save_every = cfg.train.snapshot_every, cfg.train.save_every
-        return not (
+        return cuda and not (
             done >= total
             or observe is not None
             or cfg.train.stop_when is not None
@@ -806,7 +806,7 @@ def run_training(
     step_inputs = prefetched(range(start, total), host_step)
     lrs: dict[int, float] = {}  # the rate each step ran at, kept until its row is written
     waiting: tuple[int, StepReadout] | None = None  # a quiet step whose row is not read yet
-    read_at = time.perf_counter()  # when the previous step's values reached the host
+    clock = StepClock(rt.device)
     for step, micro in zip(bar, step_inputs, strict=False):
         done = step + 1
         if cfg.train.profile_step == done:
@@ -834,16 +834,13 @@ def run_training(
         if waiting is not None:  # the step before, read while this one runs
             before, earlier = waiting
             values = earlier.values()
-            now = time.perf_counter()
-            record(before, values, now - read_at)
-            read_at, waiting = now, None
+            record(before, values, clock.lap(earlier))
+            waiting = None
         if quiet(done):
             waiting = (done, readout)
             continue
         values = readout.values()
-        now = time.perf_counter()
-        row = record(done, values, now - read_at)
-        read_at = now
+        row = record(done, values, clock.lap(readout))
         last_loss = values.loss
         stopped = _stop(cfg, row, total)
         interrupt = stop_after is not None and done >= stop_after and done < total
@@ -858,6 +855,7 @@ def run_training(
             strategy.save_checkpoint(
                 ckpt_dir, f"step{done}", {"step": done, "stopped": _stopped_state(stopped)}
             )
+        clock.restart()  # a monitor reading or a save is not part of the next step's time
         if interrupt:
             step_inputs.close()
             if log is not None:
