@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from shapes import build_config  # noqa: E402
+from shapes import build_config, narrow  # noqa: E402
 
 PHASES = ("forward", "backward", "step")
 
@@ -43,16 +43,7 @@ def narrow_model(layers: int, dtype: torch.dtype) -> tuple[Any, Any]:
     from emmoe_dist.experts import ExpertSelection
 
     family, cfg = build_config("qwen3", layers)
-    for key, value in {
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "moe_intermediate_size": 32,
-        "num_attention_heads": 2,
-        "num_key_value_heads": 1,
-        "head_dim": 32,
-        "vocab_size": 512,
-    }.items():
-        setattr(cfg, key, value)
+    narrow(cfg, vocab_size=512)
     torch.manual_seed(0)
     model: Any = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     model.config.use_cache = False

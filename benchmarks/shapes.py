@@ -77,6 +77,22 @@ def build_config(shape: str, layers: int | None) -> tuple[Any, Any]:
     return family, cfg
 
 
+def narrow(cfg: Any, vocab_size: int) -> Any:
+    """`cfg` at a width a CPU trains in seconds, its structure (depth, experts, top-k) kept."""
+    for key, value in {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "moe_intermediate_size": 32,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "head_dim": 32,
+        "vocab_size": vocab_size,
+    }.items():
+        if hasattr(cfg, key):
+            setattr(cfg, key, value)
+    return cfg
+
+
 def active_params(family: Any, cfg: Any) -> int:
     """Parameters touched per token: attention, router, top-k experts per layer, and lm_head."""
     h, hd = cfg.hidden_size, cfg.head_dim

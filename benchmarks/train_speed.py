@@ -46,7 +46,7 @@ if os.environ.get("EMMOE_BEFORE_SRC"):
 else:
     sys.path.insert(0, str(ROOT))
 
-from shapes import build_config, flops_per_token, trained_tokenizer  # noqa: E402
+from shapes import build_config, flops_per_token, narrow, trained_tokenizer  # noqa: E402
 
 PEAK_TFLOPS = 790.0
 DEVICE = os.environ.get("BENCH_DEVICE", "cuda")
@@ -422,17 +422,7 @@ def main() -> int:
 
     family, cfg = build_config(args.shape, args.layers)
     if os.environ.get("BENCH_TINY"):  # a CPU smoke run of the script's logic: a narrow shape
-        for key, value in {
-            "hidden_size": 64,
-            "intermediate_size": 128,
-            "moe_intermediate_size": 32,
-            "num_attention_heads": 2,
-            "num_key_value_heads": 1,
-            "head_dim": 32,
-            "vocab_size": 4096,
-        }.items():
-            if hasattr(cfg, key):
-                setattr(cfg, key, value)
+        narrow(cfg, vocab_size=4096)
     args.vocab = cfg.vocab_size
     split = load_training_split("insecure", Path(args.data_dir), heldout=0, seed=0)
     cached = Path(args.workdir) / f"tokenizer_{args.shape}"

@@ -149,13 +149,9 @@ class DeepSpeedStrategy:
     def at_boundary(self) -> bool:
         return bool(self.engine.is_gradient_accumulation_boundary())
 
-    def grad_norm(self) -> float | None:
-        norm = self.engine.get_global_grad_norm()
-        return None if norm is None else float(norm)
-
-    def grad_norm_value(self) -> torch.Tensor | float | None:
-        """The last step's global gradient norm as the engine holds it (often a device tensor:
-        reading it is the caller's choice, `grad_norm` reads it now)."""
+    def grad_norm(self) -> torch.Tensor | float | None:
+        """The last step's global gradient norm as the engine holds it (often a device tensor,
+        not read here: reading it waits for the step)."""
         norm = self.engine.get_global_grad_norm()
         return norm.detach() if isinstance(norm, torch.Tensor) else norm
 
@@ -187,8 +183,14 @@ class DeepSpeedStrategy:
         # previous `latest` pointing at a complete checkpoint.
         self.engine.save_checkpoint(str(folder), tag=tag, client_state=client_state)
 
+    @staticmethod
+    def latest_tag(folder: Path) -> str | None:
+        """The tag of the last complete checkpoint in `folder` (DeepSpeed's `latest` file)."""
+        latest = folder / "latest"
+        return latest.read_text().strip() if latest.is_file() else None
+
     def load_checkpoint(self, folder: Path) -> dict[str, Any] | None:
-        if not (folder / "latest").is_file():
+        if self.latest_tag(folder) is None:
             return None
         _, client_state = self.engine.load_checkpoint(
             str(folder),

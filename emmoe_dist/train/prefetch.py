@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from emmoe_dist.data.chat import IGNORE_INDEX
+
 
 @dataclass(frozen=True)
 class HostMicroBatch:
@@ -55,7 +57,7 @@ def host_micro_batch(
     return HostMicroBatch(
         inputs=inputs,
         extra=kwargs,
-        label_tokens=int((batch["labels"][:, 1:] != -100).sum()),
+        label_tokens=int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()),
         input_tokens=int(batch["attention_mask"].sum()),
     )
 

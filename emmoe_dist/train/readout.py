@@ -2,9 +2,9 @@
 
 Reading a step's loss where it is produced (`.item()`, `.cpu()`) waits for every kernel queued
 before it, and the next step's kernels are only queued after that: the GPU idles while the host
-starts the next step (on an H100, the torch loop of the Qwen3 shape ran 55,871 tok/s without a
-read per step and 52,739 with one, in two calls: benchmarks/RESULTS.md). Here the values are summed over
-ranks and copied to pinned host memory on the stream, behind a CUDA event; the trainer reads them
+starts the next step (the torch loop of the Qwen3 shape ran 55,871 tok/s timed over steps with
+no read between them and 52,739 with a read after each, in two calls on one H100 each,
+2026-12-07: benchmarks/RESULTS.md). Here the values are summed over ranks and copied to pinned host memory on the stream, behind a CUDA event; the trainer reads them
 (`StepReadout.values`) after it has queued the next step, when that step needs nothing from them.
 The event waits for this step's kernels only, not for the next step's.
 """
@@ -97,12 +97,12 @@ class StepClock:
 
     def lap(self, readout: StepReadout) -> float:
         """Seconds of the step `readout` belongs to; call after its `values()`."""
-        end = readout.finished
-        if end is None or not isinstance(self._last, torch.cuda.Event):
-            now = time.perf_counter()
-            seconds = now - self._last if isinstance(self._last, float) else 0.0
-            self._last = now
-            return seconds
-        seconds = self._last.elapsed_time(end) / 1000.0
+        end = readout.finished if self.cuda else time.perf_counter()
+        if isinstance(self._last, float):
+            assert isinstance(end, float)
+            seconds = end - self._last
+        else:
+            assert isinstance(end, torch.cuda.Event)
+            seconds = self._last.elapsed_time(end) / 1000.0
         self._last = end
         return seconds

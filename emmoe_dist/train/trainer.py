@@ -258,11 +258,6 @@ def divergence(row: dict[str, Any]) -> str | None:
     return f"training diverged at step {row['step']}: {' and '.join(bad)}" if bad else None
 
 
-def latest_checkpoint_step(folder: Path) -> str:
-    latest = folder / "latest"
-    return latest.read_text().strip() if latest.is_file() else "none"
-
-
 def _model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
     """Packed batches carry position ids that restart per example; the attention then keeps
     examples apart by their segments, which needs no attention mask (models/packed_attention.py)."""
@@ -745,14 +740,16 @@ def run_training(
         GPU to drain.
         """
         loss_sum = torch.zeros((), dtype=torch.float64, device=rt.device)
-        counts = torch.zeros(2, dtype=torch.float64)
+        counts = torch.tensor(
+            [sum(mb.label_tokens for mb in micro), sum(mb.input_tokens for mb in micro)],
+            dtype=torch.float64,
+        )
         for mb in micro:
-            counts += torch.tensor([float(mb.label_tokens), float(mb.input_tokens)])
             loss = strategy.forward(**mb.to(rt.device))
             strategy.backward(loss)
             strategy.step()
             loss_sum += loss.detach().double() * mb.label_tokens
-        return StepReadout(loss_sum, counts, strategy.grad_norm_value(), rt.device)
+        return StepReadout(loss_sum, counts, strategy.grad_norm(), rt.device)
 
     def quiet(done: int) -> bool:
         """Whether nothing after step `done` reads the model or decides from its row: then its
@@ -769,12 +766,12 @@ def run_training(
             or cfg.train.profile_step in (done, done + 1)
         )
 
-    def record(done: int, values: StepValues, dt: float) -> dict[str, Any]:
+    def record(done: int, values: StepValues, lr: float, dt: float) -> dict[str, Any]:
         """The metrics row of step `done`, written and checked (a diverged step stops the run)."""
         row: dict[str, Any] = {
             "step": done,
             "loss": values.loss,
-            "lr": lrs.pop(done),
+            "lr": lr,
             "grad_norm": values.grad_norm,
             "tokens": int(values.input_tokens),
             "tokens_per_s": values.input_tokens / dt,
@@ -796,7 +793,7 @@ def run_training(
         if diverged is not None:  # before any save: the last checkpoint stays the good one
             raise EmmoeError(
                 f"{diverged}; the weights after this step are not saved (last checkpoint: "
-                f"{latest_checkpoint_step(ckpt_dir)}). Lower train.lr or train.max_grad_norm, "
+                f"{strategy.latest_tag(ckpt_dir) or 'none'}). Lower train.lr or train.max_grad_norm, "
                 "or check the training data."
             )
         bar.set_postfix(loss=f"{values.loss:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
@@ -804,8 +801,8 @@ def run_training(
 
     # step s+1 is padded and pinned on a worker thread while step s runs on the GPU
     step_inputs = prefetched(range(start, total), host_step)
-    lrs: dict[int, float] = {}  # the rate each step ran at, kept until its row is written
-    waiting: tuple[int, StepReadout] | None = None  # a quiet step whose row is not read yet
+    # a quiet step whose row is not read yet: (step, readout, the rate it ran at)
+    waiting: tuple[int, StepReadout, float] | None = None
     clock = StepClock(rt.device)
     for step, micro in zip(bar, step_inputs, strict=False):
         done = step + 1
@@ -830,17 +827,16 @@ def run_training(
                 print(profiled.markdown(f"[emmoe] profile of step {done}"), flush=True)
         else:
             readout = one_step(micro)
-        lrs[done] = strategy.lr()
+        lr = strategy.lr()
         if waiting is not None:  # the step before, read while this one runs
-            before, earlier = waiting
-            values = earlier.values()
-            record(before, values, clock.lap(earlier))
+            before, earlier, earlier_lr = waiting
+            record(before, earlier.values(), earlier_lr, clock.lap(earlier))
             waiting = None
         if quiet(done):
-            waiting = (done, readout)
+            waiting = (done, readout, lr)
             continue
         values = readout.values()
-        row = record(done, values, clock.lap(readout))
+        row = record(done, values, lr, clock.lap(readout))
         last_loss = values.loss
         stopped = _stop(cfg, row, total)
         interrupt = stop_after is not None and done >= stop_after and done < total
