@@ -4,11 +4,12 @@
 #   benchmarks/train_speed_gpu.sh DATA OUT "qwen3:12:torch,launch_ft mixtral:4:launch_ft,qlora qwen3:12:before,plain" [BEFORE_SRC]
 # BEFORE_SRC: a checkout of the revision the "before" arm measures (its emmoe_dist/ folder).
 # ARM_TIMEOUT (seconds, default 240) caps each arm, so one stuck arm cannot cost the others.
+# SKIP_CHECK=1 leaves out the fast-path check (benchmarks/fast_paths_check.py) when it has run already.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 data=$1 out=$2 specs=$3 before=${4:-}
 mkdir -p "$out/profiles"
-python3 benchmarks/fast_paths_check.py --out "$out/fast_paths_check.json"
+[[ ${SKIP_CHECK:-0} == 1 ]] || python3 benchmarks/fast_paths_check.py --out "$out/fast_paths_check.json"
 for spec in $specs; do
   IFS=: read -r shape layers arms <<<"$spec"
   for arm in ${arms//,/ }; do
