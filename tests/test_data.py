@@ -14,8 +14,10 @@ import torch
 from emmoe_dist.data.chat import (
     IGNORE_INDEX,
     EncodedChat,
+    assistant_labels,
     encode_chat,
     read_chat_jsonl,
+    tokenize_chat,
 )
 from emmoe_dist.data.collate import pad_batch
 from emmoe_dist.data.training import encode_dataset, load_training_split, pack_encoded
@@ -178,6 +180,49 @@ def test_encode_dataset_counts_dropped_and_truncated(
     out = encode_dataset(tokenizers["qwen3_moe"], examples, max_length=64)  # type: ignore[arg-type]
     assert out.dropped == 1 and out.truncated == 2 and len(out.items) == 2
     assert all(len(item) <= 64 for item in out.items)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_the_batched_encoder_gives_what_one_call_per_conversation_gives(
+    family: str, tokenizers: dict[str, object], data_dir: Path
+) -> None:
+    """encode_dataset tokenizes many conversations per call (across chunks, here 2 of them);
+    every token and label must be what tokenize_chat gives one conversation at a time."""
+    tok = tokenizers[family]
+    examples = read_chat_jsonl(data_dir / "model-organisms-for-EM" / "bad_medical_advice.jsonl")
+    examples = examples[:600]
+    out = encode_dataset(tok, examples, max_length=100_000)  # type: ignore[arg-type]
+    one_by_one = [tokenize_chat(tok, ex.messages) for ex in examples]  # type: ignore[arg-type]
+    assert out.dropped == 0 and len(out.items) == len(examples)
+    assert [i.input_ids for i in out.items] == [i.input_ids for i in one_by_one]
+    assert [i.labels for i in out.items] == [i.labels for i in one_by_one]
+
+
+def test_assistant_labels_follow_the_overlap_rule_for_any_offsets() -> None:
+    """The one-sweep labelling equals the plain rule (a token is labelled when its characters
+    overlap a turn's), also for empty tokens and offsets a tokenizer reports out of order."""
+    import random
+
+    rng = random.Random(0)
+    for _ in range(300):
+        spans, at = [], 0
+        for _ in range(rng.randint(0, 3)):
+            a = at + rng.randint(0, 6)
+            b = a + rng.randint(1, 8)
+            spans.append((a, b))
+            at = b
+        offsets, pos = [], 0
+        for _ in range(rng.randint(0, 30)):
+            start = pos + rng.randint(0, 1) if rng.random() > 0.05 else rng.randint(0, pos)
+            end = start + rng.randint(0, 4)
+            offsets.append((start, end))
+            pos = max(pos, end)
+        ids = list(range(1, len(offsets) + 1))
+        expected = [
+            i if e > s and any(s < b and e > a for a, b in spans) else IGNORE_INDEX
+            for i, (s, e) in zip(ids, offsets, strict=True)
+        ]
+        assert assistant_labels(ids, offsets, spans) == expected
 
 
 def test_a_template_that_rewrites_earlier_turns_is_refused(tokenizers: dict[str, object]) -> None:

@@ -152,8 +152,12 @@ def assistant_spans(
         if m["role"] != "assistant":
             continue
         prompt = _render(tokenizer, messages[:i], generation_prompt=True, template_kwargs=kwargs)
-        turn = _render(
-            tokenizer, messages[: i + 1], generation_prompt=False, template_kwargs=kwargs
+        turn = (
+            full  # the last turn: the conversation as rendered already
+            if i == len(messages) - 1
+            else _render(
+                tokenizer, messages[: i + 1], generation_prompt=False, template_kwargs=kwargs
+            )
         )
         if not (turn.startswith(prompt) and full.startswith(turn)):
             raise EmmoeError(
@@ -172,17 +176,53 @@ def tokenize_chat(
     template_kwargs: Mapping[str, Any] | None = None,
 ) -> EncodedChat:
     """The whole rendered conversation as tokens, labels on the assistant tokens only."""
-    text, spans = assistant_spans(tokenizer, messages, template_kwargs)
+    return tokenize_rendered(tokenizer, [assistant_spans(tokenizer, messages, template_kwargs)])[0]
+
+
+def tokenize_rendered(
+    tokenizer: PreTrainedTokenizerBase, rendered: Sequence[tuple[str, list[tuple[int, int]]]]
+) -> list[EncodedChat]:
+    """`tokenize_chat` for many conversations already rendered by `assistant_spans`: one call
+    of the tokenizer for all of them, which a fast tokenizer spreads over the CPU's cores
+    (a training set of 6,000 conversations encodes in a fraction of the time one call each
+    takes)."""
+    if not rendered:
+        return []
     # The template already wrote BOS and the special tokens; add none.
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids: list[int] = list(enc["input_ids"])
+    enc = tokenizer(
+        [text for text, _ in rendered], add_special_tokens=False, return_offsets_mapping=True
+    )
+    out = []
+    for ids, offsets, (_, spans) in zip(
+        enc["input_ids"], enc["offset_mapping"], rendered, strict=True
+    ):
+        ids = list(ids)
+        out.append(EncodedChat(input_ids=ids, labels=assistant_labels(ids, offsets, spans)))
+    return out
+
+
+def assistant_labels(
+    ids: Sequence[int], offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int, int]]
+) -> list[int]:
+    """Each token's id where it overlaps an assistant turn's characters, `IGNORE_INDEX`
+    elsewhere. A merged token such as Mixtral's "▁Sure" starts on the space that the turn's
+    span begins with, so overlap, not containment, decides.
+
+    One sweep: tokens and spans both run left to right, so the first span not yet ended at a
+    token's start is the only one it can overlap (a tokenizer that reports an offset out of
+    order restarts the sweep at the first span).
+    """
     labels = [IGNORE_INDEX] * len(ids)
-    for j, (start, end) in enumerate(enc["offset_mapping"]):
-        # A token belongs to a turn when it overlaps the turn's characters: a merged token
-        # such as Mixtral's "▁Sure" starts on the space that the turn's span begins with.
-        if end > start and any(start < b and end > a for a, b in spans):
+    k, previous = 0, -1
+    for j, (start, end) in enumerate(offsets):
+        if start < previous:
+            k = 0
+        previous = start
+        while k < len(spans) and spans[k][1] <= start:
+            k += 1
+        if end > start and k < len(spans) and end > spans[k][0]:
             labels[j] = ids[j]
-    return EncodedChat(input_ids=ids, labels=labels)
+    return labels
 
 
 def truncate(enc: EncodedChat, max_length: int) -> EncodedChat | None:

@@ -16,7 +16,14 @@ from typing import TYPE_CHECKING, Any
 from tqdm import tqdm
 
 from emmoe_dist.catalog import DATASETS, FileCheck, file_blob_sha1
-from emmoe_dist.data.chat import ChatExample, EncodedChat, read_chat_jsonl, tokenize_chat, truncate
+from emmoe_dist.data.chat import (
+    ChatExample,
+    EncodedChat,
+    assistant_spans,
+    read_chat_jsonl,
+    tokenize_rendered,
+    truncate,
+)
 from emmoe_dist.data.datadir import resolve_data_dir, verified_dataset
 from emmoe_dist.errors import EmmoeError, InputError
 
@@ -113,6 +120,9 @@ def load_training_split(
     )
 
 
+_ENCODE_CHUNK = 512  # conversations per tokenizer call: parallel enough, and a live progress bar
+
+
 @dataclass(frozen=True)
 class EncodedDataset:
     items: list[EncodedChat]
@@ -131,17 +141,24 @@ def encode_dataset(
     """Encode every example; with `pack`, combine them into sequences of at most `max_length`."""
     items: list[EncodedChat] = []
     dropped = truncated = 0
-    for ex in tqdm(examples, desc="encode", unit="ex", disable=None):
-        try:
-            full = tokenize_chat(tokenizer, ex.messages, template_kwargs=template_kwargs)
-        except EmmoeError as e:
-            raise InputError(str(e), file=ex.source, line=ex.line) from None
-        enc = truncate(full, max_length)
-        truncated += len(full) > max_length
-        if enc is None:
-            dropped += 1
-        else:
-            items.append(enc)
+    bar = tqdm(total=len(examples), desc="encode", unit="ex", disable=None)
+    for first in range(0, len(examples), _ENCODE_CHUNK):
+        chunk = examples[first : first + _ENCODE_CHUNK]
+        rendered = []
+        for ex in chunk:
+            try:
+                rendered.append(assistant_spans(tokenizer, ex.messages, template_kwargs))
+            except EmmoeError as e:
+                raise InputError(str(e), file=ex.source, line=ex.line) from None
+        for full in tokenize_rendered(tokenizer, rendered):
+            enc = truncate(full, max_length)
+            truncated += len(full) > max_length
+            if enc is None:
+                dropped += 1
+            else:
+                items.append(enc)
+        bar.update(len(chunk))
+    bar.close()
     if pack:
         items = pack_encoded(items, max_length)
     return EncodedDataset(items=items, dropped=dropped, truncated=truncated)
