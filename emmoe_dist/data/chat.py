@@ -193,10 +193,10 @@ def tokenize_rendered(
         [text for text, _ in rendered], add_special_tokens=False, return_offsets_mapping=True
     )
     out = []
-    for ids, offsets, (_, spans) in zip(
+    for token_ids, offsets, (_, spans) in zip(
         enc["input_ids"], enc["offset_mapping"], rendered, strict=True
     ):
-        ids = list(ids)
+        ids = list(token_ids)
         out.append(EncodedChat(input_ids=ids, labels=assistant_labels(ids, offsets, spans)))
     return out
 

@@ -4,8 +4,9 @@ Reading a step's loss where it is produced (`.item()`, `.cpu()`) waits for every
 before it, and the next step's kernels are only queued after that: the GPU idles while the host
 starts the next step (the torch loop of the Qwen3 shape ran 55,871 tok/s timed over steps with
 no read between them and 52,739 with a read after each, in two calls on one H100 each,
-2026-12-07: benchmarks/RESULTS.md). Here the values are summed over ranks and copied to pinned host memory on the stream, behind a CUDA event; the trainer reads them
-(`StepReadout.values`) after it has queued the next step, when that step needs nothing from them.
+2026-12-07: benchmarks/RESULTS.md). Here the values are summed over ranks and copied to pinned
+host memory on the stream, behind a CUDA event; the trainer reads them (`StepReadout.values`)
+after it has queued the next step, when that step needs nothing from them.
 The event waits for this step's kernels only, not for the next step's.
 """
 

@@ -793,8 +793,8 @@ def run_training(
         if diverged is not None:  # before any save: the last checkpoint stays the good one
             raise EmmoeError(
                 f"{diverged}; the weights after this step are not saved (last checkpoint: "
-                f"{strategy.latest_tag(ckpt_dir) or 'none'}). Lower train.lr or train.max_grad_norm, "
-                "or check the training data."
+                f"{strategy.latest_tag(ckpt_dir) or 'none'}). Lower train.lr or "
+                "train.max_grad_norm, or check the training data."
             )
         bar.set_postfix(loss=f"{values.loss:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
         return row
