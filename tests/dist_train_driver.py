@@ -15,6 +15,7 @@ from the value `metric` had at `step` of an earlier run of the spec (`metric abo
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -53,6 +54,13 @@ def _stop_rule(runs: list[dict], like: dict) -> str:
     return f"train.stop_when={{metric: {like['metric']}, above: {value - 1e-9!r}}}"
 
 
+def _replace_model(folder: str, source: str, rt: Runtime) -> None:
+    """Overwrite the model folder's files with another model's (rank 0; every rank waits)."""
+    if rt.is_main:
+        shutil.copytree(source, folder, dirs_exist_ok=True)
+    torch.distributed.barrier()
+
+
 def run_specs(runs: list[dict], rt: Runtime) -> None:
     """Train each run (interrupting and resuming those with `stop_after`), saving probes."""
     for run in runs:
@@ -63,6 +71,11 @@ def run_specs(runs: list[dict], rt: Runtime) -> None:
         observe = (
             _step_logits(cfg.output_dir, run["step_logits"], rt) if run.get("step_logits") else None
         )
+        if run.get("stop_after"):
+            run_training(cfg, run["ds"], rt, stop_after=run["stop_after"])
+            if run.get("model_before_resume"):
+                _replace_model(cfg.model.name_or_path, run["model_before_resume"], rt)
+            cfg = load_config(None, [*overrides, *run.get("resume_overrides", [])])
         if run.get("expect_error"):
             try:
                 run_training(cfg, run["ds"], rt)
@@ -73,9 +86,6 @@ def run_specs(runs: list[dict], rt: Runtime) -> None:
                     Path(cfg.output_dir, "error.txt").write_text(str(e), encoding="utf-8")
                 continue
             raise AssertionError(f"{run['name']} ended without the expected error")
-        if run.get("stop_after"):
-            run_training(cfg, run["ds"], rt, stop_after=run["stop_after"])
-            cfg = load_config(None, [*overrides, *run.get("resume_overrides", [])])
         result = run_training(cfg, run["ds"], rt, observe=observe)
         if run.get("probe"):
             model = result.model

@@ -8,6 +8,7 @@ exactly with a copy of it that holds the explicitly dequantized weights.
 from __future__ import annotations
 
 import copy
+import re
 import weakref
 
 import bitsandbytes as bnb
@@ -345,3 +346,36 @@ def test_bnb_config_is_hf_qlora_recipe() -> None:
     assert config.load_in_4bit and config.bnb_4bit_quant_type == "nf4"
     assert config.bnb_4bit_compute_dtype == torch.bfloat16
     assert config.bnb_4bit_quant_storage == torch.bfloat16
+
+
+def test_a_checkpoint_without_its_frozen_weights_loads_the_trained_tensors_back() -> None:
+    """Training checkpoints leave the frozen (here 4-bit) base out; a resume loads the rest."""
+    from emmoe_dist.parallel.strategy import load_trainable_state
+
+    def quantized_lora() -> nn.Module:
+        family, model = tiny("mixtral")
+        quantize(model, family)
+        return get_peft_model(model, lora(family, init_lora_weights=False))
+
+    trained, fresh = quantized_lora(), quantized_lora()
+    with torch.no_grad():
+        for p in trained.parameters():
+            if p.requires_grad:
+                p.add_(0.25)
+    frozen = {n for n, p in trained.named_parameters() if not p.requires_grad}
+    # what DeepSpeed's save_checkpoint(exclude_frozen_parameters=True) writes
+    saved = {k: v for k, v in trained.state_dict().items() if k not in frozen}
+    assert any(k.split(".weight.")[0] + ".weight" in frozen for k in saved)  # bnb quant state
+    assert not frozen & set(saved)
+
+    load_trainable_state(saved, fresh)
+    for (name, a), (_, b) in zip(trained.named_parameters(), fresh.named_parameters(), strict=True):
+        assert torch.equal(a, b), name  # trained tensors loaded, frozen ones as built
+    ids = batch()
+    assert torch.equal(logits(trained, ids), logits(fresh, ids))
+
+    lora_key = next(k for k in saved if "lora_B" in k)
+    with pytest.raises(EmmoeError, match=f"missing: {re.escape(lora_key)}"):
+        load_trainable_state({k: v for k, v in saved.items() if k != lora_key}, fresh)
+    with pytest.raises(EmmoeError, match=r"unknown: lm_head\.extra"):
+        load_trainable_state({**saved, "lm_head.extra": torch.zeros(1)}, fresh)

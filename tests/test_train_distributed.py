@@ -21,6 +21,7 @@ from emmoe_dist.adapters.merge import merge_run
 from emmoe_dist.config import ModelConfig
 from emmoe_dist.families import FAMILIES
 from emmoe_dist.models.loading import load_model
+from emmoe_dist.models.tiny import save_tiny
 from emmoe_dist.run_folder import read_train_metrics
 from emmoe_dist.train.artifacts import tensor_digest
 
@@ -29,6 +30,7 @@ pytestmark = pytest.mark.distributed
 REPO = Path(__file__).resolve().parents[1]
 ZERO3 = str(REPO / "ds_configs" / "zero3.json")
 SEED = 7
+REBASED_MODEL, OTHER_MODEL = "model-folder", "other-model"  # two tiny bases of other seeds
 COMMON = [
     "data.limit=32",
     "data.max_length=512",
@@ -227,6 +229,20 @@ def _spec(out: Path) -> list[dict]:
     )
     runs[-1]["ds"] = str(REPO / "ds_configs" / "zero2_ep.json")
     runs[-1]["expect_error"] = "training diverged"
+    # Checkpoints hold the trained tensors only: a resume reads the frozen base from its folder
+    # again, so another model put in that folder between interruption and resume is refused.
+    runs.append(
+        _run(
+            "qwen3_moe-rebased",
+            out,
+            "qwen3_moe",
+            [f"model.name_or_path={out / REBASED_MODEL}", "train.steps=4"],
+            stop_after=2,
+        )
+    )
+    runs[-1]["ds"] = str(REPO / "ds_configs" / "zero2_ep.json")
+    runs[-1]["model_before_resume"] = str(out / OTHER_MODEL)
+    runs[-1]["expect_error"] = "is not the model the checkpoints"
     runs[0]["overrides"] += ["tracking.backend=wandb", "tracking.mode=offline"]
     return runs
 
@@ -234,6 +250,8 @@ def _spec(out: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("dist_runs")
+    save_tiny("qwen3_moe", out / REBASED_MODEL, seed=SEED)
+    save_tiny("qwen3_moe", out / OTHER_MODEL, seed=SEED + 1)
     launch_two_ranks("dist_train_driver.py", _spec(out), out, WANDB_DIR=str(out))
     return out
 
@@ -342,6 +360,32 @@ def test_resume_reproduces_uninterrupted_losses(runs: Path) -> None:
     assert resumed == pytest.approx(whole, abs=1e-5)
     # the last step is checkpointed too: a crash while saving the artifact resumes there
     assert (runs / "qwen3_moe-single" / "checkpoints" / "latest").read_text().strip() == "step8"
+
+
+def _checkpointed_module(run: Path, tag: str) -> dict[str, torch.Tensor]:
+    """The module state a run's checkpoint `tag` holds (one file per rank under ZeRO-3)."""
+    files = sorted((run / "checkpoints" / tag).glob("*model_states.pt"))
+    assert files, f"no model states in {run / 'checkpoints' / tag}"
+    return torch.load(files[0], map_location="cpu", weights_only=False)["module"]
+
+
+@pytest.mark.parametrize(
+    ("run", "tag"), [("qwen3_moe-single", "step8"), ("mixtral-qlora", "step16")]
+)
+def test_checkpoints_leave_the_frozen_base_out(runs: Path, run: str, tag: str) -> None:
+    module = _checkpointed_module(runs / run, tag)
+    trained = [k for k in module if "lora_" in k]
+    assert trained  # the adapter's tensors are there
+    # nothing else but the quantization state bitsandbytes files under a (left out) NF4 weight
+    assert [k for k in module if "lora_" not in k and ".weight." not in k] == []
+    assert not any(k.endswith(".weight") for k in module if "lora_" not in k)
+
+
+def test_a_resume_onto_another_base_in_the_same_folder_is_refused(runs: Path) -> None:
+    run = runs / "qwen3_moe-rebased"
+    error = (run / "error.txt").read_text()
+    assert str(runs / REBASED_MODEL) in error and "router weights differ" in error
+    assert len(_losses(run)) == 2  # the interrupted run's steps, none after the refusal
 
 
 def test_a_resumed_run_is_one_wandb_run_holding_every_step_once(runs: Path) -> None:

@@ -180,8 +180,12 @@ class DeepSpeedStrategy:
 
     def save_checkpoint(self, folder: Path, tag: str, client_state: dict[str, Any]) -> None:
         # DeepSpeed writes the tag folder, then the `latest` file: a crash mid-save leaves the
-        # previous `latest` pointing at a complete checkpoint.
-        self.engine.save_checkpoint(str(folder), tag=tag, client_state=client_state)
+        # previous `latest` pointing at a complete checkpoint. Frozen weights are left out: a
+        # resume loads them from the model again, as the run did (by default DeepSpeed writes
+        # the whole module: 24 GB and 44 s per save for a 4-layer Mixtral LoRA on an H100).
+        self.engine.save_checkpoint(
+            str(folder), tag=tag, client_state=client_state, exclude_frozen_parameters=True
+        )
 
     @staticmethod
     def latest_tag(folder: Path) -> str | None:
@@ -196,5 +200,36 @@ class DeepSpeedStrategy:
             str(folder),
             load_optimizer_states=True,
             load_lr_scheduler_states=True,
+            custom_load_fn=load_trainable_state,
         )
         return client_state
+
+
+def load_trainable_state(src: dict[str, Any], dst: nn.Module) -> None:
+    """Load a checkpoint's module state that leaves out the frozen weights (`save_checkpoint`).
+
+    Strict about everything else: each trainable tensor must be there, and no key may be
+    unknown. A checkpoint written whole (with its frozen weights) loads whole. Entries filed
+    under a frozen weight (bitsandbytes keeps an NF4 weight's quantization state as
+    `<weight>.absmax` and the like) are skipped when the weight itself is absent.
+    """
+    frozen = {n for n, p in dst.named_parameters() if not p.requires_grad}
+    absent = frozen - set(src)
+    kept = {k: v for k, v in src.items() if not _filed_under(k, absent)}
+    result = dst.load_state_dict(kept, strict=False)
+    missing = sorted(set(result.missing_keys) - frozen)
+    if missing or result.unexpected_keys:
+        raise EmmoeError(
+            "the checkpoint does not match the model: "
+            + "; ".join(
+                f"{what}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
+                for what, keys in (("missing", missing), ("unknown", result.unexpected_keys))
+                if keys
+            )
+        )
+
+
+def _filed_under(key: str, names: set[str]) -> bool:
+    """Whether `key` is `<name>.<something>` for one of `names`."""
+    parts = key.split(".")
+    return any(".".join(parts[:i]) in names for i in range(1, len(parts)))

@@ -668,6 +668,13 @@ def run_training(
     ckpt_dir = out / rf.CHECKPOINTS_DIR
     state = strategy.load_checkpoint(ckpt_dir) or {}
     start = int(state.get("step", 0))
+    # Checkpoints hold the trained tensors only: the frozen weights come from the model again.
+    # Its routers stand for the rest: a different base under the same name is refused.
+    if state.get("base_routers", router_before) != router_before:
+        raise EmmoeError(
+            f"{cfg.model.name_or_path} is not the model the checkpoints in {ckpt_dir} trained "
+            "(its router weights differ): resume with that model, or train into a new output_dir"
+        )
     # a run that stopped early and crashed before its manifest: it ends where it stopped
     stopped = rf.Stopped(**state["stopped"]) if state.get("stopped") else None
     if stopped is not None:
@@ -849,7 +856,9 @@ def run_training(
             if rt.is_main:
                 record_identity(out, prepared.identity)
             strategy.save_checkpoint(
-                ckpt_dir, f"step{done}", {"step": done, "stopped": _stopped_state(stopped)}
+                ckpt_dir,
+                f"step{done}",
+                {"step": done, "stopped": _stopped_state(stopped), "base_routers": router_before},
             )
         clock.restart()  # a monitor reading or a save is not part of the next step's time
         if interrupt:
