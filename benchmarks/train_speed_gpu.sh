@@ -5,6 +5,7 @@
 # BEFORE_SRC: a checkout of the revision the "before" arm measures (its emmoe_dist/ folder).
 # ARM_TIMEOUT (seconds, default 240) caps each arm, so one stuck arm cannot cost the others.
 # SKIP_CHECK=1 leaves out the fast-path check (benchmarks/fast_paths_check.py) when it has run already.
+# OUT/launches/ keeps each launch's log and metrics.jsonl.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 data=$1 out=$2 specs=$3 before=${4:-}
@@ -19,6 +20,14 @@ for spec in $specs; do
       --data-dir "$data" --arms "$arm" --profile "$out/profiles" --out "$out/train_speed.json"
     if [[ $arm == launch_ft || $arm == qlora ]]; then
       tail -n 25 /tmp/emmoe_bench/"${shape}"_*/launch.log 2>/dev/null | grep -v -i warn
+      # Kept with the results: a launch stopped by its cap still leaves its log and the steps
+      # it finished (the arm's row is then missing from train_speed.json).
+      mkdir -p "$out/launches"
+      for run in /tmp/emmoe_bench/"${shape}"_*/; do
+        name=$(basename "$run")
+        cp "$run/launch.log" "$out/launches/$name.log" 2>/dev/null
+        cp "$run/run/metrics.jsonl" "$out/launches/$name.metrics.jsonl" 2>/dev/null
+      done
     fi
   done
 done
