@@ -30,7 +30,7 @@ pytestmark = pytest.mark.distributed
 REPO = Path(__file__).resolve().parents[1]
 ZERO3 = str(REPO / "ds_configs" / "zero3.json")
 SEED = 7
-REBASED_MODEL, OTHER_MODEL = "model-folder", "other-model"  # two tiny bases of other seeds
+REBASED_MODEL, OTHER_MODEL = "model-folder", "other-model"  # tiny bases of two seeds
 COMMON = [
     "data.limit=32",
     "data.max_length=512",
@@ -378,7 +378,6 @@ def test_checkpoints_leave_the_frozen_base_out(runs: Path, run: str, tag: str) -
     assert trained  # the adapter's tensors are there
     # nothing else but the quantization state bitsandbytes files under a (left out) NF4 weight
     assert [k for k in module if "lora_" not in k and ".weight." not in k] == []
-    assert not any(k.endswith(".weight") for k in module if "lora_" not in k)
 
 
 def test_a_resume_onto_another_base_in_the_same_folder_is_refused(runs: Path) -> None:

@@ -182,7 +182,8 @@ class DeepSpeedStrategy:
         # DeepSpeed writes the tag folder, then the `latest` file: a crash mid-save leaves the
         # previous `latest` pointing at a complete checkpoint. Frozen weights are left out: a
         # resume loads them from the model again, as the run did (by default DeepSpeed writes
-        # the whole module: 24 GB and 44 s per save for a 4-layer Mixtral LoRA on an H100).
+        # the whole module: 24 GB and 44 s per save for a 4-layer Mixtral LoRA on an H100,
+        # benchmarks/RESULTS.md call F).
         self.engine.save_checkpoint(
             str(folder), tag=tag, client_state=client_state, exclude_frozen_parameters=True
         )
